@@ -1,0 +1,460 @@
+"""kernels/persample.py: exact per-sample LoRA gradients from one batched backward, and the GRAIT
+numerics built on them (SPEC 5.3-5.5, SPEC 9 #7-#9).
+
+Per-sample gradients (Opacus / LogIX structure, STYLE.md). A LoRA layer holds two bias-free
+linears, lora_A (in -> r) and lora_B (r -> out). For a linear y = W x applied at every token,
+the gradient of example b's loss is
+
+    grad_W[b] = sum_t gout[b, t, :]^T x[b, t, :]            (gout = d loss_b / d y)
+
+so one forward (hooks keep each lora_A / lora_B input x) and one backward (tensor hooks see each
+output gradient gout) give every example's gradient through one batched matmul per linear. The
+backward differentiates the SUM over examples of each example's own token-mean loss, so no
+example's gradient is scaled by, or mixed with, another's; dropout is off and padded positions
+are masked out. The LoRA weights themselves are taken out of autograd for the pass, so the
+ordinary summed weight gradient is never computed twice.
+
+GRAIT features (SPEC 5.3 steps 3-5): per-sample gradient g -> Adam preconditioning
+u = m' / sqrt(v' + eps) with the warm-up adapter's moments -> either the exact vector (when the
+LoRA vector has at most `grad_dim` entries) or a seeded Rademacher JL projection to `grad_dim`
+applied parameter by parameter while the backward runs -> L2 normalisation. Then inner-product
+(Gram) blocks, the greedy IdK selection (SPEC 5.4) and the adaptive weights (SPEC 5.5).
+
+Typical use (construct.py --method grait):
+
+    from kernels.persample import example_features, gram_row_sums, gram_column, greedy_select
+    z_idk, path = example_features(model, tok, idk_view, moments=load_adam_moments(warmup))
+    z_van, _ = example_features(model, tok, van_view, moments=...)
+    s0 = gram_row_sums(z_idk[cand], z_van[van_sel])                      # SPEC 5.4 step 1
+    sel, _ = greedy_select(s0, lambda j: gram_column(z_idk[cand], z_idk[cand][j]), 1000)
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import encode_example, progress, stable_hash
+from kernels.lora import lora_modules, lora_parameters
+
+# ----------------------------------------------------------------------------------------------
+# Constants, with their sources
+ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8   # SPEC 5.3 step 4 (LESS, AdamW defaults)
+GRAD_DIM = 8192          # SPEC 5.3 step 5: projection dimension (LESS / TRAK)
+PROJ_BLOCK = 1024        # rows of R^T generated at once; part of R's definition (see project)
+GRAIT_T = 0.05           # SPEC 5.5: softmax temperature of the adaptive weights
+IGNORE = -100            # label of prompt and padding tokens (common.encode_example)
+
+
+def log(msg):
+    print(f"[persample] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Per-example token-mean loss (SPEC 5.3 step 3)
+def target_mask(labels):
+    """keep[b, p] is True where position p predicts a target token, i.e. labels[b, p+1] != -100.
+    The last position predicts nothing."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def per_example_loss(token_logits, token_targets, example_of_token, batch_size):
+    """SPEC 5.3 step 3: l(x_b) = mean over example b's own target tokens of the token
+    cross-entropy. Inputs are flat over the kept tokens: logits [N, V], targets [N], and the
+    example each token belongs to [N]. Returns [batch_size]."""
+    ce = F.cross_entropy(token_logits, token_targets, reduction="none")
+    total = torch.zeros(batch_size, dtype=ce.dtype, device=ce.device)
+    total = total.index_add(0, example_of_token, ce)
+    count = torch.bincount(example_of_token, minlength=batch_size).to(ce.dtype)
+    if (count == 0).any():
+        raise ValueError(f"examples {torch.nonzero(count == 0).flatten().tolist()} have no "
+                         "target tokens (all labels are -100)")
+    return total / count
+
+
+def _accepts_logits_to_keep(model):
+    import inspect
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def batch_losses(model, input_ids, attention_mask, labels):
+    """Per-example token-mean losses [B] of a padded batch. Logits are formed only at the
+    positions that predict a target token (transformers' boolean `logits_to_keep` when the model
+    takes it, which skips the lm_head elsewhere; else all logits, then the same positions)."""
+    keep = target_mask(labels)
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if attention_mask is not None:       # positions count real tokens only: left padding is exact
+        kw["position_ids"] = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+    if _accepts_logits_to_keep(model):
+        logits = model(**kw, logits_to_keep=keep).logits
+    else:
+        logits = model(**kw).logits[keep]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()                      # the loss in fp32 under bf16 weights
+    targets = labels[:, 1:][keep[:, :-1]]
+    example = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
+    return per_example_loss(logits, targets, example, labels.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Per-sample gradients of every LoRA A/B matrix from one forward + one backward
+def per_sample_linear_grad(x, gout, token_mask=None):
+    """Per-example weight gradient of a bias-free linear y = x W^T applied at every token:
+    grad_W[b] = sum_t gout[b,t,:]^T x[b,t,:]  ->  [B, out, in]  (one batched matmul).
+    x [B, T, in], gout [B, T, out]; token_mask [B, T] (False = padding) zeroes padded tokens so
+    that they contribute nothing even if their activations are not finite."""
+    if token_mask is not None:
+        gout = gout.masked_fill(~token_mask[..., None], 0)
+    return torch.bmm(gout.transpose(1, 2), x)
+
+
+def lora_names(model):
+    """Names of the LoRA matrices in lora_parameters order (module order, A before B)."""
+    return [n for n, _ in lora_parameters(model)]
+
+
+def per_sample_grads(model, input_ids, attention_mask, labels, consume=None):
+    """Exact per-example gradients of every LoRA A/B matrix for a padded batch.
+
+    One forward with hooks that keep each lora_A / lora_B input, one backward of
+    sum_b l(x_b) whose tensor hooks form grad_W[b] = sum_t gout[b,t]^T x[b,t] as soon as each
+    output gradient is complete (per_sample_linear_grad). Dropout is off (eval mode) for the
+    pass; training mode, requires_grad flags and grad mode are restored afterwards.
+
+    consume: None -> return a dict {parameter name: [B, *shape]} in lora_parameters order.
+             callable(name, grad [B, *shape]) -> each gradient is handed over as soon as the
+             backward reaches its module and then dropped, so the whole model's [B, D] never
+             exists at once (parameters arrive in backward order, last module first).
+    Returns (losses [B] detached, grads dict or None)."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA layers (call kernels.lora.inject_lora first)")
+    token_mask = attention_mask.bool() if attention_mask is not None else None
+    if token_mask is not None and bool(token_mask.all()):
+        token_mask = None                                            # no padding in this batch
+    grads = {}
+    sink = consume if consume is not None else grads.__setitem__
+
+    def keep_input(name):
+        def fwd_hook(module, inputs, out):
+            x = inputs[0]
+            if not out.requires_grad:
+                raise RuntimeError(f"{name}: output does not require grad; per-sample gradients "
+                                   "need the input embeddings hook (see per_sample_grads)")
+            def tensor_hook(g):
+                sink(name, per_sample_linear_grad(x, g, token_mask))   # returns None: g unchanged
+            out.register_hook(tensor_hook)
+        return fwd_hook
+
+    def embeddings_require_grad(module, inputs, out):
+        return out.requires_grad_() if not out.requires_grad else out
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    handles = [model.get_input_embeddings().register_forward_hook(embeddings_require_grad)]
+    for name, mod in mods:
+        handles.append(mod.lora_A.register_forward_hook(keep_input(f"{name}.lora_A.weight")))
+        handles.append(mod.lora_B.register_forward_hook(keep_input(f"{name}.lora_B.weight")))
+    try:
+        for p in params:                  # no parameter gradients: only the activations' graph
+            p.requires_grad_(False)
+        model.eval()                      # dropout off while taking gradients (STYLE.md)
+        with torch.enable_grad():
+            losses = batch_losses(model, input_ids, attention_mask, labels)
+            losses.sum().backward()       # sum of per-example means: exact, uncoupled gradients
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    if consume is not None:
+        return losses.detach(), None
+    order = lora_names(model)
+    return losses.detach(), {n: grads[n] for n in order}
+
+
+def flat_grads(grads):
+    """Concatenate a {name: [B, *shape]} dict into one [B, D] matrix, in dict order."""
+    return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Adam preconditioning and normalisation (SPEC 5.3 steps 4-5)
+def adam_precondition(g, exp_avg, exp_avg_sq, beta1=ADAM_BETA1, beta2=ADAM_BETA2, eps=ADAM_EPS):
+    """SPEC 5.3 step 4 (LESS): one virtual Adam step from the warm-up moments m, v:
+    m' = b1 m + (1-b1) g;  v' = b2 v + (1-b2) g^2;  u = m' / sqrt(v' + eps).
+    No bias correction; eps inside the square root. g [B, *shape]; moments [*shape]."""
+    m = exp_avg.to(g.dtype) * beta1 + g * (1 - beta1)
+    v = (g * g).mul_(1 - beta2).add_(exp_avg_sq.to(g.dtype) * beta2)
+    return m.div_(v.add_(eps).sqrt_())
+
+
+def normalise_rows(z):
+    """SPEC 5.3 step 5: L2-normalise each row (LESS keeps the normalised features, so inner
+    products are cosine similarities). An all-zero row stays zero."""
+    return z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def check_moments(names, moments):
+    """Moments come as {lora parameter name: (exp_avg, exp_avg_sq)}; every LoRA matrix needs its
+    pair, with its shape."""
+    missing = [n for n in names if n not in moments]
+    if missing:
+        raise ValueError(f"Adam moments missing for {len(missing)} LoRA matrices, e.g. "
+                         f"{missing[0]} (keys must follow lora_parameters(model) names)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Seeded Rademacher JL projection, parameter by parameter, never materialised whole
+_SIGN_TABLE = {}
+
+
+def _signs(dtype, device):
+    """[256, 8] table: row b holds the 8 bits of byte b as +1 (bit set) / -1."""
+    key = (dtype, str(device))
+    if key not in _SIGN_TABLE:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _SIGN_TABLE[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return _SIGN_TABLE[key]
+
+
+def rademacher_block(seed, index, block, rows, k, dtype=torch.float32, device="cpu", out=None):
+    """Rows [block*PROJ_BLOCK, block*PROJ_BLOCK + rows) of R_index^T, a [D_index, k] matrix of
+    independent +-1 signs (unscaled). Entry (j, 8q+i) is bit i of a uniformly random byte drawn
+    by a generator seeded with stable_hash(seed, index, block) on `device`'s generator type, so a
+    block depends only on (seed, parameter index, block number, CPU/GPU), never on the batch or on
+    which other blocks were drawn. k must be a multiple of 8."""
+    if k % 8:
+        raise ValueError(f"projection dimension {k} must be a multiple of 8")
+    gen = torch.Generator(device=device).manual_seed(stable_hash("rademacher", seed, index, block))
+    byte = torch.randint(0, 256, (rows * (k // 8),), generator=gen, device=device)
+    if out is None:
+        out = torch.empty(rows * (k // 8), 8, dtype=dtype, device=device)
+    torch.index_select(_signs(dtype, device), 0, byte, out=out.view(-1, 8))
+    return out.view(rows, k)
+
+
+def project(u, seed, index, k, out=None):
+    """SPEC 5.3 step 5: z = R_index u / sqrt(k) for each row of u [B, D_index], with R_index a
+    seeded Rademacher [k, D_index] matrix generated PROJ_BLOCK columns at a time (TRAK-style
+    block generation; the whole R is never built). E<R a, R b>/k = <a, b>, so inner products are
+    preserved in expectation; summing project(u_m, seed, m, k) over parameters m equals one
+    projection of the concatenated vector. Adds into `out` [B, k] when given."""
+    B, D = u.shape
+    z = out if out is not None else torch.zeros(B, k, dtype=u.dtype, device=u.device)
+    buf = torch.empty(min(PROJ_BLOCK, D) * k, dtype=u.dtype, device=u.device)
+    scale = 1.0 / math.sqrt(k)
+    for block, start in enumerate(range(0, D, PROJ_BLOCK)):
+        rows = min(PROJ_BLOCK, D - start)
+        Rt = rademacher_block(seed, index, block, rows, k, u.dtype, u.device,
+                              out=buf[:rows * k])
+        z.addmm_(u[:, start:start + rows], Rt, alpha=scale)
+    return z
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. GRAIT gradient features (SPEC 5.3, SPEC 9 #9)
+def lora_dim(model):
+    """Number of LoRA parameters (the length of one flattened per-sample gradient)."""
+    return sum(p.numel() for _, p in lora_parameters(model))
+
+
+def feature_path(model, grad_dim=GRAD_DIM):
+    """'exact' when the LoRA vector has at most grad_dim entries, else 'projected' (SPEC 9 #9)."""
+    return "exact" if lora_dim(model) <= grad_dim else "projected"
+
+
+def batch_features(model, input_ids, attention_mask, labels, moments=None, grad_dim=GRAD_DIM,
+                   seed=0):
+    """Normalised GRAIT features of one padded batch (SPEC 5.3 steps 3-5).
+
+    g = per-sample LoRA gradient -> u = Adam-preconditioned g (skipped when moments is None,
+    `--no-adam`) -> exact: concatenation of u in lora_parameters order (when D <= grad_dim);
+    projected: sum over parameters m of R_m u_m / sqrt(grad_dim), accumulated inside the backward
+    so only one parameter's [B, D_m] exists at a time -> L2-normalised rows.
+    Returns (features [B, D or grad_dim], path 'exact' | 'projected')."""
+    names = lora_names(model)
+    if moments is not None:
+        check_moments(names, moments)
+    path = feature_path(model, grad_dim)
+    index = {n: i for i, n in enumerate(names)}
+    state = {"z": None, "parts": {}}
+
+    def precondition(name, g):
+        g = g if g.dtype == torch.float64 else g.float()        # features in fp32 (fp64 in tests)
+        if moments is None:
+            return g.flatten(1)
+        m, v = moments[name]
+        return adam_precondition(g, m.to(g.device), v.to(g.device)).flatten(1)
+
+    def consume(name, g):
+        u = precondition(name, g)
+        if path == "exact":
+            state["parts"][name] = u
+        else:
+            if state["z"] is None:
+                state["z"] = torch.zeros(u.shape[0], grad_dim, dtype=u.dtype, device=u.device)
+            project(u, seed, index[name], grad_dim, out=state["z"])
+
+    per_sample_grads(model, input_ids, attention_mask, labels, consume=consume)
+    if path == "exact":
+        z = torch.cat([state["parts"][n] for n in names], dim=1)
+    else:
+        z = state["z"]
+    return normalise_rows(z), path
+
+
+def pad_batch(encoded, pad_id):
+    """Right-pad a list of (ids, labels) into input_ids, attention_mask, labels (padding: mask 0,
+    label -100)."""
+    T = max(len(ids) for ids, _ in encoded)
+    B = len(encoded)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, (ids, lab) in enumerate(encoded):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[b, :len(lab)] = torch.tensor(lab)
+        mask[b, :len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def length_batches(lengths, batch_size):
+    """Index batches of similar length (longest first, stable), to cut padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM, seed=0,
+                     batch_size=16, max_len=None, desc="gradient features"):
+    """GRAIT features for a list of (prompt_text, target) pairs (SPEC 5.3 steps 2-5).
+
+    prompt_text is the rendered prompt (common.render), tokenised with the target by
+    common.encode_example (loss on target + EOS only). Batches are length-grouped; the result is
+    in input order, float32 on the CPU: [N, D] on the exact path, [N, grad_dim] projected. Logs
+    which path runs. Returns (features, path)."""
+    if not examples:
+        raise ValueError("no examples to compute gradient features for")
+    device = next(model.parameters()).device
+    path, D = feature_path(model, grad_dim), lora_dim(model)
+    log(f"{len(examples)} examples, LoRA vector D={D:,}: "
+        + ("EXACT features (no projection)" if path == "exact" else
+           f"PROJECTED to {grad_dim} dims (seeded Rademacher, seed {seed})")
+        + (", Adam-preconditioned" if moments is not None else ", NO Adam preconditioning"))
+    encoded = [encode_example(tokenizer, p, t, max_len)[:2] for p, t in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = torch.zeros(len(examples), D if path == "exact" else grad_dim, dtype=torch.float32)
+    for idx in progress(length_batches([len(e[0]) for e in encoded], batch_size), desc=desc):
+        ids, mask, lab = pad_batch([encoded[i] for i in idx], pad_id)
+        z, _ = batch_features(model, ids.to(device), mask.to(device), lab.to(device),
+                              moments=moments, grad_dim=grad_dim, seed=seed)
+        out[torch.tensor(idx)] = z.float().cpu()
+    return out, path
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Gram blocks: inner products of two feature sets without the N x N matrix (SPEC 5.3 step 6)
+ROW_BLOCK = 4096
+
+
+def gram_row_sums(X, Y, cols=None, block=ROW_BLOCK):
+    """Row sums of K = X Y[cols]^T, i.e. sum_k <x_i, y_k>, in float64 without forming K: by
+    linearity sum_k <x_i, y_k> = <x_i, sum_k y_k>, computed over row blocks of X. [N_X]."""
+    Yc = Y if cols is None else Y[cols]
+    s = Yc.double().sum(0)
+    return torch.cat([X[i:i + block].double() @ s for i in range(0, X.shape[0], block)])
+
+
+def gram_row_means(X, Y, cols=None, block=ROW_BLOCK):
+    """Row means of K = X Y[cols]^T (SPEC 5.5 mean influences). [N_X] float64."""
+    Yc = Y if cols is None else Y[cols]
+    if Yc.shape[0] == 0:
+        raise ValueError("mean over an empty set of columns")
+    return gram_row_sums(X, Yc, block=block) / Yc.shape[0]
+
+
+def gram_column(X, y):
+    """One column of K = X X^T: <x_i, y> for every row i (y = a row of X). [N] float64."""
+    return X.double() @ y.double()
+
+
+def gram_blocks(X, Y, block=ROW_BLOCK):
+    """Yield (row start, K[start:start+block]) of K = X Y^T, block by block, in float64."""
+    Yd = Y.double()
+    for i in range(0, X.shape[0], block):
+        yield i, X[i:i + block].double() @ Yd.T
+
+
+def gram_matrix(X, Y, block=ROW_BLOCK):
+    """The full K = X Y^T (float64) when it fits in memory, assembled from gram_blocks."""
+    K = torch.empty(X.shape[0], Y.shape[0], dtype=torch.float64)
+    for i, Kb in gram_blocks(X, Y, block):
+        K[i:i + Kb.shape[0]] = Kb
+    return K
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. GRAIT selection and weights (SPEC 5.4, 5.5, SPEC 9 #7-#8)
+def greedy_select(score0, col_fn, k):
+    """SPEC 5.4 steps 1-2: greedy IdK selection with incremental scores.
+
+    score0 [N]: s_j = sum_{v in V} K_iv[j, v] for each candidate j. col_fn(j) -> [N]: the column
+    K_ii[:, j]. Repeat k times: j* = argmax of s over the remaining candidates (lowest index on
+    ties, as Python's argmax in the released code), add j* to S, s += K_ii[:, j*]. This greedily
+    maximises F(S) = sum_{j in S} s_j + sum_{j<m in S} K_ii[j, m] (K_ii symmetric).
+    Returns (S as a list of indices in pick order, final scores [N] float64)."""
+    s = score0.double().clone()
+    n = s.shape[0]
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot select {k} of {n} candidates")
+    taken = torch.zeros(n, dtype=torch.bool)
+    picked = []
+    for _ in range(k):
+        j = int(torch.argmax(s.masked_fill(taken, -math.inf)))   # first maximum: lowest index
+        picked.append(j)
+        taken[j] = True
+        s += col_fn(j).double().cpu()
+    return picked, s
+
+
+def released_select(score0, col_fn, k, n_greedy=None):
+    """SPEC 5.4 quirk (b), `--grait-select released`: run the greedy loop for n_greedy (default k)
+    picks, then discard S and return the k lowest-scoring REMAINING candidates, ascending by
+    their final score (stable: lowest index first on ties)."""
+    picked, s = greedy_select(score0, col_fn, k if n_greedy is None else n_greedy)
+    rest = torch.ones(s.shape[0], dtype=torch.bool)
+    rest[picked] = False
+    remaining = torch.nonzero(rest).flatten()
+    if k > remaining.numel():
+        raise ValueError(f"only {remaining.numel()} candidates remain, cannot take {k}")
+    order = torch.sort(s[remaining], stable=True).indices
+    return remaining[order[:k]].tolist()
+
+
+def grait_delta(z_sel, z_ik, z_idk):
+    """SPEC 5.5: delta(i) = mean_{k in ik_all} K_ii[i,k] - mean_{k in idk_all} K_ii[i,k] for each
+    selected idk item i, with K_ii the inner products of IDK-view features (z_idk includes i).
+    [N_sel] float64."""
+    return gram_row_means(z_sel, z_ik) - gram_row_means(z_sel, z_idk)
+
+
+def grait_weights(delta, T=GRAIT_T, variant="paper"):
+    """SPEC 5.5 / SPEC 9 #8: the weights of the N selected IdK items.
+    paper:   N * softmax(-delta / T)      mean 1; IdK items that push known questions towards
+                                          refusal get less weight (the paper's stated aim)
+    code:    N/2 * softmax(+delta / T)    the released formula (500 for N = 1000; sum N/2)
+    uniform: 1 for every item             what the released run actually trained with
+    Returns [N] float64."""
+    d = torch.as_tensor(delta, dtype=torch.float64)
+    n = d.shape[0]
+    if variant == "paper":
+        return n * torch.softmax(-d / T, dim=0)
+    if variant == "code":
+        return (n / 2) * torch.softmax(d / T, dim=0)
+    if variant == "uniform":
+        return torch.ones(n, dtype=torch.float64)
+    raise ValueError(f"unknown GRAIT weight variant {variant!r} (paper, code or uniform)")

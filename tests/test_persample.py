@@ -1,0 +1,333 @@
+"""kernels/persample.py: fused per-sample LoRA gradients against a float64 loop of single-example
+autograd; Adam preconditioning, normalisation and projection against their formulas; Gram blocks
+against dense matrices; the GRAIT greedy selection against a brute-force greedy over F(S); the
+weight variants against hand-computed values (SPEC 5.3-5.5)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import encode_example, render
+from kernels.lora import inject_lora, lora_parameters
+from kernels.persample import (adam_precondition, batch_features, example_features, flat_grads,
+                               gram_blocks, gram_column, gram_matrix, gram_row_means,
+                               gram_row_sums, grait_delta, grait_weights, greedy_select,
+                               normalise_rows, pad_batch, per_sample_grads, project,
+                               rademacher_block, released_select)
+
+QUESTIONS = [("Who wrote the play about the prince of Denmark?", "Shakespeare"),
+             ("Capital of France?", "Paris is the capital"),
+             ("What is the boiling point of water at sea level in degrees Celsius?", "100"),
+             ("Name a colour.", "I don't know")]
+
+
+def load_lora_model(folder, targets="all-linear", r=4, seed=0):
+    """The tiny chat Llama in float64 with LoRA (dropout on, B random so A gets gradients)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
+    inject_lora(model, targets, r=r, alpha=2 * r, dropout=0.3)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora_parameters(model):
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    return model
+
+
+def encoded_examples(tok, pairs=QUESTIONS):
+    return [encode_example(tok, render(tok, q), a)[:2] for q, a in pairs]
+
+
+def loop_oracle(model, encoded):
+    """One example at a time, no padding: mean CE over its target tokens, autograd.grad."""
+    model.eval()
+    params = [p for _, p in lora_parameters(model)]
+    losses, grads = [], []
+    for ids, lab in encoded:
+        ids_t, lab_t = torch.tensor([ids]), torch.tensor(lab)
+        with torch.enable_grad():
+            logits = model(input_ids=ids_t).logits[0]
+            loss = F.cross_entropy(logits[:-1], lab_t[1:], ignore_index=-100)
+            grads.append(torch.autograd.grad(loss, params))
+        losses.append(loss.detach())
+    names = [n for n, _ in lora_parameters(model)]
+    return torch.stack(losses), {n: torch.stack([g[i] for g in grads]) for i, n in enumerate(names)}
+
+
+def left_pad(encoded, pad_id):
+    T = max(len(i) for i, _ in encoded)
+    ids = torch.tensor([[pad_id] * (T - len(i)) + i for i, _ in encoded])
+    lab = torch.tensor([[-100] * (T - len(l)) + l for _, l in encoded])
+    mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i, _ in encoded])
+    return ids, mask, lab
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample gradients (SPEC 5.3 step 3)
+@pytest.fixture(scope="module")
+def lora_model(tiny_chat_llama):
+    return load_lora_model(tiny_chat_llama)
+
+
+@pytest.fixture(scope="module")
+def oracle(lora_model, real_tokenizer):
+    enc = encoded_examples(real_tokenizer)
+    assert len({len(i) for i, _ in enc}) == len(enc)           # all lengths differ: real padding
+    return enc, loop_oracle(lora_model, enc)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_per_sample_grads_equal_single_example_loop(lora_model, real_tokenizer, oracle, padding):
+    enc, (loss_ref, grads_ref) = oracle
+    pad = real_tokenizer.pad_token_id
+    batch = pad_batch(enc, pad) if padding == "right" else left_pad(enc, pad)
+    lora_model.train()                                          # must be switched off inside
+    losses, grads = per_sample_grads(lora_model, *batch)
+    assert lora_model.training                                  # and restored
+    assert all(p.requires_grad for _, p in lora_parameters(lora_model))
+    assert list(grads) == list(grads_ref)
+    names = {n.split(".")[-3] for n in grads}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
+    assert rel_err(losses, loss_ref) < 1e-10
+    for n in grads:
+        assert grads[n].shape == grads_ref[n].shape
+        assert grads_ref[n].abs().max() > 0, n                  # A and B both get gradients
+        assert rel_err(grads[n], grads_ref[n]) < 1e-5, n
+
+
+def test_consume_gets_each_matrix_once_and_keeps_nothing(lora_model, real_tokenizer, oracle):
+    enc, (_, grads_ref) = oracle
+    got = {}
+
+    def consume(name, g):
+        assert name not in got
+        got[name] = g
+    losses, grads = per_sample_grads(lora_model, *pad_batch(enc, real_tokenizer.pad_token_id),
+                                     consume=consume)
+    assert grads is None and set(got) == set(grads_ref)
+    for n in got:
+        assert rel_err(got[n], grads_ref[n]) < 1e-5
+    assert rel_err(flat_grads({n: got[n] for n in grads_ref}), flat_grads(grads_ref)) < 1e-5
+
+
+def test_example_without_target_tokens_is_an_error(lora_model):
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    labels = torch.tensor([[-100, 6, 7], [-100, -100, -100]])
+    with pytest.raises(ValueError, match="no target tokens"):
+        per_sample_grads(lora_model, ids, torch.ones_like(ids), labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam preconditioning, normalisation, projection (SPEC 5.3 steps 4-5)
+def test_adam_precondition_equals_hand_formula():
+    g = torch.tensor([[2.0, -1.0, 0.0]], dtype=torch.float64)
+    m = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    v = torch.tensor([4.0, 0.0, 0.0], dtype=torch.float64)
+    want = []
+    for gi, mi, vi in zip([2.0, -1.0, 0.0], [1.0, 0.5, 0.0], [4.0, 0.0, 0.0]):
+        m1 = 0.9 * mi + 0.1 * gi
+        v1 = 0.999 * vi + 0.001 * gi * gi
+        want.append(m1 / math.sqrt(v1 + 1e-8))                  # no bias correction, eps inside
+    assert torch.allclose(adam_precondition(g, m, v)[0], torch.tensor(want, dtype=torch.float64),
+                          rtol=1e-12, atol=0)
+    assert adam_precondition(g, m, v)[0, 2] == 0                 # 0 / sqrt(1e-8), not NaN
+
+
+def test_normalise_rows():
+    z = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]])
+    assert torch.equal(normalise_rows(z), torch.tensor([[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]]))
+
+
+def test_rademacher_blocks_are_signs_and_deterministic():
+    a = rademacher_block(0, 3, 2, 10, 64)
+    assert a.shape == (10, 64) and set(a.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(a, rademacher_block(0, 3, 2, 10, 64))
+    assert not torch.equal(a, rademacher_block(1, 3, 2, 10, 64))      # another seed
+    assert not torch.equal(a, rademacher_block(0, 4, 2, 10, 64))      # another parameter
+    assert not torch.equal(a, rademacher_block(0, 3, 1, 10, 64))      # another block
+    assert abs(float(rademacher_block(0, 0, 0, 1024, 1024).mean())) < 0.01
+    with pytest.raises(ValueError):
+        rademacher_block(0, 0, 0, 4, 12)
+
+
+def test_projection_equals_one_dense_rademacher_matrix_and_sums_over_parameters():
+    from kernels import persample
+    torch.manual_seed(0)
+    k, dims = 64, [persample.PROJ_BLOCK + 300, 40]               # one parameter spans 2 blocks
+    u = [torch.randn(5, d, dtype=torch.float64) for d in dims]
+    z = torch.zeros(5, k, dtype=torch.float64)
+    for m, um in enumerate(u):
+        project(um, 7, m, k, out=z)
+    Rt = torch.cat([torch.cat([rademacher_block(7, m, b, min(persample.PROJ_BLOCK, d - s), k,
+                                                torch.float64)
+                               for b, s in enumerate(range(0, d, persample.PROJ_BLOCK))])
+                    for m, d in enumerate(dims)])                # [sum D_m, k]
+    assert torch.allclose(z, torch.cat(u, 1) @ Rt / math.sqrt(k), rtol=1e-12, atol=1e-12)
+    # each row is projected on its own: the same row alone gives the same result
+    assert torch.allclose(project(u[0][2:3], 7, 0, k), project(u[0], 7, 0, k)[2:3], atol=1e-12)
+
+
+def test_projection_preserves_cosines_within_jl_tolerance():
+    torch.manual_seed(1)
+    k, n, d = 1024, 24, 3000
+    base = torch.randn(4, d)
+    X = base[torch.arange(n) % 4] + 0.7 * torch.randn(n, d)      # correlated rows
+    X[:, :500] *= 5                                              # and uneven scales
+    z = project(X[:, :1800], 0, 0, k) + project(X[:, 1800:], 0, 1, k)
+    cos_true = normalise_rows(X) @ normalise_rows(X).T
+    cos_proj = normalise_rows(z) @ normalise_rows(z).T
+    err = (cos_true - cos_proj).abs().max()
+    assert err < 3 / math.sqrt(k), err
+    assert cos_true.min() < 0.5 < cos_true.max()                 # a non-trivial geometry
+
+
+# ----------------------------------------------------------------------------------------------
+# Features: exact and projected paths, batch independence
+def small_moments(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(p.shape, generator=g, dtype=p.dtype) * 1e-3,
+                torch.rand(p.shape, generator=g, dtype=p.dtype) * 1e-5)
+            for n, p in lora_parameters(model)}
+
+
+def test_batch_features_exact_and_projected_equal_their_formulas(lora_model, real_tokenizer,
+                                                                  oracle):
+    enc, (_, grads_ref) = oracle
+    batch = pad_batch(enc, real_tokenizer.pad_token_id)
+    moments = small_moments(lora_model)
+    u = {n: adam_precondition(g, *moments[n]).flatten(1) for n, g in grads_ref.items()}
+    D = sum(x.shape[1] for x in u.values())
+    z, path = batch_features(lora_model, *batch, moments=moments, grad_dim=D)
+    assert path == "exact" and z.shape == (len(enc), D)
+    assert rel_err(z, normalise_rows(torch.cat(list(u.values()), 1))) < 1e-5
+    assert torch.allclose(z.norm(dim=1), torch.ones(len(enc), dtype=z.dtype))
+    k = 256
+    z, path = batch_features(lora_model, *batch, moments=moments, grad_dim=k, seed=3)
+    assert path == "projected" and z.shape == (len(enc), k)
+    ref = sum(project(um, 3, m, k) for m, um in enumerate(u.values()))
+    assert rel_err(z, normalise_rows(ref)) < 1e-5
+    z_plain, _ = batch_features(lora_model, *batch, moments=None, grad_dim=D)
+    assert rel_err(z_plain, normalise_rows(flat_grads(grads_ref))) < 1e-5
+    with pytest.raises(ValueError, match="moments missing"):
+        batch_features(lora_model, *batch, moments=dict(list(moments.items())[1:]))
+
+
+def test_example_features_in_input_order_and_independent_of_batching(lora_model, real_tokenizer,
+                                                                     capfd):
+    pairs = [(render(real_tokenizer, q), a) for q, a in QUESTIONS]
+    moments = small_moments(lora_model, 1)
+    z4, path = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+                                batch_size=4)
+    assert path == "projected" and z4.shape == (4, 512) and z4.dtype == torch.float32
+    assert "PROJECTED to 512 dims" in capfd.readouterr().err
+    z1, _ = example_features(lora_model, real_tokenizer, pairs[::-1], moments, grad_dim=512,
+                             batch_size=1)
+    assert torch.allclose(z4, z1.flip(0), atol=1e-6)             # order kept; batch-independent
+    z3, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+                             batch_size=3)
+    assert torch.allclose(z4, z3, atol=1e-6)
+    again, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+                                batch_size=4)
+    assert torch.equal(z4, again)                                # deterministic for a seed
+    other, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+                                batch_size=4, seed=1)
+    assert not torch.allclose(z4, other, atol=1e-3)
+    ze, path = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=10 ** 7)
+    assert path == "exact" and "EXACT features" in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Gram blocks (SPEC 5.3 step 6)
+def test_gram_blocks_equal_dense_matrix():
+    torch.manual_seed(2)
+    X, Y = torch.randn(37, 16), torch.randn(23, 16)
+    K = X.double() @ Y.double().T
+    cols = [0, 4, 5, 22]
+    mask = torch.zeros(23, dtype=torch.bool)
+    mask[cols] = True
+    assert torch.allclose(gram_row_sums(X, Y, block=5), K.sum(1), atol=1e-10)
+    assert torch.allclose(gram_row_sums(X, Y, cols, block=5), K[:, cols].sum(1), atol=1e-10)
+    assert torch.allclose(gram_row_means(X, Y, mask, block=5), K[:, cols].mean(1), atol=1e-10)
+    assert torch.allclose(gram_column(X, X[3]), (X.double() @ X.double().T)[:, 3], atol=1e-10)
+    assert torch.allclose(gram_matrix(X, Y, block=6), K, atol=1e-10)
+    starts = [i for i, _ in gram_blocks(X, Y, block=10)]
+    assert starts == [0, 10, 20, 30]
+    with pytest.raises(ValueError):
+        gram_row_means(X, Y, [])
+
+
+def test_grait_delta_equals_dense_means():
+    torch.manual_seed(3)
+    z_sel, z_ik, z_idk = torch.randn(5, 8), torch.randn(9, 8), torch.randn(7, 8)
+    want = (z_sel @ z_ik.T).double().mean(1) - (z_sel @ z_idk.T).double().mean(1)
+    assert torch.allclose(grait_delta(z_sel, z_ik, z_idk), want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRAIT selection (SPEC 5.4) and weights (SPEC 5.5)
+def objective(S, Kiv, Kii):
+    """F(S) = sum_{j in S} sum_{k in V} K_iv[j,k] + sum_{j<m in S} K_ii[j,m]."""
+    return (sum(float(Kiv[j].sum()) for j in S)
+            + sum(float(Kii[S[a], S[b]]) for a in range(len(S)) for b in range(a + 1, len(S))))
+
+
+def brute_force_greedy(Kiv, Kii, k):
+    S = []
+    for _ in range(k):
+        rest = [j for j in range(Kii.shape[0]) if j not in S]
+        gains = [objective(S + [j], Kiv, Kii) for j in rest]
+        S.append(rest[max(range(len(rest)), key=lambda i: (gains[i], -i))])
+    return S
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_select_equals_brute_force_greedy(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, nv, k = 12, 5, 6
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    Kii, Kiv = (A + A.T) / 2, torch.randn(n, nv, generator=g, dtype=torch.float64)
+    picked, s = greedy_select(Kiv.sum(1), lambda j: Kii[:, j], k)
+    assert picked == brute_force_greedy(Kiv, Kii, k)
+    assert torch.allclose(s, Kiv.sum(1) + Kii[:, picked].sum(1))
+    assert len(set(picked)) == k
+
+
+def test_greedy_ties_go_to_the_lowest_index():
+    picked, _ = greedy_select(torch.zeros(5), lambda j: torch.zeros(5), 3)
+    assert picked == [0, 1, 2]
+
+
+def test_released_select_hand_case_and_definition():
+    score0 = torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0])
+    zero = lambda j: torch.zeros(5)                             # noqa: E731
+    # greedy takes 4 then 0; the rest {1, 2, 3} have scores 1, 2, 1 -> lowest two, ties by index
+    assert released_select(score0, zero, 2) == [1, 3]
+    g = torch.Generator().manual_seed(9)
+    A = torch.randn(10, 10, generator=g, dtype=torch.float64)
+    Kii, s0 = A + A.T, torch.randn(10, generator=g, dtype=torch.float64)
+    picked, s = greedy_select(s0, lambda j: Kii[:, j], 3)
+    rest = sorted((j for j in range(10) if j not in picked), key=lambda j: (float(s[j]), j))
+    assert released_select(s0, lambda j: Kii[:, j], 3) == rest[:3]
+    assert released_select(s0, lambda j: Kii[:, j], 4, n_greedy=3) == rest[:4]
+
+
+def test_grait_weights_each_variant_equals_its_formula():
+    T = 0.05
+    delta = torch.tensor([0.0, T * math.log(3)])                 # exp(-d/T) = 1, 1/3
+    assert torch.allclose(grait_weights(delta, T, "paper"),
+                          torch.tensor([1.5, 0.5], dtype=torch.float64))   # 2 * (3/4, 1/4)
+    assert torch.allclose(grait_weights(delta, T, "code"),
+                          torch.tensor([0.25, 0.75], dtype=torch.float64))  # 1 * (1/4, 3/4)
+    assert torch.equal(grait_weights(delta, T, "uniform"), torch.ones(2, dtype=torch.float64))
+    d = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.05
+    assert math.isclose(float(grait_weights(d).mean()), 1.0, rel_tol=1e-12)
+    assert math.isclose(float(grait_weights(d, variant="code").sum()), 500.0, rel_tol=1e-12)
+    w = grait_weights(d)
+    assert w[d.argmax()] == w.min()                              # paper: larger delta, less weight
+    with pytest.raises(ValueError):
+        grait_weights(d, variant="other")
