@@ -1,0 +1,359 @@
+"""data.py: the real benchmarks (SPEC 1) -> item JSONL (DESIGN Item contract).
+
+    python data.py mmlu --src ../shared/data/mmlu --out runs/data   # mcqa/{train,shots,test_id}
+    python data.py arc --src ../shared/data/arc --out runs/data     # mcqa/test_ood
+    python data.py triviaqa --download --limit 20000 --out runs/data  # oeqa/{train,shots,test_id}
+    python data.py nq --src ../shared/data/nq/dev.csv --out runs/data # oeqa/test_ood
+    python data.py nq --download --cache runs/data/cache --out runs/data
+
+What goes where (SPEC 1):
+- mmlu: test split (14,042) -> train pool; dev (5 per subject) -> shots (the 5-shot KQ prompt);
+  val (1,531) -> ID test. Folders with only dev/ and test/ (like ../shared/data/mmlu) have no val:
+  then a seeded, per-subject share of the test split (--holdout, default 1531/14042 so the size
+  matches val) becomes the ID test and leaves the pool, so test and training never overlap; this
+  is printed and recorded in the config. Subjects are written with spaces ("high school biology").
+  CSVs with the header `id,lang,question,A,B,C,D,target` and the original header-less
+  `question,A,B,C,D,answer` files are both read.
+- arc: ARC-Challenge test (1,172) -> OOD test, subject "STEM". SPEC 9 #15: by default digit labels
+  1-5 become letters A-E and 3-/5-option items keep their own options; --arc-released
+  reproduces the released evaluation (first 4 options, a missing D shown as "nan", and items with
+  digit labels can never be scored correct: meta.unscorable, honoured by evaluate.py).
+- triviaqa: unfiltered-web train -> train pool (--limit N: seeded subsample, SPEC 9 #17),
+  unfiltered-web dev -> ID test, dev rows 0-2 -> shots (SPEC 2.2); gold = Answer.Value, aliases =
+  Value + NormalizedValue + Aliases + NormalizedAliases (SPEC 1). The file is read whole (json).
+- nq: NQ-open dev (3,610) -> OOD test; aliases = the answer list; "?" appended to each question
+  (SPEC 2.3 NQ eval row: `{instr}{q}?`). CSV `qid,lang,question,answer,answers` or NQ-open JSONL.
+
+--download fetches the canonical public file into --cache (resumable with HTTP Range), checks its
+sha256 against --sha256 or the one recorded in <cache>/SHA256SUMS at the first download (trust on
+first use: keep that file to pin your copy), and unpacks it. --base-url or $RAIT_DATA_URL replaces
+the public base URL (a mirror, or a local server in the tests).
+"""
+import argparse
+import ast
+import csv
+import glob
+import hashlib
+import json
+import os
+import random
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+
+import common
+from common import InputError
+
+# Canonical public sources: (base URL, file name); file URL = base + "/" + name
+SOURCES = {
+    "mmlu": ("https://people.eecs.berkeley.edu/~hendrycks", "data.tar"),
+    "arc": ("https://ai2-public-datasets.s3.amazonaws.com/arc", "ARC-V1-Feb2018.zip"),
+    "triviaqa": ("https://nlp.cs.washington.edu/triviaqa/data", "triviaqa-unfiltered.tar.gz"),
+    "nq": ("https://raw.githubusercontent.com/google-research-datasets/natural-questions/master/"
+           "nq_open", "NQ-open.dev.jsonl"),
+}
+TASK = {"mmlu": "mcqa", "arc": "mcqa", "triviaqa": "oeqa", "nq": "oeqa"}
+MMLU_VAL_SHARE = 1531 / 14042     # SPEC 1: MMLU val / test sizes, the default --holdout
+MMLU_HEADER = ["id", "lang", "question", "A", "B", "C", "D", "target"]
+CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Converters (usable as functions): source files -> lists of items
+def mmlu_split(folder, split):
+    """Items of one MMLU split folder (<folder>/<split>/<subject>_<split>.csv), in file order."""
+    files = sorted(glob.glob(os.path.join(folder, split, f"*_{split}.csv")))
+    items = []
+    for path in files:
+        subject = os.path.basename(path)[:-len(f"_{split}.csv")]
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        header = rows and rows[0] == MMLU_HEADER
+        for n, row in enumerate(rows[1:] if header else rows):
+            if header:
+                rid, q, choices, gold = row[0], row[2], row[3:7], row[7]
+            else:
+                rid, q, choices, gold = f"{subject}/{split}/{n}", row[0], row[1:5], row[5]
+            if len(row) != (8 if header else 6) or gold not in "ABCD" or not gold:
+                raise InputError(f"{path}:{n + 1 + bool(header)}: expected question, 4 options "
+                                 "and a gold letter")
+            items.append({"id": rid, "task": "mcqa", "question": q, "answer": gold,
+                          "choices": choices, "subject": subject.replace("_", " ")})
+    return items
+
+
+def holdout(items, share, seed):
+    """Split items into (kept, held out): a seeded share of every subject (at least 1 each)."""
+    by = {}
+    for it in items:
+        by.setdefault(it["subject"], []).append(it["id"])
+    out = set()
+    for s, ids in by.items():
+        k = max(1, round(share * len(ids)))
+        out |= set(random.Random(common.stable_hash(seed, s)).sample(ids, k))
+    return [it for it in items if it["id"] not in out], [it for it in items if it["id"] in out]
+
+
+def arc_items(path, released=False):
+    """ARC JSONL -> items (SPEC 1 quirks, SPEC 9 #15); returns (items, counts of the quirks)."""
+    items, counts = [], {"digit_labels": 0, "three_options": 0, "five_options": 0,
+                         "never_correct_if_released": 0}
+    for n, o in enumerate(common.read_jsonl(path), 1):
+        try:
+            q, key = o["question"], str(o["answerKey"])
+            texts, labels = [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]]
+            pos = labels.index(key)
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}:{n}: expected question.stem, question.choices[].text/label "
+                             "and an answerKey among the labels") from None
+        digits = all(lab.isdigit() for lab in labels)
+        counts["digit_labels"] += digits
+        counts["three_options"] += len(texts) == 3
+        counts["five_options"] += len(texts) == 5
+        meta, lost = {"labels": labels}, key not in "ABCD" or digits
+        counts["never_correct_if_released"] += lost
+        if released:                       # the released evaluation [C-OC]: A-D, "nan" padding
+            texts = (texts + ["nan"] * 4)[:4]
+            if lost:
+                meta.update(unscorable=True, released_answer=key)
+            pos = min(pos, 3)
+        items.append({"id": o["id"], "task": "mcqa", "question": q["stem"],
+                      "answer": common.LETTERS[pos], "choices": texts,
+                      "subject": common.ARC_SUBJECT, "meta": meta})
+    return items, counts
+
+
+def trivia_items(path, limit=None, seed=0):
+    """TriviaQA unfiltered JSON ({"Data": [...]}) -> items; --limit: seeded subsample."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)["Data"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: not a TriviaQA JSON file with a 'Data' list ({e})") from None
+    if limit is not None and limit < len(data):
+        keep = set(random.Random(seed).sample(range(len(data)), limit))
+        data = [d for i, d in enumerate(data) if i in keep]
+    items = []
+    for d in data:
+        a = d["Answer"]
+        aliases = [a.get("Value"), a.get("NormalizedValue")] + a.get("Aliases", []) + \
+            a.get("NormalizedAliases", [])
+        aliases = list(dict.fromkeys(x for x in aliases if x))      # SPEC 1, order kept
+        items.append({"id": d["QuestionId"], "task": "oeqa", "question": d["Question"],
+                      "answer": a["Value"], "aliases": aliases})
+    return items
+
+
+def nq_items(path):
+    """NQ-open dev (CSV qid,lang,question,answer,answers or JSONL question/answer) -> items."""
+    rows = []
+    if path.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            for n, r in enumerate(csv.DictReader(f), 2):
+                try:
+                    rows.append((r["qid"], r["question"], ast.literal_eval(r["answers"])))
+                except (KeyError, ValueError, SyntaxError):
+                    raise InputError(f"{path}:{n}: expected qid, question and an answers "
+                                     "list") from None
+    else:
+        for n, o in enumerate(common.read_jsonl(path, unique_ids=False)):
+            rows.append((o.get("id", f"nq_dev_{n}"), o["question"], o["answer"]))
+    items = []
+    for qid, q, answers in rows:
+        q = q if q.endswith("?") else q + "?"                 # SPEC 2.3 NQ eval row
+        items.append({"id": str(qid), "task": "oeqa", "question": q, "answer": answers[0],
+                      "aliases": [a for a in answers if a]})
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Download: resumable (HTTP Range), sha256 recorded / verified, unpacked once
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, dest, expected=None):
+    """Fetch url to dest, continuing dest.part with a Range request; check sha256 if expected."""
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:                  # 416: nothing left after `have` bytes: part complete
+            raise InputError(f"{url}: HTTP {e.code} {e.reason}") from None
+        resp = None
+    except (urllib.error.URLError, OSError) as e:
+        raise InputError(f"{url}: {getattr(e, 'reason', e)}") from None
+    if resp is not None:
+        resumed = have and resp.status == 206 and \
+            resp.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        if have and not resumed:
+            print(f"[download] {url}: server ignored the Range request, starting over",
+                  file=sys.stderr)
+        size = int(resp.headers.get("Content-Length") or 0) + (have if resumed else 0)
+        with resp, open(part, "ab" if resumed else "wb") as f, \
+                common.progress(total=size or None, desc=os.path.basename(dest)) as bar:
+            bar.update(have if resumed else 0)
+            for block in iter(lambda: resp.read(CHUNK), b""):
+                f.write(block)
+                bar.update(len(block))
+    digest = sha256_of(part)
+    if expected and digest != expected:
+        os.remove(part)                    # never resume from bytes that do not add up
+        raise InputError(f"{url}: sha256 mismatch: expected {expected}, got {digest} "
+                         "(partial file removed)")
+    os.replace(part, dest)
+    return digest
+
+
+def read_sums(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {name: h for h, name in (line.split(None, 1) for line in f if line.strip())
+                for name in [name.strip()]}
+
+
+def fetch(name, cache, base=None, sha256=None):
+    """Download and unpack one dataset's canonical file; returns the unpacked folder (or file)."""
+    base = (base or os.environ.get("RAIT_DATA_URL") or SOURCES[name][0]).rstrip("/")
+    fname = SOURCES[name][1]
+    rel, dest = f"{name}/{fname}", os.path.join(cache, name, fname)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    sums_path = os.path.join(cache, "SHA256SUMS")
+    sums = read_sums(sums_path)
+    expected = sha256 or sums.get(rel)
+    if os.path.exists(dest):
+        digest = sha256_of(dest)
+        if expected and digest != expected:
+            raise InputError(f"{dest}: sha256 {digest} does not match the expected {expected}; "
+                             "delete the file to download it again")
+    else:
+        print(f"[download] {base}/{fname} -> {dest}", file=sys.stderr)
+        digest = download(f"{base}/{fname}", dest, expected)
+    if rel not in sums:
+        sums[rel] = digest
+        common.atomic_write_text(sums_path, "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
+        print(f"[download] recorded sha256 {digest} of {rel} in {sums_path}", file=sys.stderr)
+    if not fname.endswith((".tar", ".tar.gz", ".zip")):
+        return dest
+    out = os.path.join(cache, name, "unpacked")
+    if not os.path.exists(os.path.join(out, ".done")):
+        print(f"[download] unpacking {dest}", file=sys.stderr)
+        if fname.endswith(".zip"):
+            with zipfile.ZipFile(dest) as z:
+                if any(n.startswith("/") or ".." in n.split("/") for n in z.namelist()):
+                    raise InputError(f"{dest}: archive has unsafe paths")
+                z.extractall(out)
+        else:
+            with tarfile.open(dest) as t:
+                t.extractall(out, filter="data")           # refuses links/paths outside `out`
+        common.atomic_write_text(os.path.join(out, ".done"), digest + "\n")
+    return out
+
+
+def find(root, pattern, what):
+    """The first path under root (itself included) matching a glob pattern."""
+    if os.path.isfile(root) and glob.fnmatch.fnmatch(os.path.basename(root), pattern):
+        return root
+    hits = sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True))
+    if not hits:
+        raise InputError(f"{root}: no {what} ({pattern}) found")
+    return hits[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: one dataset per call, outputs under <out>/<task>/
+def convert(args):
+    """{split name: items} for the dataset, plus notes for the config."""
+    src, notes = args.src, {}
+    if args.dataset == "mmlu":
+        root = os.path.dirname(os.path.dirname(find(src, "*_test.csv", "MMLU test split")))
+        out = {"train": mmlu_split(root, "test"), "shots": mmlu_split(root, "dev")}
+        val = mmlu_split(root, "val")
+        if val:
+            out["test_id"] = val
+        else:
+            out["train"], out["test_id"] = holdout(out["train"], args.holdout, args.seed)
+            notes["id_test"] = (f"no val split in {root}: {len(out['test_id'])} test items "
+                                f"({args.holdout:.4f} of each subject, seed {args.seed}) are the "
+                                "ID test and were removed from the train pool")
+            print(f"[data] {notes['id_test']}", file=sys.stderr)
+    elif args.dataset == "arc":
+        out = {}
+        out["test_ood"], notes["arc_quirks"] = arc_items(
+            find(src, "ARC-Challenge-Test.jsonl", "ARC-Challenge test file"), args.arc_released)
+        print(f"[data] ARC quirks (SPEC 9 #15, {'released' if args.arc_released else 'fixed'}): "
+              f"{notes['arc_quirks']}", file=sys.stderr)
+    elif args.dataset == "triviaqa":
+        dev = trivia_items(find(src, "unfiltered-web-dev.json", "TriviaQA unfiltered dev"))
+        out = {"train": trivia_items(find(src, "unfiltered-web-train.json",
+                                          "TriviaQA unfiltered train"), args.limit, args.seed),
+               "test_id": dev, "shots": dev[:3]}                    # SPEC 2.2: dev rows 0-2
+    else:
+        path = src if os.path.isfile(src) else None
+        for pat in ("dev.csv", "NQ-open.dev.jsonl", "*.jsonl", "*.csv"):
+            path = path or (glob.glob(os.path.join(src, "**", pat), recursive=True) or [None])[0]
+        if not path:
+            raise InputError(f"{src}: no NQ-open dev file (dev.csv or NQ-open.dev.jsonl)")
+        out = {"test_ood": nq_items(path)}
+    for split, items in out.items():
+        if not items:
+            raise InputError(f"{src}: no {args.dataset} items for {split}")
+        for n, it in enumerate(items, 1):
+            err = common.check_item(it)
+            if err:
+                raise InputError(f"{src}: {split} item {n} ({it.get('id')}): {err}")
+    return out, notes
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=sorted(SOURCES), help="which benchmark to convert")
+    p.add_argument("--src", help="source folder or file (default with --download: the cache)")
+    p.add_argument("--out", default="runs/data", help="items root; writes <out>/<task>/<split>.jsonl")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the canonical public file into --cache first (resumable)")
+    p.add_argument("--cache", default="runs/data/cache", help="download cache folder")
+    p.add_argument("--base-url", help="replace the public base URL (also $RAIT_DATA_URL)")
+    p.add_argument("--sha256", help="expected sha256 of the downloaded file (else the recorded one)")
+    p.add_argument("--limit", type=int, help="triviaqa: seeded subsample of N train items (SPEC 9 #17)")
+    p.add_argument("--holdout", type=float, default=MMLU_VAL_SHARE,
+                   help="mmlu without val/: share of each subject's test items held out as ID test")
+    p.add_argument("--arc-released", action="store_true",
+                   help="arc: reproduce the released quirks instead of fixing them (SPEC 9 #15)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --limit and --holdout")
+    a = p.parse_args(argv)
+    if not a.src and not a.download:
+        p.error("give --src or --download")
+    if a.limit is not None and a.limit < 1 or not 0 < a.holdout < 1:
+        p.error("--limit must be positive and --holdout in (0, 1)")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.download:
+        args.src = fetch(args.dataset, args.cache, args.base_url, args.sha256)
+    out, notes = convert(args)
+    folder = os.path.join(args.out, TASK[args.dataset])
+    for split, items in out.items():
+        path = os.path.join(folder, f"{split}.jsonl")
+        common.write_jsonl(path, items)
+        common.write_config(path, args, source=os.path.abspath(args.src), n_items=len(items),
+                            **notes)
+        subjects = len({it.get("subject") for it in items})
+        print(f"[data] {path}: {len(items)} items" + (f", {subjects} subjects"
+                                                      if subjects > 1 else ""))
+
+
+if __name__ == "__main__":
+    common.cli(main)
