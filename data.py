@@ -32,6 +32,7 @@ the public base URL (a mirror, or a local server in the tests).
 import argparse
 import ast
 import csv
+import fnmatch
 import glob
 import hashlib
 import json
@@ -261,7 +262,7 @@ def fetch(name, cache, base=None, sha256=None):
 
 def find(root, pattern, what):
     """The first path under root (itself included) matching a glob pattern."""
-    if os.path.isfile(root) and glob.fnmatch.fnmatch(os.path.basename(root), pattern):
+    if os.path.isfile(root) and fnmatch.fnmatch(os.path.basename(root), pattern):
         return root
     hits = sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True))
     if not hits:
@@ -319,13 +320,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=sorted(SOURCES), help="which benchmark to convert")
     p.add_argument("--src", help="source folder or file (default with --download: the cache)")
-    p.add_argument("--out", default="runs/data", help="items root; writes <out>/<task>/<split>.jsonl")
+    p.add_argument("--out", default="runs/data",
+                   help="items root; writes <out>/<task>/<split>.jsonl")
     p.add_argument("--download", action="store_true",
                    help="fetch the canonical public file into --cache first (resumable)")
     p.add_argument("--cache", default="runs/data/cache", help="download cache folder")
     p.add_argument("--base-url", help="replace the public base URL (also $RAIT_DATA_URL)")
-    p.add_argument("--sha256", help="expected sha256 of the downloaded file (else the recorded one)")
-    p.add_argument("--limit", type=int, help="triviaqa: seeded subsample of N train items (SPEC 9 #17)")
+    p.add_argument("--sha256",
+                   help="expected sha256 of the downloaded file (else the recorded one)")
+    p.add_argument("--limit", type=int,
+                   help="triviaqa: seeded subsample of N train items (SPEC 9 #17)")
     p.add_argument("--holdout", type=float, default=MMLU_VAL_SHARE,
                    help="mmlu without val/: share of each subject's test items held out as ID test")
     p.add_argument("--arc-released", action="store_true",

@@ -7,7 +7,8 @@ our own. Two modes:
   python evaluate.py --model runs/world/model --items runs/world/oeqa/test_id.jsonl \
       --prompt basic --out runs/world/oeqa/init_basic/pred_id.jsonl
   python evaluate.py --model runs/world/model --mcqa-reader option \
-      --items runs/world/mcqa/test_ood.jsonl --prompt refuse --out runs/world/mcqa/init_refuse/pred_ood.jsonl
+      --items runs/world/mcqa/test_ood.jsonl --prompt refuse \
+      --out runs/world/mcqa/init_refuse/pred_ood.jsonl
   torchrun --nproc_per_node 8 evaluate.py --model meta-llama/Meta-Llama-3-8B-Instruct \
       --adapter runs/llama3/mcqa/craft/adapter --items runs/data/mcqa/test_id.jsonl \
       --prompt refuse --out runs/llama3/mcqa/craft/pred_id.jsonl
@@ -51,11 +52,13 @@ import common
 from common import InputError
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
-STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>")   # SPEC 7 Llama-3 stop words (+ChatML)
+STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>")   # SPEC 7 Llama-3 stops, ChatML
 LABELS = ("correct", "wrong", "refuse", "unparsed")
 ROWS = ("init_basic", "init_refuse", "van", "cor", "corcer", "wocer", "craft", "grait")
 ROW_NAMES = {"init_basic": "Init-Basic", "init_refuse": "Init-Refuse"}
 SPLITS = ("id", "ood")
+LABEL_SLOTS = [(7, -6), (7, 14), (-7, -6), (-7, 14)] + [
+    (sgn * 7, d) for d in (-20, 28, -34, 42, -48, 56) for sgn in (1, -1)]   # SVG label offsets
 BOOTSTRAP = 1000            # resamples for the 95% intervals
 KNOWN_EXPOSURE = 8          # DESIGN: world greedy accuracy is ~0.5 at 8-15 exposures per epoch
 OTHER_REFUSALS = re.compile(   # SPEC 9 #14: counted and reported, never a label
@@ -255,10 +258,9 @@ def answer(args):
     stops = stop_ids(tok, model)
     prompts = {it["id"]: common.render(tok, common.user_prompt(it, args.prompt)) for it in items}
     if rank == 0:
-        print(f"[evaluate] {len(items)} {task} items, prompt {args.prompt}, "
-              f"{'chat template' if common.has_chat_template(tok) else 'raw prompt (no chat template)'}"
-              f", {dev} {str(dt).replace('torch.', '')}, greedy, max_new_tokens {max_new}",
-              file=sys.stderr)
+        how = "chat template" if common.has_chat_template(tok) else "raw prompt (no chat template)"
+        print(f"[evaluate] {len(items)} {task} items, prompt {args.prompt}, {how}, {dev} "
+              f"{str(dt).replace('torch.', '')}, greedy, max_new_tokens {max_new}", file=sys.stderr)
     order = sorted(items, key=lambda it: -len(prompts[it["id"]]))   # similar lengths batch together
 
     def fn(batch, _seed):
@@ -370,9 +372,25 @@ def split_results(d, split, items_path, seed, known_exposure):
 
 
 def fmt(v, ci=None):
+    """One decimal (no "-0.0"), with a [lo, hi] interval when given."""
     if v is None or not np.isfinite(v):
         return "n/a"
-    return f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+    one = lambda x: f"{x:.1f}".replace("-0.0", "0.0") if abs(x) < 0.05 else f"{x:.1f}"  # noqa
+    return one(v) + (f" [{one(ci[0])}, {one(ci[1])}]" if ci else "")
+
+
+def md_table(res, cols, cell):
+    """A markdown table: one row per method, columns `cols` for each split; cell(entry, col)."""
+    lines = ["| method | " + " | ".join(f"{s.upper()} {c}" for s in SPLITS for c in cols) + " |",
+             "|---|" + "---|" * (len(SPLITS) * len(cols))]
+    for r in ROWS:
+        cells = []
+        for s in SPLITS:
+            e = (res.get(s) or {}).get("rows", {}).get(r)
+            cells += ([cell(e, c) for c in cols] if e else
+                      [f"missing: {r}/pred_{s}.jsonl"] + ["-"] * (len(cols) - 1))
+        lines.append(f"| {ROW_NAMES.get(r, r)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def report_md(d, res):
@@ -383,49 +401,30 @@ def report_md(d, res):
         lines.append(f"- {s.upper()} test: " + ("no predictions" if not x else
                      f"`{x['items']}`, {x['n']} {x['task']} items, " +
                      (f"macro-average over {x['subjects']} subjects" if x["macro"] else "micro")))
+    main = {"Pc": "pc", "Pw": "pw", "Pr": "pr", "THS": "ths"}
     lines += ["", "Rates in % of all test items with bootstrap 95% intervals; THS against "
-              "Init-Basic of the same test set (SPEC 7).", "",
-              "| method | " + " | ".join(f"{s.upper()} {m}" for s in SPLITS
-                                          for m in ("Pc", "Pw", "Pr", "THS")) + " |",
-              "|---|" + "---|" * 8]
-    for r in ROWS:
-        cells = []
-        for s in SPLITS:
-            e = (res.get(s) or {}).get("rows", {}).get(r)
-            cells += ([fmt(e["rates"][k], e["ci95"][k] if k != "pr" else None)
-                       for k in ("pc", "pw", "pr", "ths")] if e else
-                      [f"missing: {r}/pred_{s}.jsonl", "", "", ""])
-        lines.append(f"| {ROW_NAMES.get(r, r)} | " + " | ".join(cells) + " |")
+              "Init-Basic of the same test set (SPEC 7).", ""] + md_table(
+        res, list(main),
+        lambda e, c: fmt(e["rates"][main[c]], e["ci95"][main[c]] if c != "Pr" else None))
+    extra = {"micro Pc": lambda e: fmt(e["micro"]["pc"]),
+             "micro Pw": lambda e: fmt(e["micro"]["pw"]),
+             "micro THS": lambda e: fmt(e["micro"]["ths"]),
+             "unparsed": lambda e: fmt(e["rates"]["unparsed"]),
+             "other refusals": lambda e: str(sum(e["other_refusals"].values()))}
     lines += ["", "Micro rates and parse failures (%); other refusal phrasings among the "
-              "non-refused responses (SPEC 9 #14, counts).", "",
-              "| method | " + " | ".join(f"{s.upper()} {m}" for s in SPLITS for m in
-                                          ("micro Pc", "micro Pw", "micro THS", "unparsed",
-                                           "other refusals")) + " |", "|---|" + "---|" * 10]
-    for r in ROWS:
-        cells = []
-        for s in SPLITS:
-            e = (res.get(s) or {}).get("rows", {}).get(r)
-            cells += ([fmt(e["micro"]["pc"]), fmt(e["micro"]["pw"]), fmt(e["micro"]["ths"]),
-                       fmt(e["rates"]["unparsed"]), str(sum(e["other_refusals"].values()))]
-                      if e else ["-"] * 5)
-        lines.append(f"| {ROW_NAMES.get(r, r)} | " + " | ".join(cells) + " |")
+              "non-refused responses (SPEC 9 #14, counts).", ""] + md_table(
+        res, list(extra), lambda e, c: extra[c](e))
+    quad = {"over-refusal": "over_refusal", "hallucination": "hallucination",
+            "refusal precision": "refusal_precision"}
+    known_exp = next((x["known_exposure"] for x in res.values() if x and "known_exposure" in x),
+                     None)
     for q, title in (("quadrants_init", "known = Init-Basic answered correctly"),
-                     ("quadrants_exposure", "known = meta.exposure >= --known-exposure (oracle)")):
-        if not any(q in e for x in res.values() if x for e in x["rows"].values()):
-            continue
-        lines += ["", f"Knowledge quadrants, {title} (%): over-refusal = refused among known, "
-                  "hallucination = wrong among unknown, precision = refusals on unknown items.",
-                  "", "| method | " + " | ".join(f"{s.upper()} {m}" for s in SPLITS for m in
-                                                  ("over-refusal", "hallucination",
-                                                   "refusal precision")) + " |",
-                  "|---|" + "---|" * 6]
-        for r in ROWS:
-            cells = []
-            for s in SPLITS:
-                e = (res.get(s) or {}).get("rows", {}).get(r, {}).get(q)
-                cells += ([fmt(e[k]) for k in ("over_refusal", "hallucination",
-                                               "refusal_precision")] if e else ["-"] * 3)
-            lines.append(f"| {ROW_NAMES.get(r, r)} | " + " | ".join(cells) + " |")
+                     ("quadrants_exposure", f"known = meta.exposure >= {known_exp} (oracle)")):
+        if any(q in e for x in res.values() if x for e in x["rows"].values()):
+            lines += ["", f"Knowledge quadrants, {title} (%): over-refusal = refused among known, "
+                      "hallucination = wrong among unknown, precision = refusals on unknown items.",
+                      ""] + md_table(res, list(quad), lambda e, c: fmt(e[q][quad[c]]) if q in e
+                                     else "-")
     return "\n".join(lines + ["", "![Pc-Pw plane](ths.svg)", ""])
 
 
@@ -445,7 +444,8 @@ def ths_svg(points, refs, title=""):
     o = ['<svg xmlns="http://www.w3.org/2000/svg" width="640" height="500" '
          'font-family="sans-serif" font-size="12">',
          '<rect width="640" height="500" fill="white"/>',
-         f'<text x="{X0 + P / 2}" y="24" text-anchor="middle" font-size="14">{escape(title)}</text>']
+         f'<text x="{X0 + P / 2}" y="24" text-anchor="middle" font-size="14">'
+         f'{escape(title)}</text>']
     for k in range(0, lim + 1, step):
         o += [f'<line x1="{sx(k):.1f}" y1="{Y0}" x2="{sx(k):.1f}" y2="{Y0 - P}" stroke="#e4e4e4"/>',
               f'<line x1="{X0}" y1="{sy(k):.1f}" x2="{X0 + P}" y2="{sy(k):.1f}" stroke="#e4e4e4"/>',
@@ -459,13 +459,25 @@ def ths_svg(points, refs, title=""):
         t = min(lim / pc0 if pc0 > 0 else np.inf, lim / pw0 if pw0 > 0 else np.inf)
         o.append(f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(pc0 * t):.1f}" y2="{sy(pw0 * t):.1f}" '
                  f'stroke="{color[s]}" stroke-dasharray="6 4" class="ray-{s}"/>')
+    taken = [(sx(pc) - 5, sy(pw) - 5, sx(pc) + 5, sy(pw) + 5) for _, _, pc, pw in points]
     for name, s, pc, pw in points:
         x, y, c = sx(pc), sy(pw), color[s]
         o.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{c}" class="point-{s}"/>'
                  if s == "id" else
                  f'<rect x="{x - 4.5:.1f}" y="{y - 4.5:.1f}" width="9" height="9" fill="white" '
                  f'stroke="{c}" stroke-width="2" class="point-{s}"/>')
-        o.append(f'<text x="{x + 7:.1f}" y="{y - 6:.1f}" fill="{c}">{escape(name)}</text>')
+        w = 6.6 * len(name)                    # greedy label placement: first free slot
+        for dx, dy in LABEL_SLOTS:
+            bx = x + dx if dx >= 0 else x + dx - w
+            box = (bx, y + dy - 10, bx + w, y + dy + 2)
+            if not any(box[0] < t[2] and t[0] < box[2] and box[1] < t[3] and t[1] < box[3]
+                       for t in taken):
+                break
+        taken.append(box)
+        if abs(dy) > 8:                        # displaced label: a leader line to its point
+            o.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{box[0] if dx >= 0 else box[2]:.1f}" '
+                     f'y2="{y + dy - 4:.1f}" stroke="{c}" stroke-width="0.6"/>')
+        o.append(f'<text x="{box[0]:.1f}" y="{y + dy:.1f}" fill="{c}">{escape(name)}</text>')
     lx = X0 + P + 20
     o += [f'<circle cx="{lx}" cy="{Y0 - P + 10}" r="4.5" fill="{color["id"]}"/>',
           f'<text x="{lx + 10}" y="{Y0 - P + 14}">ID test</text>',
@@ -496,7 +508,7 @@ def report(args):
                 res[s]["rows"]["init_basic"]["rates"]["pw"])
             for s in SPLITS if res[s] and "init_basic" in res[s]["rows"]}
     common.atomic_write_text(os.path.join(d, "ths.svg"),
-                             ths_svg(points, refs, f"THS plane: {os.path.basename(os.path.abspath(d))}"))
+                             ths_svg(points, refs, f"THS plane: {os.path.abspath(d)}"))
     print(report_md(d, res))
 
 
@@ -516,11 +528,14 @@ def parse_args(argv=None):
                    help="greedy budget; default 1024 for MCQA, 50 for OEQA (SPEC 7)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     g.add_argument("--strict-refusal", action="store_true",
-                   help="refusal = ASCII \"i don't know\" only, no curly-apostrophe folding (SPEC 9 #14)")
+                   help="refusal = ASCII \"i don't know\" only, curly apostrophes not folded "
+                   "(SPEC 9 #14)")
     g = p.add_argument_group("report a task folder (mode 2)")
-    g.add_argument("--report", metavar="DIR", help="task folder holding <method>/pred_{id,ood}.jsonl")
+    g.add_argument("--report", metavar="DIR",
+                   help="task folder holding <method>/pred_{id,ood}.jsonl")
     g.add_argument("--items-id", help="items of the ID test (default: from the pred files' config)")
-    g.add_argument("--items-ood", help="items of the OOD test (default: from the pred files' config)")
+    g.add_argument("--items-ood",
+                   help="items of the OOD test (default: from the pred files' config)")
     g.add_argument("--known-exposure", type=int, default=KNOWN_EXPOSURE,
                    help="world oracle: a fact is known when meta.exposure >= this")
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed")

@@ -183,7 +183,8 @@ def test_extract_letter_respects_number_of_options():
 @pytest.mark.parametrize("text,want", [
     ("I don't know.", "refuse"), ("I don\u2019t know.", "refuse"), ("i DON\u2018T KNOW", "refuse"),
     ("Hmm, I don't know, but maybe B", "refuse"), ("The answer is B.", "correct"),
-    ("The answer is A.", "wrong"), ("I'm not sure.", "unparsed"), ("\u00af\\_(\u30c4)_/\u00af", "unparsed"),
+    ("The answer is A.", "wrong"), ("I'm not sure.", "unparsed"),
+    ("\u00af\\_(\u30c4)_/\u00af", "unparsed"),
 ])
 def test_label_mcqa_refusal_first(text, want):
     item = {"task": "mcqa", "choices": CH, "answer": "B"}
@@ -459,5 +460,5 @@ def test_adapter_changes_answers(tiny_chat_llama, tmp_path):
     assert run_main(base + ["--out", str(tmp_path / "a.jsonl")]) == 0
     assert run_main(base + ["--adapter", str(tmp_path / "adapter"),
                             "--out", str(tmp_path / "b.jsonl")]) == 0
-    a, b = common.read_jsonl(str(tmp_path / "a.jsonl")), common.read_jsonl(str(tmp_path / "b.jsonl"))
+    a, b = (common.read_jsonl(str(tmp_path / f)) for f in ("a.jsonl", "b.jsonl"))
     assert [r["response"] for r in a] != [r["response"] for r in b]
