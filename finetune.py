@@ -1,0 +1,479 @@
+"""finetune.py: supervised fine-tuning with per-sample weights, by hand (SPEC 6, SPEC 9 #11-#12).
+
+The refusal-aware instruction tuning (RAIT) step shared by every method: CRaFT §4 / R-Tuning trains
+M0 on a method's training set with the xtuner recipe (SPEC 6); GRAIT adds a weight per sample to
+the loss (SPEC 5.6). LoRA by default, `--full` fine-tunes every weight (the OEQA recipe).
+
+    python finetune.py --model runs/world/model --train runs/world/mcqa/craft/train.jsonl \\
+        --out runs/world/mcqa/craft/adapter
+    torchrun --nproc_per_node 2 finetune.py --model ... --train ... --out ...   # DDP: gloo/NCCL
+
+Input: training examples JSONL (DESIGN: id, prompt, target, weight, kind, method); the prompt goes
+through common.render (chat template or plain prompt) and the loss covers target tokens + EOS only.
+Output (--out DIR): adapter_config.json + adapter_model.safetensors in peft's format (`--full`: a
+safetensors model folder instead), trainer_state.safetensors (Adam moments keyed like the weights,
+step, RNG, data order; for resuming and for GRAIT's Adam preconditioning), train_log.jsonl, and
+DIR.config.json. While running, DIR/checkpoint/ is rewritten every --save-steps optimizer steps;
+rerunning the same command resumes from it.
+
+Implementation details, and where we differ from the released xtuner runs (SPEC 6):
+- no packing (SPEC 9 #11): one example per row, batches grouped by length (seeded); the loss is
+  the per-example token-mean cross-entropy times the example's weight, averaged over the examples
+  of the optimizer step (so N processes x accumulation k == 1 process x accumulation N*k).
+- left padding + `logits_to_keep`: the LM head and the cross-entropy run on target positions only.
+- LoRA weights in fp32 with bf16 autocast on GPU (no 4-bit base, no fp16 loss scale); fp32 on CPU.
+- warm-up: linear from 1e-5 x lr over int(ratio x steps) steps, then cosine to 0 (xtuner).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+from kernels import lora
+
+# Defaults: SPEC 9 #12 = the released MCQA recipe (SPEC 6) without 4-bit quantisation
+LR = 2e-4               # SPEC 6 MCQA RAIT
+EPOCHS = 3              # SPEC 6
+EFFECTIVE_BATCH = 64    # SPEC 6: 1/device x accum 16 x 4 GPUs
+BATCH_SIZE = 4          # per device; --grad-accum is derived from EFFECTIVE_BATCH unless given
+WARMUP_RATIO = 0.03     # SPEC 6: 3% of the steps
+WARMUP_START = 1e-5     # SPEC 6: xtuner LinearLR start_factor
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 64, 16, 0.1   # SPEC 6 QLoRA recipe
+MAX_LEN = 2048          # SPEC 6 sequence length
+MEGABATCH = 16          # global batches per length-sorting window (HF's LengthGroupedSampler: 50)
+LOG = "train_log.jsonl"
+
+
+def add_train_args(parser, **defaults):
+    """Add every training flag to `parser` (not --model/--train/--out); `defaults` override ours,
+    e.g. add_train_args(p, warmup_ratio=0.0) for the rehearsal run (SPEC 6)."""
+    a = parser.add_argument
+    a("--epochs", type=int, default=EPOCHS, help="passes over the training set (SPEC 6: 3)")
+    a("--lr", type=float, default=LR, help="peak learning rate (SPEC 6: 2e-4 LoRA, 8e-6 full)")
+    a("--batch-size", type=int, default=BATCH_SIZE, help="examples per device per micro-batch")
+    a("--grad-accum", type=int, default=None, help="micro-batches per optimizer step; default: "
+      f"{EFFECTIVE_BATCH} / (batch size x processes), the SPEC 6 effective batch")
+    a("--warmup-ratio", type=float, default=WARMUP_RATIO,
+      help="fraction of the optimizer steps with linear warm-up (0: cosine from step 0)")
+    a("--warmup-start", type=float, default=WARMUP_START,
+      help="warm-up starts at this fraction of --lr (xtuner start_factor)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SPEC 6: 0)")
+    a("--adam-beta1", type=float, default=0.9, help="AdamW beta1 (SPEC 6)")
+    a("--adam-beta2", type=float, default=0.999, help="AdamW beta2 (SPEC 6)")
+    a("--adam-eps", type=float, default=1e-8, help="AdamW epsilon (torch default)")
+    a("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    a("--max-len", type=int, default=MAX_LEN,
+      help="longest example in tokens; longer ones lose tokens from the left of the prompt")
+    a("--full", action="store_true", help="fine-tune all weights instead of LoRA (OEQA recipe)")
+    a("--lora-r", type=int, default=LORA_R, help="LoRA rank r (SPEC 6: 64)")
+    a("--lora-alpha", type=float, default=LORA_ALPHA, help="LoRA alpha; scaling = alpha / r")
+    a("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
+    a("--target-modules", default="all-linear",
+      help="'all-linear' (every linear layer but lm_head, SPEC 6) or a comma list, e.g. q_proj,v_proj")
+    a("--no-group-by-length", action="store_true",
+      help="plain seeded shuffle instead of length-grouped batches (more padding)")
+    a("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    a("--seed", type=int, default=0, help="seed for the LoRA init, data order and dropout")
+    a("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps (0: never)")
+    a("--log-steps", type=int, default=1, help="log every N optimizer steps")
+    a("--resume", action="store_true", help="resume from DIR/checkpoint even if it was made with "
+      "other arguments (it is used automatically when the arguments match)")
+    a("--stop-after-steps", type=int, default=0, help="stop after N optimizer steps, leaving a "
+      "checkpoint to resume from (time-limited jobs)")
+    known = {x.dest for x in parser._actions}
+    unknown = set(defaults) - known
+    if unknown:
+        raise ValueError(f"add_train_args: unknown defaults {sorted(unknown)}")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+# Arguments that do not change the result (excluded from the resume key)
+NOT_IN_KEY = {"save_steps", "log_steps", "resume", "stop_after_steps", "gradient_checkpointing"}
+
+
+def run_key(args, examples, world):
+    """Identifies a training run: its model, training arguments, data and process count."""
+    dests = {x.dest for x in add_train_args(argparse.ArgumentParser())._actions} - NOT_IN_KEY
+    cfg = {k: getattr(args, k) for k in sorted(dests) if k != "help"}
+    data = "".join(common.dumps(e) for e in examples)
+    return str(common.stable_hash(args.model, json.dumps(cfg, sort_keys=True), data, world))
+
+
+def lr_at(step, total, lr, warmup_ratio, warmup_start=WARMUP_START):
+    """SPEC 6 schedule: linear warm-up from warmup_start x lr over int(ratio x total) steps, then
+    cosine from lr to 0 over the remaining steps (xtuner LinearLR + CosineAnnealingLR)."""
+    warm = int(warmup_ratio * total)
+    if step < warm:
+        return lr * (warmup_start + (1 - warmup_start) * step / warm)
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def epoch_order(lengths, global_batch, seed, epoch, grouped=True):
+    """The epoch's example order; each consecutive `global_batch` slice is one optimizer step.
+    SPEC 9 #11: shuffle, sort windows of MEGABATCH global batches by length (descending), cut
+    into global batches, shuffle the full batches; the one short batch stays last."""
+    g = torch.Generator().manual_seed(common.stable_hash(seed, "order", epoch))
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    if not grouped:
+        return perm
+    win = global_batch * MEGABATCH
+    perm = [i for s in range(0, len(perm), win)
+            for i in sorted(perm[s:s + win], key=lambda i: -lengths[i])]
+    batches = [perm[s:s + global_batch] for s in range(0, len(perm), global_batch)]
+    full = [b for b in batches if len(b) == global_batch]
+    rest = [b for b in batches if len(b) < global_batch]
+    full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+    return [i for b in full + rest for i in b]
+
+
+def encode_all(tok, examples, max_len):
+    """(ids, labels) per example, prompt rendered as at evaluation; count of left-cut prompts."""
+    enc, n_cut = [], 0
+    for e in examples:
+        ids, labels, cut = common.encode_example(tok, common.render(tok, e["prompt"]),
+                                                 e["target"], max_len)
+        if len(ids) > max_len:
+            raise common.InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
+                                    f"with EOS, more than --max-len {max_len}")
+        n_cut += cut > 0
+        enc.append((ids, labels))
+    return enc, n_cut
+
+
+def collate(enc, idx, weights, pad_id, device):
+    """Left-padded batch. Only the last `keep` positions get logits: every target token (and the
+    position before it) lies there, so the LM head never runs on the rest of the prompt."""
+    T = max(len(enc[i][0]) for i in idx)
+    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    lab = torch.full((len(idx), T), -100, dtype=torch.long)
+    attn = torch.zeros((len(idx), T), dtype=torch.long)
+    keep = 1
+    for r, i in enumerate(idx):
+        x, y = enc[i]
+        ids[r, T - len(x):], lab[r, T - len(x):], attn[r, T - len(x):] = (
+            torch.tensor(x), torch.tensor(y), 1)
+        first = next(j for j, t in enumerate(y) if t != -100)
+        keep = max(keep, len(x) - first + 1)
+    keep = min(keep, T)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)   # positions restart at each row's first token
+    b = {"input_ids": ids, "attention_mask": attn, "position_ids": pos,
+         "gold": lab[:, T - keep + 1:], "weight": torch.tensor(weights, dtype=torch.float32)}
+    b = {k: v.to(device) for k, v in b.items()}
+    if bool(attn.all()):
+        b["attention_mask"] = None   # no padding: the plain causal path
+    b["keep"], b["tokens"] = keep, int(attn.sum())
+    return b
+
+
+def example_losses(model, b):
+    """Per-example token-mean cross-entropy over target tokens (SPEC 9 #11), shape [batch]."""
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                position_ids=b["position_ids"], logits_to_keep=b["keep"], use_cache=False)
+    logits = out.logits[:, :-1].float()
+    gold = b["gold"]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1),
+                         ignore_index=-100, reduction="none").view_as(gold)
+    mask = (gold != -100).float()
+    return (ce * mask).sum(1) / mask.sum(1)
+
+
+def build_model(args, device=None):
+    """Load args.model; LoRA: freeze it and wrap the target layers (seeded init, fp32 weights)."""
+    dev, dtype = common.device_and_dtype(device)
+    grad = torch.is_grad_enabled()
+    model, tok = common.load_model(args.model, device=dev,
+                                   dtype=torch.float32 if args.full else dtype)
+    torch.set_grad_enabled(grad)   # load_model switches autograd off for inference stages
+    if not args.full:
+        t = args.target_modules
+        targets = "all-linear" if t == "all-linear" else [s.strip() for s in t.split(",") if s.strip()]
+        torch.manual_seed(args.seed)
+        try:
+            lora.inject_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+        except ValueError as e:
+            raise common.InputError(f"{args.model}: {e} (--target-modules {t})") from None
+        for _, m in lora.lora_modules(model):
+            m.lora_A.float(), m.lora_B.float()   # fp32 trainable weights, bf16 autocast on GPU
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, tok
+
+
+def trainable(model, full):
+    """{key: parameter} with the keys of the saved weights: peft keys (LoRA) or parameter names."""
+    if full:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {lora.peft_key(n): p for n, p in lora.lora_parameters(model)}
+
+
+def gather_rng(world, device):
+    """Every rank's RNG states (dropout), gathered as tensors (no pickling)."""
+    import torch.distributed as dist
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    out = {}
+    for k, v in states.items():
+        if world == 1:
+            out[f"rng/{k}/0"] = v
+            continue
+        v = v.to(device)
+        bufs = [torch.empty_like(v) for _ in range(world)]
+        dist.all_gather(bufs, v)
+        out.update({f"rng/{k}/{r}": b.cpu() for r, b in enumerate(bufs)})
+    return out
+
+
+FULL_CKPT = "trainable.safetensors"   # --full checkpoints: {parameter name: tensor}
+
+
+def save_state(folder, model, tok, opt, params, args, step, extra, meta):
+    """Weights + trainer_state.safetensors into `folder`. LoRA: a peft adapter; --full: a
+    safetensors model folder when complete, one flat tensor file in a checkpoint."""
+    if args.full and meta["complete"] == "1":
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    elif args.full:
+        lora.save_safetensors(os.path.join(folder, FULL_CKPT), params)
+    else:
+        lora.save_adapter(model, folder, base_name=args.model)
+    moments = {k: (opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])
+               for k, p in params.items() if p in opt.state}
+    lora.save_trainer_state(os.path.join(folder, lora.TRAINER_STATE), moments, step, extra, meta)
+
+
+def write_checkpoint(out_dir, *state_args):
+    """Atomic: write checkpoint.tmp, then swap it in (checkpoint.old survives a crash mid-swap)."""
+    ck, tmp, old = (os.path.join(out_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_state(tmp, *state_args)
+    if os.path.isdir(ck):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ck, old)
+    os.replace(tmp, ck)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore(folder, model, opt, params, rank):
+    """Load weights, Adam moments and this rank's RNG state from `folder`; returns its tensors."""
+    from safetensors.torch import load_file
+    t, meta = lora.load_trainer_state(os.path.join(folder, lora.TRAINER_STATE))
+    wfile = os.path.join(folder, FULL_CKPT if meta.get("mode") == "full" else lora.ADAPTER_WEIGHTS)
+    weights = load_file(wfile)
+    state = opt.state_dict()
+    for i, (k, p) in enumerate(params.items()):
+        src = weights.get(k)
+        if src is None or src.shape != p.shape or f"exp_avg/{k}" not in t:
+            raise common.InputError(f"{wfile}: no matching tensor {k} (checkpoint of another model)")
+        with torch.no_grad():
+            p.copy_(src.to(p.dtype))
+        state["state"][i] = {"step": torch.tensor(float(t["step"])),
+                             "exp_avg": t[f"exp_avg/{k}"], "exp_avg_sq": t[f"exp_avg_sq/{k}"]}
+    opt.load_state_dict(state)
+    if f"rng/cpu/{rank}" in t:
+        torch.set_rng_state(t[f"rng/cpu/{rank}"])
+    if torch.cuda.is_available() and f"rng/cuda/{rank}" in t:
+        torch.cuda.set_rng_state(t[f"rng/cuda/{rank}"])
+    return t, meta
+
+
+def train(args, examples, out_dir):
+    """Fine-tune args.model on `examples` (dicts of the training-example contract); write the final
+    adapter (or model, --full) and trainer state to out_dir; resume from out_dir/checkpoint."""
+    for n, e in enumerate(examples):
+        err = common.check_example(e)
+        if err:
+            raise common.InputError(f"training example {n} ({e.get('id')!r}): {err}")
+    if not examples:
+        raise common.InputError("no training examples")
+    rank, world = common.dist_init()
+    key = run_key(args, examples, world)
+    final = os.path.join(out_dir, lora.TRAINER_STATE)
+    if os.path.isfile(final):
+        _, meta = lora.load_trainer_state(final)
+        if meta.get("run_key") == key and meta.get("complete") == "1":
+            print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
+            return out_dir
+    created = not os.path.exists(out_dir)
+    common.check_output(os.path.join(out_dir, LOG))    # fail before loading anything
+    try:
+        model, tok = build_model(args)
+        enc, n_cut = encode_all(tok, examples, args.max_len)
+    except common.InputError:
+        if created and rank == 0 and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    B = args.batch_size
+    accum = args.grad_accum or max(1, EFFECTIVE_BATCH // (B * world))
+    G = B * accum * world                                  # examples per optimizer step
+    per_epoch = math.ceil(len(enc) / G)
+    total = per_epoch * args.epochs
+    weights = [float(e.get("weight", 1.0)) for e in examples]
+    lengths = [len(x) for x, _ in enc]
+    params = trainable(model, args.full)
+    opt = torch.optim.AdamW(list(params.values()), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                            eps=args.adam_eps, weight_decay=args.weight_decay, fused=cuda or None)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"[finetune] device {device}, weights {next(iter(params.values())).dtype}, "
+        f"{'bf16 autocast' if cuda else 'fp32 (no autocast)'}, {world} process(es)"
+        f"{' DDP ' + ('nccl' if cuda else 'gloo') if world > 1 else ''}; "
+        f"{'full fine-tuning' if args.full else f'LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(lora.lora_modules(model))} layers'}, "
+        f"{sum(p.numel() for p in params.values()):,} trainable parameters", file=sys.stderr)
+    say(f"[finetune] effective batch {G} = {B} per device x {accum} accumulation x {world} "
+        f"process(es); {total} optimizer steps ({per_epoch} per epoch x {args.epochs})", file=sys.stderr)
+    if n_cut:
+        say(f"[finetune] {n_cut} of {len(enc)} examples exceed --max-len {args.max_len}: "
+            "prompt cut from the left", file=sys.stderr)
+
+    # resume (automatic when the arguments match, forced by --resume)
+    start, saved_order = 0, {}
+    ck = next((os.path.join(out_dir, d) for d in ("checkpoint", "checkpoint.old")
+               if os.path.isfile(os.path.join(out_dir, d, lora.TRAINER_STATE))), None)
+    if args.resume and ck is None:
+        raise common.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
+    if ck is not None:
+        _, meta = lora.load_trainer_state(os.path.join(ck, lora.TRAINER_STATE))
+        if meta.get("run_key") == key or args.resume:
+            t, meta = restore(ck, model, opt, params, rank)
+            start = int(t["step"])
+            saved_order = {int(t["epoch"]): t["data_order"].tolist()}
+            say(f"[resume] {ck}: continuing after step {start} of {total}", file=sys.stderr)
+        else:
+            say(f"[resume] {ck}: made with other arguments, starting over", file=sys.stderr)
+    if rank == 0:   # the log keeps the lines of the steps that the model state includes
+        old = []
+        if start and os.path.isfile(os.path.join(out_dir, LOG)):
+            with open(os.path.join(out_dir, LOG), encoding="utf-8") as f:
+                old = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        common.atomic_write_text(os.path.join(out_dir, LOG), "".join(old))
+    if start == 0:
+        torch.manual_seed(common.stable_hash(args.seed, "dropout", rank))
+
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[device.index] if cuda else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    pad = tok.pad_token_id
+
+    def order(epoch):
+        if epoch not in saved_order:
+            saved_order.clear()
+            saved_order[epoch] = epoch_order(lengths, G, args.seed, epoch, not args.no_group_by_length)
+        return saved_order[epoch]
+
+    def state_args(step):
+        e = min(step // per_epoch, args.epochs - 1)
+        extra = {"epoch": torch.tensor(e), "data_order": torch.tensor(order(e)),
+                 **gather_rng(world, device)}
+        meta = {"run_key": key, "mode": "full" if args.full else "lora", "total_steps": str(total),
+                "complete": "1" if step == total else "0"}
+        return (model, tok, opt, params, args, step, extra, meta)
+
+    log = open(os.path.join(out_dir, LOG), "a", encoding="utf-8") if rank == 0 else None
+    bar = common.progress(total=total, desc="finetune")
+    bar.update(start)
+    loop_s, n_tok = 0.0, 0
+    win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}   # log window
+    stop = min(total, start + args.stop_after_steps) if args.stop_after_steps else total
+    with torch.enable_grad():
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            epoch, i = divmod(step, per_epoch)
+            gb = order(epoch)[i * G:(i + 1) * G]
+            micro = [gb[s:s + B] for s in range(0, len(gb), B)][rank::world]
+            micro += [[]] * (accum - len(micro))        # a short last step: zero-weight dummies
+            loss_sum, tokens = 0.0, 0
+            for j, idx in enumerate(micro):
+                w = [weights[k] for k in idx] if idx else [0.0]
+                b = collate(enc, idx or gb[:1], w, pad, device)
+                sync = j == accum - 1 or world == 1
+                with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
+                    per_ex = example_losses(net, b)
+                # SPEC 9 #11: sum_i w_i * mean-token CE_i / (examples in this step); DDP averages
+                # gradients over processes, hence the factor `world`
+                loss = (b["weight"] * per_ex).sum() * world / len(gb)
+                loss.backward()
+                loss_sum += float(loss.detach()) / world
+                tokens += b["tokens"] if idx else 0
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start)
+            norm = torch.nn.utils.clip_grad_norm_(list(params.values()),
+                                                  args.max_grad_norm or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if world > 1:
+                import torch.distributed as dist
+                s = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=device)
+                dist.all_reduce(s)
+                loss_sum, tokens = float(s[0]), int(s[1])
+            loop_s += time.perf_counter() - t0
+            n_tok += tokens
+            win["loss"] += loss_sum
+            win["steps"] += 1
+            win["tokens"] += tokens
+            bar.update(1)
+            done = step + 1
+            if rank == 0 and (done % args.log_steps == 0 or done == stop):
+                now = time.perf_counter()
+                row = {"step": done, "epoch": round(done / per_epoch, 4),
+                       "loss": win["loss"] / win["steps"], "lr": opt.param_groups[0]["lr"],
+                       "grad_norm": float(norm),
+                       "tokens_per_s": round(win["tokens"] / max(now - win["t0"], 1e-9), 1)}
+                log.write(common.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+            if done < total and ((args.save_steps and done % args.save_steps == 0) or done == stop):
+                sa = state_args(done)
+                if rank == 0:
+                    write_checkpoint(out_dir, *sa)
+                common.barrier()
+    bar.close()
+    if stop < total:
+        say(f"[finetune] stopped after step {stop} of {total} (--stop-after-steps); rerun to resume",
+            file=sys.stderr)
+        if log:
+            log.close()
+        return out_dir
+    sa = state_args(total)
+    if rank == 0:
+        save_state(out_dir, *sa)
+        log.write(common.dumps({"done": True, "steps": total, "tokens": n_tok, "loop_s": round(loop_s, 3),
+                                "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
+        log.close()
+        for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+        common.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc), cut=n_cut,
+                            effective_batch=G, steps=total, processes=world)
+        say(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)", file=sys.stderr)
+    common.barrier()
+    return out_dir
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", required=True, help="base model: hub id or local safetensors folder")
+    ap.add_argument("--train", required=True, help="training examples JSONL (construct.py output)")
+    ap.add_argument("--out", required=True, help="output folder for the adapter (or model)")
+    add_train_args(ap)
+    args = ap.parse_args()
+    examples = common.read_jsonl(args.train, check=common.check_example)
+    train(args, examples, args.out)
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,290 @@
+"""finetune.py: the hand-written loop against a reference computed by hand with torch.optim.AdamW,
+the weighted loss (SPEC 9 #11), resume, DDP (torchrun, gloo) and bad input."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import finetune
+from conftest import ROOT
+from kernels import lora
+
+WORDS = ("paris london river blue green red dog cat piano violin teacher doctor city "
+         "mountain winter summer apple orange").split()
+
+
+def examples(n, seed=0, weights=(1.0, 0.0, 2.0, 0.5)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        k = int(torch.randint(2, 14, (1,), generator=g))
+        q = " ".join(WORDS[int(j)] for j in torch.randint(len(WORDS), (k,), generator=g))
+        t = " ".join(WORDS[int(j)] for j in torch.randint(len(WORDS), (1 + i % 3,), generator=g))
+        out.append({"id": f"e{i}", "prompt": f"question : {q} ?", "target": t,
+                    "weight": weights[i % len(weights)], "kind": "van", "method": "test"})
+    return out
+
+
+def make_args(model, *argv, **kw):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    finetune.add_train_args(ap)
+    args = ap.parse_args(["--model", model, "--lora-r", "4", "--lora-alpha", "8", *argv])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def adapter(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, lora.ADAPTER_WEIGHTS))
+
+
+def log_rows(folder):
+    with open(os.path.join(folder, finetune.LOG)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_defaults_are_the_spec_recipe():
+    a = make_args("m")
+    d = finetune.add_train_args(argparse.ArgumentParser()).parse_args([])
+    assert (d.lora_r, d.lora_alpha, d.lora_dropout, d.target_modules) == (64, 16, 0.1, "all-linear")
+    assert (d.epochs, d.lr, d.warmup_ratio, d.weight_decay, d.max_grad_norm) == (3, 2e-4, 0.03, 0, 1)
+    assert (d.adam_beta1, d.adam_beta2, d.max_len) == (0.9, 0.999, 2048)
+    assert finetune.EFFECTIVE_BATCH == 64 and a.batch_size == 4 and a.grad_accum is None
+    r = finetune.add_train_args(argparse.ArgumentParser(), warmup_ratio=0.0).parse_args([])
+    assert r.warmup_ratio == 0.0
+    with pytest.raises(ValueError):
+        finetune.add_train_args(argparse.ArgumentParser(), no_such_flag=1)
+
+
+def test_schedule():
+    lr = [finetune.lr_at(s, 100, 1.0, 0.03) for s in range(100)]
+    assert lr[0] == pytest.approx(1e-5) and lr[1] == pytest.approx(1e-5 + (1 - 1e-5) / 3)
+    assert lr[3] == 1.0 and lr[100 - 1] < 1e-3
+    assert lr[3 + 97 // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))
+    assert all(a >= b for a, b in zip(lr[3:], lr[4:]))              # cosine decreases to 0
+    assert finetune.lr_at(0, 10, 2.0, 0.0) == 2.0                      # no warm-up
+
+
+def test_epoch_order_is_length_grouped_and_seeded():
+    lengths = [int(x) for x in torch.randint(5, 500, (103,), generator=torch.Generator().manual_seed(0))]
+    o = finetune.epoch_order(lengths, 8, seed=1, epoch=0)
+    assert sorted(o) == list(range(103)) and o == finetune.epoch_order(lengths, 8, 1, 0)
+    assert o != finetune.epoch_order(lengths, 8, 1, 1)
+    batches = [o[s:s + 8] for s in range(0, 103, 8)]
+    assert len(batches[-1]) == 103 % 8                                  # the short batch is last
+    assert all([lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True) for b in batches)
+    pad = lambda order: sum(8 * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+                            for b in (order[s:s + 8] for s in range(0, 96, 8)))
+    assert pad(o) < 0.5 * pad(finetune.epoch_order(lengths, 8, 1, 0, grouped=False))
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_chat_llama):
+    model, tok = finetune.build_model(make_args(tiny_chat_llama, "--lora-dropout", "0"))
+    with torch.no_grad():   # non-zero B, so every LoRA matrix gets a gradient
+        for n, p in lora.lora_parameters(model):
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)
+    enc, _ = finetune.encode_all(tok, examples(4), 2048)
+    return model, tok, enc
+
+
+def grads(model, tok, enc, idx, w):
+    model.zero_grad()
+    b = finetune.collate(enc, idx, w, tok.pad_token_id, "cpu")
+    (b["weight"] * finetune.example_losses(model, b)).sum().backward()
+    return {n: p.grad.clone() for n, p in lora.lora_parameters(model)}
+
+
+def test_padded_batch_equals_single_examples(lora_model):
+    model, tok, enc = lora_model
+    assert len({len(x) for x, _ in enc}) > 1                            # padding is exercised
+    b = finetune.collate(enc, [0, 1, 2, 3], [1.0] * 4, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        batched = finetune.example_losses(model, b)
+        for i, (ids, labels) in enumerate(enc):                         # by hand, no padding
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            y = torch.tensor(labels[1:])
+            ref = F.cross_entropy(logits[y != -100], y[y != -100])     # token mean
+            torch.testing.assert_close(batched[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_zero_and_two(lora_model):
+    model, tok, enc = lora_model
+    alone = grads(model, tok, enc, [0, 2], [1.0, 1.0])
+    with_zero = grads(model, tok, enc, [0, 1, 2], [1.0, 0.0, 1.0])
+    twice = grads(model, tok, enc, [0, 0, 2], [1.0, 1.0, 1.0])
+    weight2 = grads(model, tok, enc, [0, 2], [2.0, 1.0])
+    for n in alone:
+        torch.testing.assert_close(with_zero[n], alone[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(weight2[n], twice[n], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(weight2[n], alone[n]) for n in alone)
+
+
+def test_two_steps_equal_hand_adamw(tiny_chat_llama, tmp_path, capsys):
+    """4 examples (weights 1, 0, 2, 0.5; one cut by --max-len), batch 2 x accumulation 2 = one
+    step per epoch, 2 epochs: cosine lr, then 0.5 lr; clipping (at 0.3) is active."""
+    args = make_args(tiny_chat_llama, "--lora-dropout", "0", "--warmup-ratio", "0", "--lr", "1e-2",
+                     "--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--max-len", "20",
+                     "--max-grad-norm", "0.3")
+    ex = examples(4)
+    model, tok = finetune.build_model(args)       # the same seeded initial adapter
+    params = lora.lora_parameters(model)
+    opt = torch.optim.AdamW([p for _, p in params], lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0)
+    norms = []
+    for lr in (1e-2, 1e-2 * 0.5 * (1 + math.cos(math.pi / 2))):
+        loss = 0.0
+        for e in ex:   # SPEC 9 #11 by hand: weight x token-mean CE, averaged over the batch
+            ids, labels, _ = common.encode_example(tok, common.render(tok, e["prompt"]),
+                                                   e["target"], 20)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            y = torch.tensor(labels[1:])
+            loss = loss + e["weight"] * F.cross_entropy(logits[y != -100], y[y != -100])
+        opt.zero_grad()
+        (loss / len(ex)).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_([p for _, p in params], 0.3)))
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+    assert max(norms) > 0.3                        # clipping mattered
+    out = finetune.train(args, ex, str(tmp_path / "out"))
+    assert "1 of 4 examples exceed --max-len 20" in capsys.readouterr().err
+    got = adapter(out)
+    for n, p in params:
+        torch.testing.assert_close(got[lora.peft_key(n)], p.detach(), rtol=0, atol=1e-6)
+    rows = [r for r in log_rows(out) if "step" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
+    moments, step = lora.load_adam_moments(out)
+    assert step == 2
+    for n, p in params:
+        torch.testing.assert_close(moments[n][0], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(moments[n][1], opt.state[p]["exp_avg_sq"], rtol=1e-5, atol=1e-10)
+    assert os.path.isfile(f"{out}.config.json") and not os.path.exists(os.path.join(out, "checkpoint"))
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_resume_equals_uninterrupted(tiny_chat_llama, tmp_path, capsys, full):
+    """8 examples, batch 2, 2 epochs = 8 steps; dropout on (RNG restored); stopped after 5."""
+    argv = ["--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--save-steps", "3",
+            "--lr", "1e-2", "--warmup-ratio", "0.25"] + (["--full", "--lr", "1e-3"] if full else [])
+    ex = examples(8)
+    a = finetune.train(make_args(tiny_chat_llama, *argv), ex, str(tmp_path / "a"))
+    b = str(tmp_path / "b")
+    finetune.train(make_args(tiny_chat_llama, *argv, "--stop-after-steps", "5"), ex, b)
+    assert os.path.isfile(os.path.join(b, "checkpoint", lora.TRAINER_STATE))
+    assert not os.path.exists(os.path.join(b, lora.TRAINER_STATE))
+    capsys.readouterr()
+    finetune.train(make_args(tiny_chat_llama, *argv), ex, b)
+    assert "continuing after step 5 of 8" in capsys.readouterr().err
+    if full:
+        from safetensors.torch import load_file
+        wa, wb = (load_file(os.path.join(d, "model.safetensors")) for d in (a, b))
+        assert common.load_model(b)[0] is not None       # a model folder that loads
+    else:
+        wa, wb = adapter(a), adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+    ma, sa = lora.load_adam_moments(a)
+    mb, sb = lora.load_adam_moments(b)
+    assert sa == sb == 8 and ma.keys() == mb.keys()
+    for k in ma:
+        torch.testing.assert_close(mb[k][0], ma[k][0], rtol=0, atol=1e-6)
+    assert [r["step"] for r in log_rows(b) if "step" in r] == list(range(1, 9))
+    finetune.train(make_args(tiny_chat_llama, *argv), ex, b)            # complete: nothing to do
+    assert "already trained" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_equal_double_accumulation(tiny_chat_llama, tmp_path):
+    """9 examples, global batch 4: the last step holds one example, so rank 1 runs a dummy."""
+    ex = examples(9)
+    train = tmp_path / "train.jsonl"
+    common.write_jsonl(str(train), ex)
+    flags = ["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--epochs", "1",
+             "--batch-size", "2", "--lr", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [os.path.join(ROOT, ".venv", "bin", "torchrun"), "--standalone", "--nproc_per_node", "2",
+           "finetune.py", "--model", tiny_chat_llama, "--train", str(train),
+           "--out", str(tmp_path / "ddp"), "--grad-accum", "1", *flags]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "effective batch 4 = 2 per device x 1 accumulation x 2 process(es)" in r.stderr
+    assert "DDP gloo" in r.stderr
+    one = finetune.train(make_args(tiny_chat_llama, *flags[4:], "--lora-dropout", "0",
+                                   "--grad-accum", "2"), ex, str(tmp_path / "one"))
+    wa, wb = adapter(one), adapter(str(tmp_path / "ddp"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
+    la, lb = log_rows(one), log_rows(str(tmp_path / "ddp"))
+    assert [r["loss"] for r in la if "step" in r] == pytest.approx(
+        [r["loss"] for r in lb if "step" in r], rel=1e-5)
+
+
+def run_main(monkeypatch, capsys, argv):
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        common.cli(finetune.main)
+    err = [ln for ln in capsys.readouterr().err.splitlines()
+           if ln.strip() and "Loading weights" not in ln]   # transformers' own loading bar
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("case,line,needle", [
+    ("missing_target", 2, "missing or non-string field 'target'"),
+    ("empty", None, "empty file"),
+    ("negative_weight", 2, "'weight' must be >= 0"),
+    ("nan_weight", 2, "'weight' must be a finite number"),
+])
+def test_bad_training_file(tiny_chat_llama, tmp_path, monkeypatch, capsys, case, line, needle):
+    good = json.dumps(examples(1)[0])
+    bad = {"missing_target": '{"id": "b", "prompt": "q", "weight": 1.0}',
+           "negative_weight": '{"id": "b", "prompt": "q", "target": "a", "weight": -1}',
+           "nan_weight": '{"id": "b", "prompt": "q", "target": "a", "weight": NaN}'}.get(case)
+    path = tmp_path / "train.jsonl"
+    path.write_text("" if case == "empty" else f"{good}\n{bad}\n")
+    out = tmp_path / "out"
+    code, err = run_main(monkeypatch, capsys, ["--model", tiny_chat_llama, "--train", str(path),
+                                               "--out", str(out)])
+    assert code != 0 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}{':' + str(line) if line else ''}:") and needle in err[0]
+    assert not os.path.exists(out) and not os.path.exists(f"{out}.config.json")
+
+
+def test_unknown_target_module(tiny_chat_llama, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "train.jsonl"
+    common.write_jsonl(str(path), examples(3))
+    out = tmp_path / "out"
+    code, err = run_main(monkeypatch, capsys, ["--model", tiny_chat_llama, "--train", str(path),
+                                               "--out", str(out), "--target-modules", "q_proj,c_attn"])
+    assert code != 0 and len(err) == 1, err
+    assert err[0].startswith(f"error: {tiny_chat_llama}:") and "c_attn" in err[0]
+    assert not os.path.exists(out)
+
+
+def test_unwritable_output_fails_before_loading(tiny_chat_llama, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "train.jsonl"
+    common.write_jsonl(str(path), examples(2))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")                       # a file where the output folder's parent goes
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    code, err = run_main(monkeypatch, capsys, ["--model", tiny_chat_llama, "--train", str(path),
+                                               "--out", str(blocker / "out")])
+    assert code != 0 and len(err) == 1 and "not writable" in err[0], err
+
+
+def test_target_longer_than_max_len(tiny_chat_llama, tmp_path):
+    ex = examples(2)
+    ex[1]["target"] = " ".join(WORDS)
+    with pytest.raises(common.InputError, match="'e1'.*--max-len 8"):
+        finetune.train(make_args(tiny_chat_llama, "--max-len", "8"), ex, str(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o")
