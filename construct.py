@@ -1,0 +1,250 @@
+"""construct.py: the refusal-aware training set of one RAIT method (SPEC 4, 5, 9).
+
+Methods (SPEC 4 table; paper names in brackets):
+  van     Van-Tuning: a random draw of the pool with its original answers, no refusals.
+  cor     Cor-RAIT [R-Tuning]: van = {mu >= tau}, idk = {mu < tau}, random draws.
+  corcer  CorCer-RAIT [CRaFT w/o Flow]: the same pools; van = the most certain, idk = the least.
+  wocer   [CRaFT w/o Cer]: the flow filter on idk candidates, then random draws as cor.
+  craft   CRaFT (Alg. 1): the flow filter on idk candidates, then certainty ranking as corcer.
+  grait   GRAIT (SPEC 5): correctness-ranked van, gradient-greedy idk, adaptive weights.
+
+    python construct.py --method craft --items pool.jsonl --state probe_init.jsonl \\
+        --flow rehearsal/flow.jsonl --out craft/train.jsonl
+
+Inputs: the pool items, the initial knowledge state (probe.py), the knowledge flow (rehearse.py;
+craft, wocer). GRAIT also needs the model and the rehearsal adapter with its Adam moments.
+Output: training examples (id, prompt, target, weight, kind, method) and `<out>.summary.json`.
+"""
+import argparse
+import os
+import random
+import sys
+
+import common
+
+# SPEC 4: correctness thresholds. MCQA [C-C]: van mu >= 0.5, idk mu < 0.5. OEQA [C-C]: van
+# mu >= 0.51, idk mu <= 0.49 (mu lives on a 0.1 grid, so mu = 0.5 is dropped).
+TAU = 0.5
+THRESHOLDS = {"mcqa": (TAU, TAU), "oeqa": (0.51, 0.49)}        # (van if mu >=, idk if mu <[=])
+# SPEC 4: the paper's counts (IdK : van = 1 : 4) and the pools they were drawn from
+PAPER_COUNTS = {"mcqa": (4000, 1000), "oeqa": (8000, 2000)}     # (N_van, N_idk)
+PAPER_POOL = {"mcqa": 14042, "oeqa": 87622}                     # MMLU test, TriviaQA train
+SCALED_IDK_SHARE = 0.1   # smaller pools (the world, --limit): N_idk = 10% of the pool, N_van = 4x
+METHODS = ("van", "cor", "corcer", "wocer", "craft")
+
+
+# ---------------------------------------------------------------------------------------------
+# The selection rules, one small function each (SPEC 4; each has its own test)
+def correctness_split(states, task, tau=TAU):
+    """SPEC 4 Cor-RAIT pools: (van candidates, idk candidates) by correctness mu."""
+    if task == "mcqa":
+        return [s for s in states if s["mu"] >= tau], [s for s in states if s["mu"] < tau]
+    van_min, idk_max = THRESHOLDS["oeqa"]
+    return [s for s in states if s["mu"] >= van_min], [s for s in states if s["mu"] <= idk_max]
+
+
+def flow_filter(idk, rule="le0"):
+    """CRaFT's flow rule on idk candidates (SPEC 9 #1): `le0` keeps dmu <= 0 (drop items whose
+    correctness rose after rehearsal, Fig. 4 caption); `strict` keeps dmu < 0 (Alg. 1)."""
+    if rule == "le0":
+        return [s for s in idk if s["flow"] <= 0]
+    if rule == "strict":
+        return [s for s in idk if s["flow"] < 0]
+    raise ValueError(f"unknown flow rule {rule!r}")
+
+
+def by_certainty(rows, n, most_certain):
+    """The n most (or least) certain rows: sigma descending (or ascending), ties by id (SPEC 9 #5)."""
+    key = (lambda s: (-s["sigma"], s["id"])) if most_certain else (lambda s: (s["sigma"], s["id"]))
+    return sorted(rows, key=key)[:n]
+
+
+def draw(rows, n, rng, with_replacement=False):
+    """n random rows: without replacement by default (SPEC 9 #6), or with (released MCQA)."""
+    if with_replacement:
+        return rng.choices(rows, k=n) if rows else []
+    return rng.sample(rows, min(n, len(rows)))
+
+
+def fill_short(selected, n, rng, with_replacement):
+    """A selection shorter than n: with replacement, resample n from it (released CorCer MCQA);
+    otherwise keep it as it is (SPEC 9 #6: say so, take all)."""
+    if len(selected) < n and with_replacement and selected:
+        return rng.choices(selected, k=n)
+    return selected
+
+
+def select(method, states, task, n_van, n_idk, rng, flow_rule="le0", with_replacement=False):
+    """Rows chosen as van (answer kept) and idk (answer replaced by IdK) for a method (SPEC 4)."""
+    if method == "van":
+        return draw(states, n_van + n_idk, rng, with_replacement), []
+    van, idk = correctness_split(states, task)
+    if method in ("wocer", "craft"):
+        idk = flow_filter(idk, flow_rule)
+    if method in ("cor", "wocer"):
+        return draw(van, n_van, rng, with_replacement), draw(idk, n_idk, rng, with_replacement)
+    if method in ("corcer", "craft"):
+        return (fill_short(by_certainty(van, n_van, True), n_van, rng, with_replacement),
+                fill_short(by_certainty(idk, n_idk, False), n_idk, rng, with_replacement))
+    raise ValueError(f"unknown method {method!r}")
+
+
+def target_of(item, reader):
+    """The original answer as a training target: the gold letter (letter reader), the gold
+    option's text (option reader, SPEC 10) or the gold answer string (OEQA)."""
+    if item["task"] == "oeqa":
+        return item["answer"]
+    if reader == "letter":
+        return item["answer"]
+    return item["choices"][common.LETTERS.index(item["answer"])]
+
+
+def make_examples(items_by_id, van, idk, method, reader, weights=None):
+    """Training examples (DESIGN contract) with the REFUSE prompt (SPEC 9 #13); repeated draws
+    get ids `<id>#2`, `<id>#3`, ... so every example id stays unique."""
+    out, seen = [], {}
+    for kind, rows in (("van", van), ("idk", idk)):
+        for s in rows:
+            it = items_by_id[s["id"]]
+            seen[s["id"]] = seen.get(s["id"], 0) + 1
+            eid = s["id"] if seen[s["id"]] == 1 else f"{s['id']}#{seen[s['id']]}"
+            out.append({"id": eid, "prompt": common.user_prompt(it, "refuse"),
+                        "target": target_of(it, reader) if kind == "van" else common.IDK[it["task"]],
+                        "weight": 1.0 if weights is None or kind == "van" else weights[s["id"]],
+                        "kind": kind, "method": method})
+    return out
+
+
+def default_counts(task, pool_size):
+    """SPEC 4 paper counts for paper-sized pools, else the 1:4 ratio scaled to the pool."""
+    if pool_size >= PAPER_POOL[task]:
+        return PAPER_COUNTS[task]
+    n_idk = max(1, round(SCALED_IDK_SHARE * pool_size))
+    return 4 * n_idk, n_idk
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: reading, joining, summarising
+def join_states(items, states_path, flow_path, need_flow):
+    """Pool items joined with their knowledge state (and flow); ids must match exactly."""
+    ids = [it["id"] for it in items]
+    states = {s["id"]: s for s in common.read_jsonl(states_path, check=common.check_state)}
+    _same_ids(states_path, ids, states)
+    rows = [{"id": i, "mu": states[i]["mu"], "sigma": states[i]["sigma"]} for i in ids]
+    if need_flow:
+        if not flow_path:
+            raise common.InputError("this method needs --flow (rehearse.py's flow.jsonl)")
+        flow = {f["id"]: f for f in common.read_jsonl(flow_path, check=common.check_flow)}
+        _same_ids(flow_path, ids, flow)
+        for r in rows:
+            r["flow"] = flow[r["id"]]["flow"]
+    return rows
+
+
+def _same_ids(path, ids, table):
+    missing = [i for i in ids if i not in table]
+    extra = set(table) - set(ids)
+    if missing or extra:
+        eg = (missing or sorted(extra))[0]
+        raise common.InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
+                                f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
+
+
+def stats(rows, key):
+    v = [r[key] for r in rows if key in r]
+    if not v:
+        return None
+    return {"mean": round(sum(v) / len(v), 4), "min": round(min(v), 4), "max": round(max(v), 4)}
+
+
+def summarize(method, van, idk, items_by_id, n_van, n_idk, extra=None):
+    """Counts per kind, mu / sigma / flow of the selected sets, and on the world the share of IdK
+    items whose fact the initial model answers correctly (greedy): CRaFT's static conflicts."""
+    s = {"method": method, "requested": {"van": n_van, "idk": n_idk}}
+    for kind, rows in (("van", van), ("idk", idk)):
+        s[kind] = {"n": len(rows), "unique": len({r["id"] for r in rows}),
+                   "mu": stats(rows, "mu"), "sigma": stats(rows, "sigma"), "flow": stats(rows, "flow")}
+        known = [items_by_id[r["id"]].get("meta", {}).get("m0_greedy_correct") for r in rows]
+        if rows and all(k is not None for k in known):
+            s[kind]["m0_greedy_correct_share"] = round(sum(map(bool, known)) / len(known), 4)
+    s.update(extra or {})
+    return s
+
+
+def print_summary(s, file=sys.stderr):
+    print(f"\n{s['method']}: requested van {s['requested']['van']}, idk {s['requested']['idk']}",
+          file=file)
+    print(f"{'kind':5} {'n':>6} {'unique':>7} {'mu':>7} {'sigma':>8} {'flow':>7} {'M0 knows':>9}",
+          file=file)
+    for kind in ("van", "idk"):
+        k = s[kind]
+        f = lambda st: f"{st['mean']:.3f}" if st else "-"  # noqa: E731
+        share = k.get("m0_greedy_correct_share")
+        print(f"{kind:5} {k['n']:>6} {k['unique']:>7} {f(k['mu']):>7} {f(k['sigma']):>8} "
+              f"{f(k['flow']):>7} {'-' if share is None else f'{share:.0%}':>9}", file=file)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" +
+                                __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--items", required=True, help="pool items (JSONL, DESIGN Item contract)")
+    p.add_argument("--state", required=True, help="initial knowledge state (probe.py output)")
+    p.add_argument("--flow", help="knowledge flow (rehearse.py flow.jsonl); craft and wocer")
+    p.add_argument("--out", required=True, help="output training examples (JSONL)")
+    p.add_argument("--mcqa-reader", choices=("letter", "option"), default="letter",
+                   help="van target for MCQA: the gold letter (real models) or the gold option "
+                        "text (the world, SPEC 10)")
+    p.add_argument("--n-van", type=int, help="vanilla examples (default: SPEC 4 counts, or 4x "
+                   "n-idk scaled to a small pool)")
+    p.add_argument("--n-idk", type=int, help=f"IdK examples (default: SPEC 4 counts, or "
+                   f"{SCALED_IDK_SHARE:.0%} of a small pool)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    p.add_argument("--flow-rule", choices=("le0", "strict"), default="le0",
+                   help="CRaFT flow rule (SPEC 9 #1): le0 keeps dmu <= 0; strict keeps dmu < 0 "
+                        "(Alg. 1 / released OEQA code)")
+    p.add_argument("--with-replacement", action="store_true",
+                   help="sample with replacement (released MCQA code, SPEC 9 #6)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.method not in METHODS:
+        raise common.InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
+    common.check_output(a.out)
+    items = common.read_jsonl(a.items, check=common.check_item)
+    tasks = {it["task"] for it in items}
+    if len(tasks) != 1:
+        raise common.InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
+    task = tasks.pop()
+    items_by_id = {it["id"]: it for it in items}
+    rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft"))
+    d_van, d_idk = default_counts(task, len(items))
+    n_van = d_van if a.n_van is None else a.n_van
+    n_idk = d_idk if a.n_idk is None else a.n_idk
+    if n_van < 0 or n_idk < 0:
+        raise common.InputError("--n-van and --n-idk must be >= 0")
+    if n_van + n_idk > len(items) and not a.with_replacement:
+        raise common.InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
+                                f"{len(items)} items ({a.items}); lower them or pass "
+                                "--with-replacement")
+    rng = random.Random(a.seed)
+    extra, weights = {}, None
+    van, idk = select(a.method, rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
+    for kind, got, want in (("van", van, n_van), ("idk", idk, n_idk if a.method != "van" else 0)):
+        if len(got) < want:
+            print(f"[construct] short {kind} pool: {len(got)} of {want} requested; taking all "
+                  "(SPEC 9 #6)", file=sys.stderr)
+    examples = make_examples(items_by_id, van, idk, a.method, a.mcqa_reader, weights)
+    random.Random(a.seed).shuffle(examples)       # a stable order; finetune shuffles anyway
+    summary = summarize(a.method, van, idk, items_by_id, n_van, n_idk, extra)
+    common.write_jsonl(a.out, examples)
+    common.write_json(f"{a.out}.summary.json", summary)
+    common.write_config(a.out, a)
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,124 @@
+"""world.py: determinism, caching, item contracts, tokenizer coverage, Auto loading, learning."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import world  # noqa: E402
+
+SPLITS = ("train", "test_id", "test_ood", "shots")
+
+
+def build(out, *extra):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--preset", "small",
+                           "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    r = build(out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def read_bytes(p):
+    with open(p, "rb") as f:
+        return f.read()
+
+
+def test_same_seed_same_world_and_cache(small_world, tmp_path):
+    r = build(tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for task in common.TASKS:
+        for split in SPLITS:
+            a, b = small_world / task / f"{split}.jsonl", tmp_path / task / f"{split}.jsonl"
+            assert read_bytes(a) == read_bytes(b), f"{task}/{split} differs between two builds"
+    from safetensors.torch import load_file
+    wa = load_file(str(small_world / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+    # same configuration: reused without retraining; changed configuration: rebuilt
+    mtime = os.path.getmtime(tmp_path / "model" / "model.safetensors")
+    r = build(tmp_path)
+    assert "cached world" in r.stderr and os.path.getmtime(
+        tmp_path / "model" / "model.safetensors") == mtime
+    r = build(tmp_path, "--seed", "1")
+    assert r.returncode == 0 and "configuration changed" in r.stderr
+    assert read_bytes(small_world / "oeqa" / "train.jsonl") != read_bytes(tmp_path / "oeqa" / "train.jsonl")
+
+
+def test_items_follow_the_contract(small_world):
+    items = {}
+    for task in common.TASKS:
+        for split in SPLITS:
+            rows = common.read_jsonl(str(small_world / task / f"{split}.jsonl"), check=common.check_item)
+            items[task, split] = rows
+            assert all(isinstance(r["meta"]["exposure"], int) for r in rows)
+    # mcqa and oeqa are built from the same facts; the gold option is the oeqa answer
+    for split in SPLITS:
+        for m, o in zip(items["mcqa", split], items["oeqa", split]):
+            assert m["question"] == o["question"] and m["meta"] == o["meta"]
+            assert len(m["choices"]) == 4 and len(set(m["choices"])) == 4
+            assert m["choices"][common.LETTERS.index(m["answer"])] == o["answer"]
+    # gold positions are spread over the letters
+    assert len({m["answer"] for m in items["mcqa", "train"]}) == 4
+    # pool and test people are disjoint; OOD relations appear only in the OOD test
+    person = lambda rows: {r["meta"]["person"] for r in rows}  # noqa: E731
+    assert not person(items["oeqa", "train"]) & person(items["oeqa", "test_id"])
+    assert person(items["oeqa", "test_ood"]) == person(items["oeqa", "test_id"])
+    id_rel = {r[0] for r in world.RELATIONS[:world.N_ID_RELATIONS]}
+    assert {r["subject"] for r in items["oeqa", "train"]} == id_rel
+    assert not {r["subject"] for r in items["oeqa", "test_ood"]} & id_rel
+    assert len(items["oeqa", "shots"]) == 3
+    # some facts are never seen, some are seen often
+    exp = [r["meta"]["exposure"] for r in items["oeqa", "train"]]
+    assert min(exp) <= 2 and max(exp) >= 16
+
+
+def test_loads_with_auto_classes_and_prompts_have_no_unknown_words(small_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(small_world / "model"))
+    tok = AutoTokenizer.from_pretrained(str(small_world / "model"))
+    assert model.config.model_type == "llama" and not common.has_chat_template(tok)
+    assert "\n" in tok.get_vocab(), "newline must be a token"
+    texts = [common.OEQA_BASIC2.format(q="x"), *common.IDK.values()]
+    for task in common.TASKS:
+        for split in SPLITS:
+            for it in common.read_jsonl(str(small_world / task / f"{split}.jsonl")):
+                texts += [common.user_prompt(it, "basic"), common.user_prompt(it, "refuse"),
+                          common.OEQA_BASIC2.format(q=it["question"])]
+    unk = tok.unk_token_id
+    for t in set(texts):
+        ids = tok(t)["input_ids"]
+        assert unk not in ids, f"unknown word in {t!r}"
+    assert tok(common.mcqa_body("h", "q", ["a", "b"]))["input_ids"].count(tok.convert_tokens_to_ids("\n")) == 3
+
+
+def test_small_world_learns_its_frequent_facts(small_world):
+    rep = json.loads((small_world / "knowledge.json").read_text())["train"]
+    frequent = [v for b, v in rep.items() if b in ("16-31", "32-63", "64-127", "128+")]
+    rare = [v for b, v in rep.items() if b in ("0", "1")]
+    acc = lambda bins: sum(v["oeqa_acc"] * v["n"] for v in bins) / sum(v["n"] for v in bins)  # noqa: E731
+    assert frequent and acc(frequent) >= 0.6, rep
+    if rare:
+        assert acc(rare) < acc(frequent)
+
+
+@pytest.mark.parametrize("flags,msg", [(["--values", "3"], "at least 4 values"),
+                                       (["--hidden", "30", "--heads", "4"], "not divisible")])
+def test_impossible_settings_fail_in_one_line(tmp_path, flags, msg):
+    r = build(tmp_path / "w", *flags)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w" / "model").exists()
+
+
+def test_exposure_bins():
+    assert [world.exposure_bin(k) for k in (0, 1, 2, 3, 4, 7, 8, 127, 128, 500)] == \
+        ["0", "1", "2-3", "2-3", "4-7", "4-7", "8-15", "64-127", "128+", "128+"]

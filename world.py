@@ -1,0 +1,452 @@
+"""world.py: the embedded default. A synthetic knowledge world and a tiny Llama that learns part of it.
+
+No pretrained weights can be downloaded on our machines, yet every RAIT method needs a model that
+knows some facts and not others. The world is that model (DESIGN "The embedded world"):
+
+- fictional people, each with one value for each of 6 relations (4 in-distribution, 2 held out
+  for the OOD test), stated by 4 paraphrase templates per relation;
+- each fact appears k ~ Poisson(popularity) times per epoch, popularity log-uniform over
+  2^[-2, 7], so some facts are never seen, some a few times, some often (`meta.exposure` = k);
+- about 15% of the text is question answering about a disjoint set of well-known people, in the
+  exact prompt formats of SPEC 2.3, which teaches the question formats;
+- a WordLevel tokenizer over every word the corpus, the items and the SPEC 2.3 prompts use;
+- LlamaForCausalLM (hidden 128, 4 layers, 4 heads, intermediate 512, tied embeddings) pre-trained
+  with AdamW on CPU, saved with save_pretrained, so stages load it like any hub model.
+
+    python world.py --out runs/world                 # the default world (about 2 minutes)
+    python world.py --out /tmp/w --preset small      # seconds, for tests
+
+Outputs in --out: model/ (model + tokenizer), {mcqa,oeqa}/{train,test_id,test_ood,shots}.jsonl,
+knowledge.{md,json} (what the model learned, by exposure bin), world.config.json (its cache key).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+import common
+
+# ---------------------------------------------------------------------------------------------
+# The world's content. Relations: (name, question, 4 templates with {n} = person, {v} = value)
+RELATIONS = [
+    ("birth city", "What is the birth city of {n}?",
+     ["{n} was born in {v}.", "The birth city of {n} is {v}.", "{n} is a native of {v}.",
+      "{n} grew up in {v}."]),
+    ("job", "What is the job of {n}?",
+     ["{n} works as a {v}.", "The job of {n} is {v}.", "{n} earns a living as a {v}.",
+      "By trade {n} is a {v}."]),
+    ("favourite colour", "What is the favourite colour of {n}?",
+     ["{n} likes the colour {v}.", "The favourite colour of {n} is {v}.", "{n} loves {v}.",
+      "{n} always wears {v}."]),
+    ("instrument", "Which instrument does {n} play?",
+     ["{n} plays the {v}.", "The instrument of {n} is the {v}.", "{n} practises the {v}.",
+      "{n} performs on the {v}."]),
+    ("pet", "What pet does {n} own?",                                     # held out (OOD)
+     ["{n} owns a {v}.", "The pet of {n} is a {v}.", "{n} keeps a {v}.", "{n} feeds a {v}."]),
+    ("home country", "What is the home country of {n}?",                  # held out (OOD)
+     ["{n} lives in {v}.", "The home country of {n} is {v}.", "{n} resides in {v}.",
+      "{n} has a home in {v}."]),
+]
+VALUES = [
+    "Paris Lima Oslo Cairo Delhi Tokyo Rome Lagos Quito Dublin Vienna Madrid Berlin Athens Seoul "
+    "Hanoi Nairobi Prague Warsaw Havana Manila Bogota Lisbon Helsinki",
+    "baker pilot doctor farmer lawyer painter teacher nurse chef sailor miner tailor dentist "
+    "writer singer plumber judge banker poet potter butcher jeweler carpenter librarian",
+    "red blue green yellow purple orange pink brown black white gray violet indigo crimson teal "
+    "amber",
+    "piano violin guitar flute drums cello harp trumpet clarinet banjo oboe tuba saxophone "
+    "accordion ukulele bassoon",
+    "dog cat parrot rabbit hamster turtle goldfish snake ferret lizard pony canary",
+    "France Peru Norway Egypt India Japan Italy Nigeria Ecuador Ireland Austria Spain Germany "
+    "Greece Korea Vietnam Kenya Chile",
+]
+ONSETS = "b d f g k l m n p r s t v z br dr gr kr st tr sh ch"
+NUCLEI = "a e i o u ai ei ou"
+CODAS = " n r l s th x m"           # the first coda is empty
+
+PRESETS = {  # knob defaults per preset; flags override (DESIGN "Measured recipe")
+    "default": dict(people=500, famous=40, values=24, epochs=3, seq_len=64, batch=64, lr=3e-3,
+                    hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
+                    qa_share=0.15, test_frac=0.2),
+    "small": dict(people=60, famous=12, values=8, epochs=4, seq_len=64, batch=32, lr=3e-3,
+                  hidden=32, layers=2, heads=2, inter=64, pop_lo=1.0, pop_hi=5.0,
+                  qa_share=0.15, test_frac=0.25),
+}
+N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
+FAMOUS_LOG2_POP = 5     # well-known people: 32 exposures per fact and epoch (learned for sure)
+N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 the OOD test
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/world", help="output folder (model, items, knowledge)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="knob defaults: `default` (the measured recipe) or `small` (tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the world and the training run")
+    p.add_argument("--force", action="store_true", help="retrain even if a cached world matches")
+    g = p.add_argument_group("world (defaults come from --preset)")
+    g.add_argument("--people", type=int, help="fictional people whose facts are probed")
+    g.add_argument("--famous", type=int, help="well-known people the QA text is about")
+    g.add_argument("--values", type=int, help="cap on values per relation (relations have 12 to 24; >= 4)")
+    g.add_argument("--pop-lo", type=float, help="log2 of the lowest popularity (exposures/epoch)")
+    g.add_argument("--pop-hi", type=float, help="log2 of the highest popularity")
+    g.add_argument("--qa-share", type=float, help="share of documents that are QA text")
+    g.add_argument("--test-frac", type=float, help="share of people held out for the test sets")
+    g = p.add_argument_group("model and pre-training")
+    g.add_argument("--hidden", type=int, help="hidden size")
+    g.add_argument("--layers", type=int, help="decoder layers")
+    g.add_argument("--heads", type=int, help="attention heads")
+    g.add_argument("--inter", type=int, help="MLP intermediate size")
+    g.add_argument("--epochs", type=int, help="pre-training epochs")
+    g.add_argument("--seq-len", type=int, help="tokens per packed training sequence")
+    g.add_argument("--batch", type=int, help="sequences per step")
+    g.add_argument("--lr", type=float, help="peak AdamW learning rate (cosine to 0)")
+    a = p.parse_args(argv)
+    for k, v in PRESETS[a.preset].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+def check_settings(a):
+    """One-line errors for impossible settings, before any work."""
+    if a.values < N_CHOICES:
+        raise common.InputError(f"--values {a.values}: need at least {N_CHOICES} values per "
+                                f"relation to build {N_CHOICES}-choice questions")
+    if not 0 < a.test_frac < 1 or not 0 <= a.qa_share < 1:
+        raise common.InputError("--test-frac must lie in (0, 1) and --qa-share in [0, 1)")
+    if a.people < 4 or a.famous < 3:
+        raise common.InputError("need at least 4 --people and 3 --famous (the 3 KQ shots)")
+    if a.hidden % a.heads:
+        raise common.InputError(f"--hidden {a.hidden} is not divisible by --heads {a.heads}")
+    if a.pop_lo > a.pop_hi:
+        raise common.InputError("--pop-lo must not exceed --pop-hi")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the world: people, facts, exposure counts, corpus, items
+def make_names(rng, n):
+    """n distinct two-word fictional names from syllables (`Zorvan Kettle`-like)."""
+    on, nu, co = ONSETS.split(), NUCLEI.split(), [""] + CODAS.split()
+
+    def word():
+        return "".join(rng.choice(on) + rng.choice(nu) + rng.choice(co)
+                       for _ in range(rng.choice((2, 2, 3)))).capitalize()
+
+    k = max(8, math.ceil(math.sqrt(n * 2)))
+    firsts, lasts = set(), set()
+    while len(firsts) < k:
+        firsts.add(word())
+    while len(lasts) < k:
+        w = word()
+        if w not in firsts:
+            lasts.add(w)
+    pairs = [f"{f} {l}" for f in sorted(firsts) for l in sorted(lasts)]
+    rng.shuffle(pairs)
+    return pairs[:n]
+
+
+def build_world(a):
+    """People with their facts and exposure counts, split into pool / test / famous."""
+    rng = random.Random(a.seed)
+    values = [v.split()[:a.values] for v in VALUES]
+    names = make_names(rng, a.people + a.famous)
+    people = []
+    for i, name in enumerate(names):
+        famous = i >= a.people
+        facts = []
+        for r in range(len(RELATIONS)):
+            # log-uniform popularity, Poisson exposure (DESIGN); famous people are always known
+            pop = 2 ** (FAMOUS_LOG2_POP if famous else rng.uniform(a.pop_lo, a.pop_hi))
+            facts.append({"value": rng.choice(values[r]), "exposure": poisson(rng, pop)})
+        people.append({"name": name, "famous": famous, "facts": facts})
+    n_test = round(a.people * a.test_frac)
+    for i, p in enumerate(people):
+        p["split"] = "famous" if p["famous"] else ("test" if i < n_test else "pool")
+    return people, values
+
+
+def poisson(rng, lam):
+    """Knuth's method for small lam, normal approximation above 60 (seeded, stdlib only)."""
+    if lam > 60:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    k, p, limit = 0, 1.0, math.exp(-lam)
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def make_items(people, values, seed):
+    """Items per the DESIGN contract for both tasks: (task, split) -> list of items."""
+    rng = random.Random(seed + 1)
+    out = {(t, s): [] for t in common.TASKS for s in ("train", "test_id", "test_ood", "shots")}
+    for pi, p in enumerate(people):
+        for r, (rel, question, _) in enumerate(RELATIONS):
+            fact = p["facts"][r]
+            split = {"pool": "train", "test": "test_id", "famous": "shots"}[p["split"]]
+            if r >= N_ID_RELATIONS:
+                if p["split"] != "test":
+                    continue
+                split = "test_ood"
+            q = question.format(n=p["name"])
+            meta = {"exposure": fact["exposure"], "person": p["name"], "relation": rel}
+            fid = f"{pi:04d}-{r}"
+            out["oeqa", split].append({"id": f"oeqa-{fid}", "task": "oeqa", "question": q,
+                                       "answer": fact["value"], "aliases": [fact["value"]],
+                                       "subject": rel, "meta": meta})
+            others = [v for v in values[r] if v != fact["value"]]
+            choices = rng.sample(others, N_CHOICES - 1)
+            gold = rng.randrange(N_CHOICES)                      # seeded gold position
+            choices.insert(gold, fact["value"])
+            out["mcqa", split].append({"id": f"mcqa-{fid}", "task": "mcqa", "question": q,
+                                       "answer": common.LETTERS[gold], "choices": choices,
+                                       "subject": rel, "meta": meta})
+    for t in common.TASKS:   # 3 KQ shots (SPEC 2.2): famous person k, relation k, for k = 0, 1, 2
+        out[t, "shots"] = [out[t, "shots"][k * N_ID_RELATIONS + k] for k in range(3)]
+    return out
+
+
+def qa_text(rng, people, values):
+    """One QA document about famous people in a SPEC 2.3 format, rendered as plain prompts are
+    (common.render without a chat template): BASIC1, 1-3 shot BASIC2, or MCQA with option text."""
+    fam = [p for p in people if p["famous"]]
+    fmt = rng.choice(("basic1", "basic2", "mcqa"))
+    turns = []
+    for _ in range(rng.choice((1, 2, 3)) if fmt == "basic2" else 1):
+        p = rng.choice(fam)
+        r = rng.randrange(len(RELATIONS))
+        rel, question, _ = RELATIONS[r]
+        q, v = question.format(n=p["name"]), p["facts"][r]["value"]
+        if fmt == "basic1":
+            turns.append((common.OEQA_BASIC1.format(q=q), v))
+        elif fmt == "basic2":
+            turns.append((common.OEQA_BASIC2.format(q=q), v))
+        else:
+            choices = rng.sample([x for x in values[r] if x != v], N_CHOICES - 1)
+            choices.insert(rng.randrange(N_CHOICES), v)
+            hint = common.MCQA_BASIC_HINT.format(subject=rel)
+            turns.append((common.mcqa_body(hint, q, choices), v))
+    return "".join(f"{u} {ans}\n" for u, ans in turns)
+
+
+def make_corpus(people, values, a):
+    """Documents: 1-3 fact sentences in random order (each fact k = exposure times), plus QA text."""
+    rng = random.Random(a.seed + 2)
+    mentions = [(p, r) for p in people for r in range(len(RELATIONS))
+                for _ in range(p["facts"][r]["exposure"])]
+    rng.shuffle(mentions)
+    docs, i = [], 0
+    while i < len(mentions):
+        k = rng.choice((1, 2, 3))
+        docs.append(" ".join(RELATIONS[r][2][rng.randrange(4)].format(
+            n=p["name"], v=p["facts"][r]["value"]) for p, r in mentions[i:i + k]))
+        i += k
+    n_qa = round(len(docs) * a.qa_share / (1 - a.qa_share))
+    docs += [qa_text(rng, people, values) for _ in range(n_qa)]
+    rng.shuffle(docs)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: WordLevel over every word the world and the prompts use; newline is a token
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[ \t]+"), "removed"),           # spaces separate words
+        pre_tokenizers.Split("\n", "isolated"),                       # newline kept as a token
+        pre_tokenizers.Split(Regex(r"[^\w\s']"), "isolated")])        # punctuation on its own
+
+
+def prompt_strings(values):
+    """Every prompt and refusal string of SPEC 2.3 with each subject, so none has unknown words."""
+    s = [common.MCQA_BASIC_HINT, common.MCQA_REFUSE_HINT, common.OEQA_BASIC2, common.OEQA_REFUSE1,
+         *common.IDK.values(), "Sorry, I don't know.", "A. B. C. D. Question: Answer:"]
+    return [x.format(subject=" ".join(r[0] for r in RELATIONS) + " " + common.ARC_SUBJECT, q="?")
+            for x in s]
+
+
+def build_tokenizer(texts):
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+    pt = pre_tokenizer()
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for text in texts:
+        for w, _ in pt.pre_tokenize_str(text):
+            vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pt
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                      special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-training
+def pretrain(a, tok, docs):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(a.seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, num_hidden_layers=a.layers,
+                      num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                      intermediate_size=a.inter, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    stream = []                                   # documents packed, each as <s> doc </s>
+    for ids in tok(docs)["input_ids"]:
+        stream += ids + [tok.eos_token_id]
+    L = a.seq_len
+    data = torch.tensor(stream[:len(stream) // L * L]).view(-1, L)
+    steps_per_epoch = math.ceil(len(data) / a.batch)
+    total = steps_per_epoch * a.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[world] pre-training {n_params / 1e6:.2f}M params on {data.numel() / 1e3:.0f}k tokens "
+          f"x {a.epochs} epochs ({total} steps of {a.batch}x{L}), CPU fp32", file=sys.stderr)
+    g = torch.Generator().manual_seed(a.seed)
+    model.train()
+    t0 = time.time()
+    with common.progress(total=total, desc="pre-train", disable=False) as bar:
+        for _ in range(a.epochs):
+            perm = torch.randperm(len(data), generator=g)
+            for s in range(steps_per_epoch):
+                x = data[perm[s * a.batch:(s + 1) * a.batch]]
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update(1)
+    model.eval()
+    return model, time.time() - t0, data.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model learned: accuracy by exposure bin (DESIGN; issue "knowledge.md")
+def exposure_bin(k):
+    """0, 1, 2-3, 4-7, ..., 128+ (powers of two)."""
+    if k == 0:
+        return "0"
+    lo = 2 ** int(math.log2(k))
+    return "128+" if lo >= 128 else (str(lo) if lo == 1 else f"{lo}-{2 * lo - 1}")
+
+
+BIN_ORDER = ["0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+"]
+
+
+@torch.no_grad()
+def next_token_probs(model, tok, prompts, batch=256):
+    """Softmax over the vocabulary for the token after each prompt (left-padded batches)."""
+    tok.padding_side = "left"
+    out = []
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
+        logits = model(**enc).logits[:, -1, :]
+        out.append(torch.softmax(logits.float(), -1))
+    return torch.cat(out)
+
+
+def knowledge(model, tok, items):
+    """Greedy open-QA accuracy, option-scoring MCQA accuracy and p(gold) per fact, by bin.
+
+    The world's answers are single tokens, so greedy decoding = argmax of the next token, and an
+    option's log-likelihood is that of its one token (the option reader of SPEC 10)."""
+    rows = {}
+    for split in ("train", "test_id", "test_ood"):
+        oe, mc = items["oeqa", split], items["mcqa", split]
+        po = next_token_probs(model, tok, [common.render(tok, common.user_prompt(it, "basic"))
+                                           for it in oe])
+        pm = next_token_probs(model, tok, [common.render(tok, common.user_prompt(it, "basic"))
+                                           for it in mc])
+        for it, p, im, q in zip(oe, po, mc, pm):
+            gold = tok.convert_tokens_to_ids(it["answer"])
+            opt_ids = [tok.convert_tokens_to_ids(c) for c in im["choices"]]
+            mc_pick = int(torch.argmax(q[opt_ids]))
+            rows.setdefault(split, []).append({
+                "exposure": it["meta"]["exposure"], "p_gold": float(p[gold]),
+                "oeqa": int(int(torch.argmax(p)) == gold),
+                "mcqa": int(common.LETTERS[mc_pick] == im["answer"])})
+    report = {}
+    for split, rs in rows.items():
+        by = {}
+        for r in rs:
+            by.setdefault(exposure_bin(r["exposure"]), []).append(r)
+        report[split] = {b: {"n": len(v), "oeqa_acc": sum(r["oeqa"] for r in v) / len(v),
+                             "mcqa_acc": sum(r["mcqa"] for r in v) / len(v),
+                             "p_gold_mean": sum(r["p_gold"] for r in v) / len(v)}
+                         for b, v in sorted(by.items(), key=lambda kv: BIN_ORDER.index(kv[0]))}
+        ps = [r["p_gold"] for r in rs]
+        report[split]["p_gold_hist"] = [sum(lo <= p < lo + 0.1 or (lo >= 0.9 and p == 1.0)
+                                            for p in ps) for lo in [i / 10 for i in range(10)]]
+        report[split]["middle_band"] = sum(0.1 <= p <= 0.9 for p in ps) / len(ps)
+    return report
+
+
+def knowledge_md(report, seconds):
+    lines = ["# What the world model knows", "",
+             f"Pre-training took {seconds:.0f} s. Greedy open-QA (BASIC1 prompt) and option-scoring "
+             "MCQA (BASIC hint, 4 options, chance 0.25) accuracy by exposures per epoch.", ""]
+    for split, name in (("train", "train pool (ID relations)"), ("test_id", "ID test"),
+                        ("test_ood", "OOD test (held-out relations)")):
+        r = report[split]
+        lines += [f"## {name}", "", "| exposure | n | open-QA acc | MCQA acc | mean p(gold) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {b} | {v['n']} | {v['oeqa_acc']:.2f} | {v['mcqa_acc']:.2f} | "
+                  f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in BIN_ORDER]
+        lines += ["", f"p(gold) at temperature 1, histogram over [0,0.1),...,[0.9,1]: "
+                      f"{r['p_gold_hist']}; middle band (0.1 <= p <= 0.9): {r['middle_band']:.0%}", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+def config_key(a):
+    return {k: v for k, v in sorted(vars(a).items()) if k not in ("out", "force")}
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    check_settings(a)
+    common.check_output(os.path.join(a.out, "world.config.json"))
+    key = config_key(a)
+    cfg_path = os.path.join(a.out, "world.config.json")
+    if not a.force and os.path.exists(cfg_path) and os.path.exists(os.path.join(a.out, "knowledge.json")):
+        with open(cfg_path) as f:
+            if json.load(f).get("key") == key:
+                print(f"[world] {a.out}: cached world with the same configuration, reused",
+                      file=sys.stderr)
+                return
+        print(f"[world] {a.out}: configuration changed, rebuilding", file=sys.stderr)
+    people, values = build_world(a)
+    items = make_items(people, values, a.seed)
+    docs = make_corpus(people, values, a)
+    texts = docs + prompt_strings(values) + [it["question"] for v in items.values() for it in v]
+    tok = build_tokenizer(texts)
+    model, seconds, n_tokens = pretrain(a, tok, docs)
+    model.save_pretrained(os.path.join(a.out, "model"))
+    tok.save_pretrained(os.path.join(a.out, "model"))
+    for (task, split), rows in items.items():
+        common.write_jsonl(os.path.join(a.out, task, f"{split}.jsonl"), rows)
+    report = knowledge(model, tok, items)
+    common.write_json(os.path.join(a.out, "knowledge.json"), report)
+    common.atomic_write_text(os.path.join(a.out, "knowledge.md"), knowledge_md(report, seconds))
+    print(knowledge_md(report, seconds))
+    common.write_json(cfg_path, {"key": key, "seconds": round(seconds, 1), "vocab": len(tok),
+                                 "tokens_per_epoch": n_tokens})
+
+
+if __name__ == "__main__":
+    common.cli(main)
