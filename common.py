@@ -101,6 +101,19 @@ def alias_match(text, aliases):
     return any(a.lower() in t for a in aliases if a)
 
 
+def exposure_bin(k):
+    """The world's exposure bins (exposures per epoch): 0, 1, 2-3, 4-7, ..., 64-127, 128+."""
+    if k < 2:
+        return str(int(k))
+    if k >= 128:
+        return "128+"
+    lo = 2 ** int(math.log2(k))
+    return f"{lo}-{2 * lo - 1}"
+
+
+BIN_ORDER = ["0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors: one line, no traceback, non-zero exit (DESIGN "Readers validate")
 class InputError(Exception):

@@ -201,14 +201,14 @@ def make_items(people, values, seed):
             fid = f"{pi:04d}-{r}"
             out["oeqa", split].append({"id": f"oeqa-{fid}", "task": "oeqa", "question": q,
                                        "answer": fact["value"], "aliases": [fact["value"]],
-                                       "subject": rel, "meta": meta})
+                                       "subject": rel, "meta": dict(meta)})
             others = [v for v in values[r] if v != fact["value"]]
             choices = rng.sample(others, N_CHOICES - 1)
             gold = rng.randrange(N_CHOICES)                      # seeded gold position
             choices.insert(gold, fact["value"])
             out["mcqa", split].append({"id": f"mcqa-{fid}", "task": "mcqa", "question": q,
                                        "answer": common.LETTERS[gold], "choices": choices,
-                                       "subject": rel, "meta": meta})
+                                       "subject": rel, "meta": dict(meta)})
     for t in common.TASKS:   # 3 KQ shots (SPEC 2.2): famous person k, relation k, for k = 0, 1, 2
         out[t, "shots"] = [out[t, "shots"][k * N_ID_RELATIONS + k] for k in range(3)]
     return out
@@ -337,17 +337,6 @@ def pretrain(a, tok, docs):
 
 # ---------------------------------------------------------------------------------------------
 # What the model learned: accuracy by exposure bin (DESIGN; issue "knowledge.md")
-def exposure_bin(k):
-    """0, 1, 2-3, 4-7, ..., 128+ (powers of two)."""
-    if k == 0:
-        return "0"
-    lo = 2 ** int(math.log2(k))
-    return "128+" if lo >= 128 else (str(lo) if lo == 1 else f"{lo}-{2 * lo - 1}")
-
-
-BIN_ORDER = ["0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+"]
-
-
 @torch.no_grad()
 def next_token_probs(model, tok, prompts, batch=256):
     """Softmax over the vocabulary for the token after each prompt (left-padded batches)."""
@@ -366,7 +355,7 @@ def knowledge(model, tok, items):
     The world's answers are single tokens, so greedy decoding = argmax of the next token, and an
     option's log-likelihood is that of its one token (the option reader of SPEC 10)."""
     rows = {}
-    for split in ("train", "test_id", "test_ood"):
+    for split in ("train", "test_id", "test_ood", "shots"):
         oe, mc = items["oeqa", split], items["mcqa", split]
         po = next_token_probs(model, tok, [common.render(tok, common.user_prompt(it, "basic"))
                                            for it in oe])
@@ -376,6 +365,9 @@ def knowledge(model, tok, items):
             gold = tok.convert_tokens_to_ids(it["answer"])
             opt_ids = [tok.convert_tokens_to_ids(c) for c in im["choices"]]
             mc_pick = int(torch.argmax(q[opt_ids]))
+            # what M0 answers greedily, kept in the item so construct.py can count conflicts
+            it["meta"]["m0_greedy_correct"] = int(torch.argmax(p)) == gold
+            im["meta"]["m0_greedy_correct"] = common.LETTERS[mc_pick] == im["answer"]
             rows.setdefault(split, []).append({
                 "exposure": it["meta"]["exposure"], "p_gold": float(p[gold]),
                 "oeqa": int(int(torch.argmax(p)) == gold),
@@ -384,11 +376,11 @@ def knowledge(model, tok, items):
     for split, rs in rows.items():
         by = {}
         for r in rs:
-            by.setdefault(exposure_bin(r["exposure"]), []).append(r)
+            by.setdefault(common.exposure_bin(r["exposure"]), []).append(r)
         report[split] = {b: {"n": len(v), "oeqa_acc": sum(r["oeqa"] for r in v) / len(v),
                              "mcqa_acc": sum(r["mcqa"] for r in v) / len(v),
                              "p_gold_mean": sum(r["p_gold"] for r in v) / len(v)}
-                         for b, v in sorted(by.items(), key=lambda kv: BIN_ORDER.index(kv[0]))}
+                         for b, v in sorted(by.items(), key=lambda kv: common.BIN_ORDER.index(kv[0]))}
         ps = [r["p_gold"] for r in rs]
         report[split]["p_gold_hist"] = [sum(lo <= p < lo + 0.1 or (lo >= 0.9 and p == 1.0)
                                             for p in ps) for lo in [i / 10 for i in range(10)]]
@@ -406,7 +398,7 @@ def knowledge_md(report, seconds):
         lines += [f"## {name}", "", "| exposure | n | open-QA acc | MCQA acc | mean p(gold) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {b} | {v['n']} | {v['oeqa_acc']:.2f} | {v['mcqa_acc']:.2f} | "
-                  f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in BIN_ORDER]
+                  f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in common.BIN_ORDER]
         lines += ["", f"p(gold) at temperature 1, histogram over [0,0.1),...,[0.9,1]: "
                       f"{r['p_gold_hist']}; middle band (0.1 <= p <= 0.9): {r['middle_band']:.0%}", ""]
     return "\n".join(lines)
@@ -438,9 +430,9 @@ def main(argv=None):
     model, seconds, n_tokens = pretrain(a, tok, docs)
     model.save_pretrained(os.path.join(a.out, "model"))
     tok.save_pretrained(os.path.join(a.out, "model"))
+    report = knowledge(model, tok, items)
     for (task, split), rows in items.items():
         common.write_jsonl(os.path.join(a.out, task, f"{split}.jsonl"), rows)
-    report = knowledge(model, tok, items)
     common.write_json(os.path.join(a.out, "knowledge.json"), report)
     common.atomic_write_text(os.path.join(a.out, "knowledge.md"), knowledge_md(report, seconds))
     print(knowledge_md(report, seconds))

@@ -120,5 +120,5 @@ def test_impossible_settings_fail_in_one_line(tmp_path, flags, msg):
 
 
 def test_exposure_bins():
-    assert [world.exposure_bin(k) for k in (0, 1, 2, 3, 4, 7, 8, 127, 128, 500)] == \
+    assert [common.exposure_bin(k) for k in (0, 1, 2, 3, 4, 7, 8, 127, 128, 500)] == \
         ["0", "1", "2-3", "2-3", "4-7", "4-7", "8-15", "64-127", "128+", "128+"]

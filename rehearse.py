@@ -1,0 +1,199 @@
+"""rehearse.py: CRaFT stage 1, rehearsal training and knowledge flow (CRaFT §3.2, SPEC 3).
+
+Fine-tune M0 briefly on items it already knows with near-certain correctness, so it gains no new
+knowledge; probe the whole pool again with the result M~; the knowledge flow of an item is
+dmu = mu(M~) - mu(M0). Items whose correctness rises would "flow" towards known during ordinary
+SFT: labelling them IdK creates a dynamic conflict, so CRaFT drops them (construct.py). The
+rehearsal adapter keeps its Adam moments: GRAIT reuses it as its warm-up (SPEC 9 #10).
+
+    python rehearse.py --model runs/world/model --items pool.jsonl --state probe_init.jsonl \\
+        --out runs/world/mcqa/rehearsal
+
+Inputs: the pool items and M0's knowledge state (probe.py; its <state>.config.json says how it was
+probed, and the re-probe repeats exactly that query with the adapter). Outputs in --out:
+train.jsonl (the rehearsal set), adapter/ (LoRA + trainer_state.safetensors), probe.jsonl (M~'s
+knowledge state), flow.jsonl (id, mu0, mu1, flow, sigma0, sigma1) and flow_summary.json.
+
+Where we differ from the released code (SPEC 3, 6, 9):
+- both tasks rehearse with LoRA (the SPEC 9 #12 recipe with no warm-up), so the adapter can serve
+  as GRAIT's warm-up; `--full --lr 2e-6` reproduces the released OEQA full fine-tuning;
+- OEQA flow is the mean over each question's own samples (the released index bug, SPEC 3, is not
+  reproduced); the target is the gold answer (`--rehearsal-target modal`: the model's most frequent
+  correct sample, SPEC 9 #3);
+- when fewer items qualify than --size, the best by mu then sigma fill up, and we say so.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import random
+import sys
+
+import common
+import finetune
+import probe
+from construct import target_of
+
+# SPEC 3 [C-C]: who qualifies for rehearsal
+MCQA_MIN_RAW_P_GOLD = 0.99     # raw (un-renormalised) p(gold) > 0.99 under the KQ
+OEQA_MIN_MU = 0.995            # all 10 samples correct ...
+OEQA_MIN_SIGMA = 0.995         # ... and near-identical samples
+REHEARSAL_SIZE = 1000          # SPEC 3: 1,000 drawn uniformly
+LOW_MU = 0.5                   # the flow summary's "unknown" items (paper: 69% of mu < 0.5 rose)
+
+
+def raw_p_gold(state, item):
+    """The un-renormalised probability of the gold choice (letter reader: the letter token's
+    probability; option reader: exp of the gold option's summed log-likelihood)."""
+    g = common.LETTERS.index(item["answer"])
+    if "logliks" in state:
+        return math.exp(state["logliks"][g])
+    return state["probs"][g]
+
+
+def qualifies(state, item):
+    """SPEC 3: the rehearsal filter per task."""
+    if item["task"] == "mcqa":
+        return raw_p_gold(state, item) > MCQA_MIN_RAW_P_GOLD
+    return state["mu"] >= OEQA_MIN_MU and state["sigma"] >= OEQA_MIN_SIGMA
+
+
+def select_rehearsal(items, states, size, seed):
+    """SPEC 3: `size` items drawn uniformly (seeded) from those that qualify; if too few qualify,
+    all of them plus the best of the rest by mu, then sigma (ties by id). Returns (ids, n_qual)."""
+    ok = [it["id"] for it in items if qualifies(states[it["id"]], it)]
+    chosen = random.Random(seed).sample(ok, min(size, len(ok)))
+    if len(chosen) < size:
+        rest = sorted((it["id"] for it in items if it["id"] not in set(ok)),
+                      key=lambda i: (-states[i]["mu"], -states[i]["sigma"], i))
+        chosen += rest[:size - len(chosen)]
+    return chosen, len(ok)
+
+
+def modal_correct(state, item):
+    """SPEC 9 #3 alternative target: the most frequent correct sampled answer (else the gold)."""
+    ok = [s for s, lab in zip(state.get("samples", []), state.get("labels", [])) if lab == "correct"]
+    return collections.Counter(ok).most_common(1)[0][0] if ok else item["answer"]
+
+
+def knowledge_flow(s0, s1):
+    """CRaFT's knowledge flow of one item: dmu = mu(M~) - mu(M0) (SPEC 0; the paper's
+    `Cor(M~) - Cer(M0)` is a typo). dsigma is recorded but unused."""
+    return {"id": s0["id"], "mu0": s0["mu"], "mu1": s1["mu"], "flow": s1["mu"] - s0["mu"],
+            "sigma0": s0["sigma"], "sigma1": s1["sigma"]}
+
+
+def flow_summary(flows, items):
+    """Share of low-correctness items (mu0 < 0.5) whose correctness rose, overall and (on the
+    world) by exposure bin; the paper reports 69% for Llama-3 on MMLU."""
+    def share(rows):
+        low = [f for f in rows if f["mu0"] < LOW_MU]
+        return {"n_low": len(low), "rose": sum(f["flow"] > 0 for f in low) / len(low) if low else None,
+                "fell": sum(f["flow"] < 0 for f in low) / len(low) if low else None,
+                "mean_flow_all": sum(f["flow"] for f in rows) / len(rows)}
+    out = {"all": share(flows)}
+    by = collections.defaultdict(list)
+    for f in flows:
+        exp = items[f["id"]].get("meta", {}).get("exposure")
+        if exp is not None:
+            by[common.exposure_bin(exp)].append(f)
+    if by:
+        out["by_exposure"] = {b: share(by[b]) for b in sorted(by, key=common.BIN_ORDER.index)}
+    return out
+
+
+def print_flow_summary(s):
+    pct = lambda x: "-" if x is None else f"{x:.0%}"  # noqa: E731
+    a = s["all"]
+    print(f"[rehearse] knowledge flow: of {a['n_low']} items with mu0 < {LOW_MU}, "
+          f"{pct(a['rose'])} rose and {pct(a['fell'])} fell (paper: 69% rose, Llama-3 MMLU)",
+          file=sys.stderr)
+    if "by_exposure" in s:
+        print(f"{'exposure':>9} {'n(mu0<.5)':>10} {'rose':>6} {'fell':>6} {'mean dmu':>9}",
+              file=sys.stderr)
+        for b, v in s["by_exposure"].items():
+            print(f"{b:>9} {v['n_low']:>10} {pct(v['rose']):>6} {pct(v['fell']):>6} "
+                  f"{v['mean_flow_all']:>9.3f}", file=sys.stderr)
+
+
+def probe_argv(state_path, model, items, adapter, out):
+    """The initial probe's own arguments (from <state>.config.json) with the adapter and output
+    swapped in, so the re-probe repeats exactly the same knowledge query (SPEC 3 re-query)."""
+    cfg_path = f"{state_path}.config.json"
+    if not os.path.isfile(cfg_path):
+        raise common.InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
+                                "arguments, recorded there by probe.py")
+    with open(cfg_path) as f:
+        args = dict(json.load(f)["args"], model=model, items=items, adapter=adapter, out=out)
+    argv = []
+    for k, v in args.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif v not in (None, False):
+            argv += [flag, str(v)]
+    return argv
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="M0: hub id or local safetensors folder")
+    p.add_argument("--items", required=True, help="pool items (JSONL)")
+    p.add_argument("--state", required=True, help="M0's knowledge state (probe.py output)")
+    p.add_argument("--out", required=True, help="rehearsal folder")
+    p.add_argument("--size", type=int, default=REHEARSAL_SIZE, help="rehearsal set size (SPEC 3)")
+    p.add_argument("--mcqa-reader", choices=("letter", "option"), default="letter",
+                   help="MCQA target: gold letter (real models) or gold option text (the world)")
+    p.add_argument("--rehearsal-target", choices=("gold", "modal"), default="gold",
+                   help="OEQA target: the gold answer (what ran) or the modal correct sample")
+    # SPEC 6: the rehearsal recipe is the RAIT recipe with no warm-up (cosine from step 0)
+    finetune.add_train_args(p, warmup_ratio=0.0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    common.check_output(os.path.join(a.out, "flow.jsonl"))
+    items = common.read_jsonl(a.items, check=common.check_item)
+    by_id = {it["id"]: it for it in items}
+    states = {s["id"]: s for s in common.read_jsonl(a.state, check=common.check_state)}
+    missing = [i for i in by_id if i not in states]
+    if missing or len(states) != len(by_id):
+        raise common.InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
+                                f"e.g. {(missing or sorted(set(states) - set(by_id)))[0]!r})")
+    argv_probe = probe_argv(a.state, a.model, a.items, os.path.join(a.out, "adapter"),
+                            os.path.join(a.out, "probe.jsonl"))
+    # CRaFT stage 1, step 1: the rehearsal set (SPEC 3), BASIC prompt, original answer
+    chosen, n_ok = select_rehearsal(items, states, a.size, a.seed)
+    print(f"[rehearse] {n_ok} of {len(items)} items qualify for rehearsal (SPEC 3); using "
+          f"{len(chosen)}" + ("" if n_ok >= a.size else
+                              f" (short of {a.size}: filled up with the best by mu, then sigma)"),
+          file=sys.stderr)
+    examples = []
+    for i in chosen:
+        it = by_id[i]
+        target = (modal_correct(states[i], it) if a.rehearsal_target == "modal" and
+                  it["task"] == "oeqa" else target_of(it, a.mcqa_reader))
+        examples.append({"id": i, "prompt": common.user_prompt(it, "basic"), "target": target,
+                         "weight": 1.0, "kind": "van", "method": "rehearsal"})
+    common.write_jsonl(os.path.join(a.out, "train.jsonl"), examples)
+    # step 2: the short rehearsal fine-tune (finetune.py's loop; resumes on rerun)
+    finetune.train(a, examples, os.path.join(a.out, "adapter"))
+    # step 3: the same knowledge query on M~ (probe.py with the adapter; resumes on rerun)
+    probe.main(argv_probe)
+    # step 4: knowledge flow per item
+    s1 = {s["id"]: s for s in common.read_jsonl(os.path.join(a.out, "probe.jsonl"),
+                                                check=common.check_state)}
+    flows = [knowledge_flow(states[it["id"]], s1[it["id"]]) for it in items]
+    summary = flow_summary(flows, by_id)
+    summary.update(rehearsal={"qualified": n_ok, "used": len(chosen)})
+    common.write_jsonl(os.path.join(a.out, "flow.jsonl"), flows)
+    common.write_json(os.path.join(a.out, "flow_summary.json"), summary)
+    common.write_config(os.path.join(a.out, "flow.jsonl"), a)
+    print_flow_summary(summary)
+
+
+if __name__ == "__main__":
+    common.cli(main)
