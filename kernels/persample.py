@@ -20,6 +20,11 @@ LoRA vector has at most `grad_dim` entries) or a seeded Rademacher JL projection
 applied parameter by parameter while the backward runs -> L2 normalisation. Then inner-product
 (Gram) blocks, the greedy IdK selection (SPEC 5.4) and the adaptive weights (SPEC 5.5).
 
+Cost of the dense projection: 2 * D * grad_dim flops per example (the TRAK projector does the same
+on GPU). On a CPU with a large LoRA vector this dominates everything (world model, r 64
+all-linear: D = 754k, about 12 GFLOP per example at 8192 dims); `projection="sketch"` is a
+CountSketch JL alternative at O(D) per example with the same inner-product variance.
+
 Typical use (construct.py --method grait):
 
     from kernels.persample import example_features, gram_row_sums, gram_column, greedy_select
@@ -103,10 +108,12 @@ def batch_losses(model, input_ids, attention_mask, labels):
 def per_sample_linear_grad(x, gout, token_mask=None):
     """Per-example weight gradient of a bias-free linear y = x W^T applied at every token:
     grad_W[b] = sum_t gout[b,t,:]^T x[b,t,:]  ->  [B, out, in]  (one batched matmul).
-    x [B, T, in], gout [B, T, out]; token_mask [B, T] (False = padding) zeroes padded tokens so
-    that they contribute nothing even if their activations are not finite."""
+    x [B, T, in], gout [B, T, out]; token_mask [B, T] (False = padding) zeroes padded tokens in
+    both factors, so they contribute nothing even if their activations are not finite (a pass
+    over x and gout: about 1/r of the matmul's cost)."""
     if token_mask is not None:
-        gout = gout.masked_fill(~token_mask[..., None], 0)
+        pad = ~token_mask[..., None]
+        gout, x = gout.masked_fill(pad, 0), x.masked_fill(pad, 0)
     return torch.bmm(gout.transpose(1, 2), x)
 
 
@@ -256,6 +263,28 @@ def project(u, seed, index, k, out=None):
     return z
 
 
+def sketch_hash(seed, index, D, k, device="cpu"):
+    """The count-sketch map of parameter `index`: a bucket h[j] in [0, k) and a sign s[j] = +-1
+    for each of its D coordinates, drawn from stable_hash(seed, index) (CPU generator, so the
+    map is the same on every device)."""
+    gen = torch.Generator().manual_seed(stable_hash("sketch", seed, index))
+    h = torch.randint(0, k, (D,), generator=gen)
+    s = torch.randint(0, 2, (D,), generator=gen) * 2 - 1
+    return h.to(device), s.to(device)
+
+
+def sketch(u, seed, index, k, out=None):
+    """A sparse JL alternative to `project` (`projection="sketch"`): z = S u with S [k, D] holding
+    one +-1 per column (CountSketch; Charikar et al. 2002, the s=1 sparse JL of Kane and Nelson
+    2014): z[:, h[j]] += s[j] u[:, j]. E<S a, S b> = <a, b>, with the same variance as a dense
+    sign projection up to the diagonal term, at O(D) instead of O(D k) cost per example.
+    Adds into `out` [B, k] when given."""
+    B, D = u.shape
+    z = out if out is not None else torch.zeros(B, k, dtype=u.dtype, device=u.device)
+    h, s = sketch_hash(seed, index, D, k, u.device)
+    return z.index_add_(1, h, u * s.to(u.dtype))
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. GRAIT gradient features (SPEC 5.3, SPEC 9 #9)
 def lora_dim(model):
@@ -263,24 +292,32 @@ def lora_dim(model):
     return sum(p.numel() for _, p in lora_parameters(model))
 
 
-def feature_path(model, grad_dim=GRAD_DIM):
-    """'exact' when the LoRA vector has at most grad_dim entries, else 'projected' (SPEC 9 #9)."""
-    return "exact" if lora_dim(model) <= grad_dim else "projected"
+PROJECTIONS = {"rademacher": ("projected", project), "sketch": ("sketched", sketch)}
+
+
+def feature_path(model, grad_dim=GRAD_DIM, projection="rademacher"):
+    """SPEC 9 #9: 'exact' when the LoRA vector has at most grad_dim entries; otherwise
+    'projected' (dense seeded Rademacher, SPEC 5.3 step 5) or 'sketched' (CountSketch)."""
+    if projection not in PROJECTIONS:
+        raise ValueError(f"unknown projection {projection!r} (rademacher or sketch)")
+    return "exact" if lora_dim(model) <= grad_dim else PROJECTIONS[projection][0]
 
 
 def batch_features(model, input_ids, attention_mask, labels, moments=None, grad_dim=GRAD_DIM,
-                   seed=0):
+                   seed=0, projection="rademacher"):
     """Normalised GRAIT features of one padded batch (SPEC 5.3 steps 3-5).
 
     g = per-sample LoRA gradient -> u = Adam-preconditioned g (skipped when moments is None,
     `--no-adam`) -> exact: concatenation of u in lora_parameters order (when D <= grad_dim);
-    projected: sum over parameters m of R_m u_m / sqrt(grad_dim), accumulated inside the backward
-    so only one parameter's [B, D_m] exists at a time -> L2-normalised rows.
-    Returns (features [B, D or grad_dim], path 'exact' | 'projected')."""
+    projected: sum over parameters m of R_m u_m / sqrt(grad_dim) (or the CountSketch S_m u_m),
+    accumulated inside the backward so only one parameter's [B, D_m] exists at a time ->
+    L2-normalised rows.
+    Returns (features [B, D or grad_dim], path 'exact' | 'projected' | 'sketched')."""
     names = lora_names(model)
     if moments is not None:
         check_moments(names, moments)
-    path = feature_path(model, grad_dim)
+    path = feature_path(model, grad_dim, projection)
+    reduce = PROJECTIONS[projection][1]
     index = {n: i for i, n in enumerate(names)}
     state = {"z": None, "parts": {}}
 
@@ -298,7 +335,7 @@ def batch_features(model, input_ids, attention_mask, labels, moments=None, grad_
         else:
             if state["z"] is None:
                 state["z"] = torch.zeros(u.shape[0], grad_dim, dtype=u.dtype, device=u.device)
-            project(u, seed, index[name], grad_dim, out=state["z"])
+            reduce(u, seed, index[name], grad_dim, out=state["z"])
 
     per_sample_grads(model, input_ids, attention_mask, labels, consume=consume)
     if path == "exact":
@@ -330,20 +367,24 @@ def length_batches(lengths, batch_size):
 
 
 def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM, seed=0,
-                     batch_size=16, max_len=None, desc="gradient features"):
+                     batch_size=16, max_len=None, projection="rademacher",
+                     desc="gradient features"):
     """GRAIT features for a list of (prompt_text, target) pairs (SPEC 5.3 steps 2-5).
 
     prompt_text is the rendered prompt (common.render), tokenised with the target by
     common.encode_example (loss on target + EOS only). Batches are length-grouped; the result is
-    in input order, float32 on the CPU: [N, D] on the exact path, [N, grad_dim] projected. Logs
-    which path runs. Returns (features, path)."""
+    in input order, float32 on the CPU: [N, D] on the exact path, [N, grad_dim] otherwise. Logs
+    which path runs. Cost: the dense projection is O(D * grad_dim) per example (plus drawing R
+    once per batch, so larger batches amortise it); the sketch is O(D).
+    Returns (features, path 'exact' | 'projected' | 'sketched')."""
     if not examples:
         raise ValueError("no examples to compute gradient features for")
     device = next(model.parameters()).device
-    path, D = feature_path(model, grad_dim), lora_dim(model)
-    log(f"{len(examples)} examples, LoRA vector D={D:,}: "
-        + ("EXACT features (no projection)" if path == "exact" else
-           f"PROJECTED to {grad_dim} dims (seeded Rademacher, seed {seed})")
+    path, D = feature_path(model, grad_dim, projection), lora_dim(model)
+    how = {"exact": "EXACT features (no projection)",
+           "projected": f"PROJECTED to {grad_dim} dims (dense seeded Rademacher, seed {seed})",
+           "sketched": f"SKETCHED to {grad_dim} dims (seeded CountSketch, seed {seed})"}[path]
+    log(f"{len(examples)} examples, LoRA vector D={D:,}: {how}"
         + (", Adam-preconditioned" if moments is not None else ", NO Adam preconditioning"))
     encoded = [encode_example(tokenizer, p, t, max_len)[:2] for p, t in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -351,7 +392,8 @@ def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM
     for idx in progress(length_batches([len(e[0]) for e in encoded], batch_size), desc=desc):
         ids, mask, lab = pad_batch([encoded[i] for i in idx], pad_id)
         z, _ = batch_features(model, ids.to(device), mask.to(device), lab.to(device),
-                              moments=moments, grad_dim=grad_dim, seed=seed)
+                              moments=moments, grad_dim=grad_dim, seed=seed,
+                              projection=projection)
         out[torch.tensor(idx)] = z.float().cpu()
     return out, path
 

@@ -13,13 +13,24 @@ from kernels.lora import inject_lora, lora_parameters
 from kernels.persample import (adam_precondition, batch_features, example_features, flat_grads,
                                gram_blocks, gram_column, gram_matrix, gram_row_means,
                                gram_row_sums, grait_delta, grait_weights, greedy_select,
-                               normalise_rows, pad_batch, per_sample_grads, project,
-                               rademacher_block, released_select)
+                               normalise_rows, pad_batch, per_sample_grads,
+                               per_sample_linear_grad, project,
+                               rademacher_block, released_select, sketch, sketch_hash)
 
 QUESTIONS = [("Who wrote the play about the prince of Denmark?", "Shakespeare"),
              ("Capital of France?", "Paris is the capital"),
              ("What is the boiling point of water at sea level in degrees Celsius?", "100"),
              ("Name a colour.", "I don't know")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine every parallel region
+    can wait a scheduler slice for its second thread; restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def load_lora_model(folder, targets="all-linear", r=4, seed=0):
@@ -79,6 +90,22 @@ def oracle(lora_model, real_tokenizer):
     enc = encoded_examples(real_tokenizer)
     assert len({len(i) for i, _ in enc}) == len(enc)           # all lengths differ: real padding
     return enc, loop_oracle(lora_model, enc)
+
+
+def test_per_sample_linear_grad_is_the_token_sum_of_outer_products():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    gout = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    want = torch.zeros(3, 2, 4, dtype=torch.float64)
+    for b in range(3):
+        for t in range(5):
+            if mask[b, t]:
+                want[b] += torch.outer(gout[b, t], x[b, t])
+    x[~mask], gout[~mask] = float("nan"), float("inf")          # padding must not leak
+    assert torch.allclose(per_sample_linear_grad(x, gout, mask), want, rtol=1e-12, atol=0)
+    full = per_sample_linear_grad(x[:1], gout[:1])
+    assert torch.allclose(full, want[:1], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -186,6 +213,24 @@ def test_projection_preserves_cosines_within_jl_tolerance():
     assert cos_true.min() < 0.5 < cos_true.max()                 # a non-trivial geometry
 
 
+def test_sketch_equals_its_sparse_matrix_and_preserves_cosines():
+    torch.manual_seed(4)
+    k, D = 32, 100
+    u = torch.randn(3, D, dtype=torch.float64)
+    h, s = sketch_hash(5, 2, D, k)
+    S = torch.zeros(k, D, dtype=torch.float64)
+    S[h, torch.arange(D)] = s.double()                           # one +-1 per column
+    assert torch.allclose(sketch(u, 5, 2, k), u @ S.T, atol=1e-12)
+    assert torch.equal(sketch(u, 5, 2, k), sketch(u, 5, 2, k))
+    assert not torch.equal(sketch(u, 6, 2, k), sketch(u, 5, 2, k))
+    k, n, d = 1024, 24, 3000
+    base = torch.randn(4, d)
+    X = base[torch.arange(n) % 4] + 0.7 * torch.randn(n, d)
+    z = sketch(X[:, :1800], 0, 0, k) + sketch(X[:, 1800:], 0, 1, k)
+    err = (normalise_rows(X) @ normalise_rows(X).T - normalise_rows(z) @ normalise_rows(z).T)
+    assert err.abs().max() < 3 / math.sqrt(k), err.abs().max()
+
+
 # ----------------------------------------------------------------------------------------------
 # Features: exact and projected paths, batch independence
 def small_moments(model, seed=0):
@@ -211,6 +256,11 @@ def test_batch_features_exact_and_projected_equal_their_formulas(lora_model, rea
     assert path == "projected" and z.shape == (len(enc), k)
     ref = sum(project(um, 3, m, k) for m, um in enumerate(u.values()))
     assert rel_err(z, normalise_rows(ref)) < 1e-5
+    z, path = batch_features(lora_model, *batch, moments=moments, grad_dim=k, seed=3,
+                             projection="sketch")
+    assert path == "sketched" and z.shape == (len(enc), k)
+    ref = sum(sketch(um, 3, m, k) for m, um in enumerate(u.values()))
+    assert rel_err(z, normalise_rows(ref)) < 1e-5
     z_plain, _ = batch_features(lora_model, *batch, moments=None, grad_dim=D)
     assert rel_err(z_plain, normalise_rows(flat_grads(grads_ref))) < 1e-5
     with pytest.raises(ValueError, match="moments missing"):
@@ -228,9 +278,6 @@ def test_example_features_in_input_order_and_independent_of_batching(lora_model,
     z1, _ = example_features(lora_model, real_tokenizer, pairs[::-1], moments, grad_dim=512,
                              batch_size=1)
     assert torch.allclose(z4, z1.flip(0), atol=1e-6)             # order kept; batch-independent
-    z3, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
-                             batch_size=3)
-    assert torch.allclose(z4, z3, atol=1e-6)
     again, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
                                 batch_size=4)
     assert torch.equal(z4, again)                                # deterministic for a seed
@@ -239,6 +286,14 @@ def test_example_features_in_input_order_and_independent_of_batching(lora_model,
     assert not torch.allclose(z4, other, atol=1e-3)
     ze, path = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=10 ** 7)
     assert path == "exact" and "EXACT features" in capfd.readouterr().err
+    zs4, path = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+                                 batch_size=4, projection="sketch")
+    assert path == "sketched" and "SKETCHED to 512 dims" in capfd.readouterr().err
+    zs1, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+                              batch_size=1, projection="sketch")
+    assert torch.allclose(zs4, zs1, atol=1e-6)
+    assert (ze @ ze.T - zs4 @ zs4.T).abs().max() < 3 / math.sqrt(512)
+    assert (ze @ ze.T - z4 @ z4.T).abs().max() < 3 / math.sqrt(512)
 
 
 # ----------------------------------------------------------------------------------------------
