@@ -187,7 +187,7 @@ def read_samples(model, tok, embedder, items, shots_for, args, seed):
                   args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                   done_fn=lambda t: mark in tok.decode(t, skip_special_tokens=True).lower())
     texts = [cut_at_hint(tok.decode(t, skip_special_tokens=True)) for t in toks]
-    uniq = sorted(set(texts))
+    uniq = sorted(set(texts), key=lambda x: (len(x), x))          # less padding per batch
     emb = dict(zip(uniq, embedder.encode(uniq)))
     rows, n = [], args.n_samples
     for i, it in enumerate(items):
@@ -242,6 +242,10 @@ def report(rows, items):
     mus, sigmas = [r["mu"] for r in rows], [r["sigma"] for r in rows]
     print(f"mu (correctness): mean {sum(mus) / len(mus):.4f} over {len(rows)} items")
     print("\n".join(histogram(mus, lo=0.0, hi=1.0)))
+    if "labels" in rows[0]:
+        labs = [x for r in rows for x in r["labels"]]
+        print("samples: " + ", ".join(f"{k} {labs.count(k) / len(labs):.3f}"
+                                      for k in ("correct", "wrong", "refuse")))
     print(f"sigma (certainty): mean {sum(sigmas) / len(sigmas):.4f}")
     print("\n".join(histogram(sigmas)))
     exp = {it["id"]: it["meta"]["exposure"] for it in items

@@ -407,3 +407,22 @@ def test_mmlu_50_items_end_to_end(tiny_chat_llama, tmp_path):
     sh = probe.shots_per_item([it], pool, 5, same_subject=True)[it["id"]]
     assert len(sh) == 5 and all(s["subject"] == it["subject"] for s in sh)
     assert probe.letter_prompt(it, sh).count("\nAnswer:") == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# the world (skipped until runs/world exists): what the model saw more often, it knows better
+WORLD = os.path.join(ROOT, "runs", "world")
+
+
+def test_world_option_mu_rises_with_exposure():
+    if not os.path.isdir(os.path.join(WORLD, "model")):
+        pytest.skip("runs/world/model absent (make world)")
+    model, tok = load(os.path.join(WORLD, "model"))
+    items = common.read_jsonl(os.path.join(WORLD, "mcqa", "train.jsonl"))[:400]
+    rows = [r for i in range(0, len(items), 50)
+            for r in probe.read_options(model, tok, items[i:i + 50], "neg-entropy")]
+    exp = [it["meta"]["exposure"] for it in items]
+    rare = [r["mu"] for r, k in zip(rows, exp) if k <= 1]
+    often = [r["mu"] for r, k in zip(rows, exp) if k >= 16]
+    assert len(rare) >= 10 and len(often) >= 10
+    assert sum(often) / len(often) > sum(rare) / len(rare) + 0.2
