@@ -8,11 +8,14 @@ Methods (all in eval mode, per-example token-mean losses, same right-padded batc
   loop      one example at a time (no padding), autograd.grad of its loss: the oracle
   vmap      torch.func: vmap(grad(loss of one example)) over the padded batch, eager attention
   ours      kernels.persample.per_sample_grads: one forward + one backward + hooks
-  ours+feat ours, then Adam preconditioning and projection to --grad-dim (GRAIT features)
+  ours+feat ours, then Adam preconditioning and the dense Rademacher projection to --grad-dim
+            (the GRAIT features of SPEC 5.3; world-size model only)
+  ours+sketch   the same with the CountSketch projection (projection="sketch")
   plain     one ordinary batched step: model(..., labels=...).loss.backward() (the reference cost)
 
-Columns: median seconds per batch over --repeats (methods interleaved, so load drift on a shared
-machine hits all of them alike), peak memory, max relative error of the per-sample gradients
+Columns: median wall seconds per batch over --repeats (methods interleaved, so load drift on a
+shared machine hits all of them alike), median CPU seconds of the process (less sensitive to
+other users of a shared machine), peak memory, max relative error of the per-sample gradients
 against the loop (max |ours - loop| / max |loop| over LoRA matrices), and the time ratio to
 `plain`. Peak memory is resource-based: each method runs once in a fresh subprocess, the kernel's
 peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs after the model and batch are
@@ -41,7 +44,8 @@ from kernels import persample                                  # noqa: E402
 # and a wider one; LoRA r 64, alpha 16 on all linear layers (SPEC 9 #12).
 SHAPES = {"world": dict(hidden=128, layers=4, heads=4, inter=512, vocab=2000),
           "wide": dict(hidden=1024, layers=4, heads=16, inter=2816, vocab=2000)}
-METHODS = ["loop", "vmap", "ours", "ours+feat", "plain"]
+METHODS = ["loop", "vmap", "ours", "ours+feat", "ours+sketch", "plain"]
+FEATURES = ("ours+feat", "ours+sketch")
 
 
 def build_model(name, model_path, r, attn, seed=0):
@@ -113,8 +117,9 @@ def run_ours(model, enc, batch):
     return persample.per_sample_grads(model, *batch)[1]
 
 
-def run_features(model, enc, batch, grad_dim, moments):
-    persample.batch_features(model, *batch, moments=moments, grad_dim=grad_dim)
+def run_features(model, enc, batch, grad_dim, moments, projection):
+    persample.batch_features(model, *batch, moments=moments, grad_dim=grad_dim,
+                             projection=projection)
     return None
 
 
@@ -129,7 +134,9 @@ def run_plain(model, enc, batch):
 
 def method_fn(method, grad_dim, moments):
     return {"loop": run_loop, "vmap": run_vmap, "ours": run_ours, "plain": run_plain,
-            "ours+feat": lambda m, e, b: run_features(m, e, b, grad_dim, moments)}[method]
+            "ours+feat": lambda m, e, b: run_features(m, e, b, grad_dim, moments, "rademacher"),
+            "ours+sketch": lambda m, e, b: run_features(m, e, b, grad_dim, moments, "sketch"),
+            }[method]
 
 
 def fake_moments(model):
@@ -170,7 +177,8 @@ def child_peak(args, name, B, method):
 def measure_peak(args, name, B, method):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", f"{name}:{B}:{method}",
            "--r", str(args.r), "--seq", str(args.seq), "--grad-dim", str(args.grad_dim),
-           "--attn", args.attn] + (["--model", args.model] if args.model else [])
+           "--attn", args.attn, "--threads", str(args.threads)] + (
+        ["--model", args.model] if args.model else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
                                                                   "OMP_NUM_THREADS": str(args.threads)})
     try:
@@ -187,8 +195,10 @@ def bench_config(args, name, B):
     enc, batch = make_batch(vocab, B, args.seq)
     moments = fake_moments(model)
     D = persample.lora_dim(model)
-    methods = [m for m in METHODS if m in args.methods]
-    rows = {m: {"times": [], "err": None, "note": ""} for m in methods}
+    methods = [m for m in METHODS if m in args.methods and not (
+        m in FEATURES and (name == "wide" or B not in args.feature_batch_sizes))]
+    repeats = args.wide_repeats if name == "wide" else args.repeats
+    rows = {m: {"times": [], "cpu": [], "err": None, "note": ""} for m in methods}
     ref = run_loop(model, enc, batch)
     for m in methods:                                         # warm-up, errors, failures
         mod = eager if m == "vmap" else model
@@ -198,20 +208,23 @@ def bench_config(args, name, B):
                 rows[m]["err"] = max_rel_err(grads, ref)
         except Exception as e:
             rows[m]["note"] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:70]}"
-    if "ours+feat" in rows:
-        path = persample.feature_path(model, args.grad_dim)
-        rows["ours+feat"]["note"] = (f"Adam + {path}" + (f" to {args.grad_dim}"
-                                                         if path == "projected" else ""))
+    for m, proj in (("ours+feat", "rademacher"), ("ours+sketch", "sketch")):
+        if m in rows:
+            path = persample.feature_path(model, args.grad_dim, proj)
+            rows[m]["note"] = f"Adam + {path}" + ("" if path == "exact" else
+                                                  f" to {args.grad_dim}")
     if "vmap" in rows and not rows["vmap"]["note"]:
         rows["vmap"]["note"] = "eager attention"
-    for _ in range(args.repeats):
+    for rep in range(repeats):
         for m in methods:
-            if rows[m]["note"].startswith("fails"):
+            if rows[m]["note"].startswith("fails") or (m in FEATURES
+                                                       and rep >= args.feature_repeats):
                 continue
             mod = eager if m == "vmap" else model
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             method_fn(m, args.grad_dim, moments)(mod, enc, batch)
             rows[m]["times"].append(time.perf_counter() - t0)
+            rows[m]["cpu"].append(time.process_time() - c0)
     for m in methods:
         rows[m]["peak"] = None if args.no_mem or rows[m]["note"].startswith("fails") \
             else measure_peak(args, name, B, m)
@@ -223,15 +236,21 @@ def print_table(title, rows):
         else None
     loop = statistics.median(rows["loop"]["times"]) if rows.get("loop", {}).get("times") else None
     print(f"\n{title}")
-    print(f"| method | s/batch (median) | peak MiB | max rel err vs loop | x plain | "
-          f"speed-up vs loop | note |")
-    print("|---|---|---|---|---|---|---|")
+    cplain = statistics.median(rows["plain"]["cpu"]) if rows.get("plain", {}).get("cpu") \
+        else None
+    cloop = statistics.median(rows["loop"]["cpu"]) if rows.get("loop", {}).get("cpu") else None
+    print("| method | wall s/batch | CPU s/batch | peak MiB | max rel err vs loop | x plain "
+          "(wall / CPU) | speed-up vs loop (wall / CPU) | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, f: "-" if v is None else format(v, f)       # noqa: E731
+    ratio = lambda a, b: a / b if a and b else None              # noqa: E731
     for m, r in rows.items():
         t = statistics.median(r["times"]) if r["times"] else None
-        fmt = lambda v, f: "-" if v is None else format(v, f)   # noqa: E731
-        print(f"| {m} | {fmt(t, '.4f')} | {fmt(r['peak'], '.0f')} | {fmt(r['err'], '.1e')} | "
-              f"{fmt(t / plain if t and plain else None, '.2f')} | "
-              f"{fmt(loop / t if t and loop else None, '.1f')} | {r['note']} |")
+        c = statistics.median(r["cpu"]) if r["cpu"] else None
+        print(f"| {m} | {fmt(t, '.3f')} | {fmt(c, '.3f')} | {fmt(r['peak'], '.0f')} | "
+              f"{fmt(r['err'], '.1e')} | {fmt(ratio(t, plain), '.2f')} / "
+              f"{fmt(ratio(c, cplain), '.2f')} | {fmt(ratio(loop, t), '.1f')} / "
+              f"{fmt(ratio(cloop, c), '.1f')} | {r['note']} |")
 
 
 def main():
@@ -245,6 +264,11 @@ def main():
     ap.add_argument("--r", type=int, default=64, help="LoRA rank (SPEC 9 #12)")
     ap.add_argument("--grad-dim", type=int, default=persample.GRAD_DIM)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--wide-repeats", type=int, default=3)
+    ap.add_argument("--feature-repeats", type=int, default=2,
+                    help="repeats of the (slow) ours+feat / ours+sketch rows")
+    ap.add_argument("--feature-batch-sizes", type=int, nargs="+", default=[16],
+                    help="batch sizes that get the ours+feat / ours+sketch rows")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--attn", default="sdpa", help="attention of loop/ours/plain (vmap: eager)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
