@@ -184,7 +184,8 @@ def summarize(table, macro):
 
 def bootstrap_ci(table, macro, n=BOOTSTRAP, seed=0, level=0.95):
     """Percentile intervals of summarize()'s statistics over item resamples (paired, stratified
-    by subject): each subject's 16 joint counts are redrawn as a multinomial of its size."""
+    by subject): each subject's 16 joint counts are redrawn as a multinomial of its size.
+    Resamples where a statistic is undefined (THS with Pw0 = 0) are left out of its interval."""
     table = np.asarray(table, dtype=np.int64)
     S = table.shape[0]
     sizes = table.reshape(S, 16).sum(1)
@@ -222,6 +223,12 @@ def stop_ids(tok, model):
     return sorted(i for i in ids if i is not None)
 
 
+def newline_ids(tok):
+    """Ids of the tokens whose text holds a line break (raw-prompt answers end there)."""
+    vocab = tok.get_vocab()
+    return sorted(i for t, i in vocab.items() if "\n" in tok.convert_tokens_to_string([t]))
+
+
 def generate(model, tok, prompts, max_new, stops):
     """Greedy continuations of rendered prompts, left-padded in one batch, cut at a stop id."""
     import torch
@@ -256,24 +263,31 @@ def answer(args):
     model, tok = common.load_model(args.model, args.adapter)   # adapter checked against the base
     tok.padding_side = "left"
     stops = stop_ids(tok, model)
+    chat = common.has_chat_template(tok)
+    newline = args.newline_stop == "on" or (args.newline_stop == "auto" and not chat)
+    if newline:                  # render()'s plain format is `user answer\n`: one line per answer
+        stops = sorted(set(stops) | set(newline_ids(tok)))
     prompts = {it["id"]: common.render(tok, common.user_prompt(it, args.prompt)) for it in items}
     if rank == 0:
-        how = "chat template" if common.has_chat_template(tok) else "raw prompt (no chat template)"
+        how = "chat template" if chat else "raw prompt (no chat template)"
         print(f"[evaluate] {len(items)} {task} items, prompt {args.prompt}, {how}, {dev} "
-              f"{str(dt).replace('torch.', '')}, greedy, max_new_tokens {max_new}", file=sys.stderr)
+              f"{str(dt).replace('torch.', '')}, greedy, max_new_tokens {max_new}, stop at EOS"
+              + (" or a line break" if newline else ""), file=sys.stderr)
     order = sorted(items, key=lambda it: -len(prompts[it["id"]]))   # similar lengths batch together
 
     def fn(batch, _seed):
         rows = []
         with torch.inference_mode():
             texts = generate(model, tok, [prompts[it["id"]] for it in batch], max_new, stops)
+            texts = [t.split("\n")[0] if newline else t for t in texts]
         for it, text in zip(batch, texts):
             lab, letter = label_response(it, text, args.mcqa_reader, args.strict_refusal)
             rows.append({"id": it["id"], "response": text, "label": lab, "parsed": letter,
                          "other_refusal": other_refusal(text) if lab != "refuse" else None})
         return rows
     key = common.stable_hash(args.model, args.adapter, file_sha(args.items), args.prompt,
-                             args.mcqa_reader, max_new, args.strict_refusal, args.batch_size)
+                             args.mcqa_reader, max_new, args.strict_refusal, args.batch_size,
+                             newline)
     rows = common.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key)
     if rows is None:
         return
@@ -351,8 +365,8 @@ def split_results(d, split, items_path, seed, known_exposure):
         y0 = init if init is not None else y
         table = np.zeros((len(subjects), 4, 4), dtype=np.int64)
         np.add.at(table, (s_idx, y0, y), 1)
-        point = {k: float(v) for k, v in summarize(table, macro).items()}
-        micro = {k: float(v) for k, v in summarize(table.sum(0, keepdims=True), False).items()}
+        point = {k: finite(v) for k, v in summarize(table, macro).items()}
+        micro = {k: finite(v) for k, v in summarize(table.sum(0, keepdims=True), False).items()}
         ci = bootstrap_ci(table, macro, seed=seed)
         if init is None:
             point["ths"], micro["ths"], ci["ths"] = None, None, None
@@ -369,6 +383,11 @@ def split_results(d, split, items_path, seed, known_exposure):
     if oracle is not None:
         out["known_exposure"] = known_exposure
     return out
+
+
+def finite(v):
+    """A float for JSON, None where undefined (THS when Init-Basic has Pw0 = 0)."""
+    return float(v) if np.isfinite(v) else None
 
 
 def fmt(v, ci=None):
@@ -456,6 +475,8 @@ def ths_svg(points, refs, title=""):
           f'<text x="18" y="{Y0 - P / 2}" text-anchor="middle" '
           f'transform="rotate(-90 18 {Y0 - P / 2})">Pw (% wrong)</text>']
     for s, (pc0, pw0) in refs.items():
+        if pc0 <= 0 and pw0 <= 0:
+            continue                              # Init-Basic never answered: no ray
         t = min(lim / pc0 if pc0 > 0 else np.inf, lim / pw0 if pw0 > 0 else np.inf)
         o.append(f'<line x1="{sx(0)}" y1="{sy(0)}" x2="{sx(pc0 * t):.1f}" y2="{sy(pw0 * t):.1f}" '
                  f'stroke="{color[s]}" stroke-dasharray="6 4" class="ray-{s}"/>')
@@ -526,6 +547,9 @@ def parse_args(argv=None):
                    help="MCQA: read a letter (chat models) or an option's text (world, SPEC 10)")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy budget; default 1024 for MCQA, 50 for OEQA (SPEC 7)")
+    g.add_argument("--newline-stop", choices=("auto", "on", "off"), default="auto",
+                   help="end answers at a line break; auto = on for models without a chat "
+                   "template, whose plain prompt format is `user answer\\n` (common.render)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     g.add_argument("--strict-refusal", action="store_true",
                    help="refusal = ASCII \"i don't know\" only, curly apostrophes not folded "

@@ -231,6 +231,17 @@ def test_other_refusal_phrasings():
     assert ev.other_refusal("The answer is B.") is None
 
 
+def test_newline_ids_of_a_word_level_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "Paris": 3, "\n": 4, "Answer": 5}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                pre_tokenizers.WhitespaceSplit()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    assert ev.newline_ids(tok) == [4]
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end on a tiny chat Llama
 def make_items(path, n_mcqa=3, n_oeqa=0):
@@ -360,6 +371,22 @@ def test_report(task_dir, tmp_path):
     md = (d / "report.md").read_text()
     assert "missing: grait/pred_id.jsonl" in md and "missing: grait/pred_ood.jsonl" in md
     assert "| Init-Basic | " in md and "| craft | " in md and "known = meta.exposure" in md
+
+
+def test_report_when_init_basic_is_never_wrong(tmp_path):
+    items = [{"id": f"i{k}", "task": "oeqa", "question": "q", "answer": "x", "aliases": ["x"]}
+             for k in range(4)]
+    common.write_jsonl(str(tmp_path / "id.jsonl"), items)
+    for m, labels in (("init_basic", ["unparsed"] * 4), ("craft", ["correct", "wrong"] * 2)):
+        (tmp_path / "t" / m).mkdir(parents=True)
+        write_preds(tmp_path / "t" / m / "pred_id.jsonl", items, labels)
+    assert run_main(["--report", str(tmp_path / "t"), "--items-id",
+                     str(tmp_path / "id.jsonl")]) == 0
+    res = json.load(open(tmp_path / "t" / "results.json"))     # strict JSON: no NaN
+    assert res["ood"] is None and res["id"]["rows"]["craft"]["rates"]["ths"] is None
+    assert "| craft | 50.0 [0.0, 100.0] | 50.0 [0.0, 100.0] | 0.0 | n/a |" in \
+        (tmp_path / "t" / "report.md").read_text()
+    ET.fromstring((tmp_path / "t" / "ths.svg").read_text())
 
 
 def test_report_finds_items_through_config(task_dir, tmp_path):
