@@ -160,9 +160,13 @@ def nq_items(path):
                                      "list") from None
     else:
         for n, o in enumerate(common.read_jsonl(path, unique_ids=False)):
-            rows.append((o.get("id", f"nq_dev_{n}"), o["question"], o["answer"]))
+            rows.append((o.get("id", f"nq_dev_{n}"), o.get("question"), o.get("answer")))
     items = []
-    for qid, q, answers in rows:
+    for n, (qid, q, answers) in enumerate(rows, 1):
+        if not isinstance(q, str) or not isinstance(answers, list) or not answers or \
+                not all(isinstance(a, str) for a in answers):
+            raise InputError(f"{path}: record {n}: expected a question string and a non-empty "
+                             "list of answer strings")
         q = q if q.endswith("?") else q + "?"                 # SPEC 2.3 NQ eval row
         items.append({"id": str(qid), "task": "oeqa", "question": q, "answer": answers[0],
                       "aliases": [a for a in answers if a]})
@@ -316,7 +320,7 @@ def convert(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=sorted(SOURCES), help="which benchmark to convert")
     p.add_argument("--src", help="source folder or file (default with --download: the cache)")

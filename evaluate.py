@@ -340,7 +340,7 @@ def row_labels(path, ids):
     return [preds[i] for i in ids]
 
 
-def split_results(d, split, items_path, seed, known_exposure):
+def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP):
     """results.json entry of one split: per row rates (macro and micro), THS, CIs, quadrants."""
     found = {r: os.path.join(d, r, f"pred_{split}.jsonl") for r in ROWS}
     found = {r: p for r, p in found.items() if os.path.isfile(p)}
@@ -367,7 +367,7 @@ def split_results(d, split, items_path, seed, known_exposure):
         np.add.at(table, (s_idx, y0, y), 1)
         point = {k: finite(v) for k, v in summarize(table, macro).items()}
         micro = {k: finite(v) for k, v in summarize(table.sum(0, keepdims=True), False).items()}
-        ci = bootstrap_ci(table, macro, seed=seed)
+        ci = bootstrap_ci(table, macro, n=n_boot, seed=seed)
         if init is None:
             point["ths"], micro["ths"], ci["ths"] = None, None, None
         names = [LABELS[v] for v in y]
@@ -517,8 +517,8 @@ def report(args):
     if not os.path.isdir(d):
         raise InputError(f"{d}: no such folder")
     given = {"id": args.items_id, "ood": args.items_ood}
-    res = {s: split_results(d, s, items_for(d, s, given[s]), args.seed, args.known_exposure)
-           for s in SPLITS}
+    res = {s: split_results(d, s, items_for(d, s, given[s]), args.seed, args.known_exposure,
+                            args.bootstrap) for s in SPLITS}
     if not any(res.values()):
         raise InputError(f"{d}: no <method>/pred_{{id,ood}}.jsonl files")
     common.write_json(os.path.join(d, "results.json"), res)
@@ -534,7 +534,7 @@ def report(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("answer a test set (mode 1)")
     g.add_argument("--model", help="hub id or local model folder (safetensors)")
@@ -562,8 +562,12 @@ def parse_args(argv=None):
                    help="items of the OOD test (default: from the pred files' config)")
     g.add_argument("--known-exposure", type=int, default=KNOWN_EXPOSURE,
                    help="world oracle: a fact is known when meta.exposure >= this")
+    g.add_argument("--bootstrap", type=int, default=BOOTSTRAP,
+                   help="resamples for the 95%% intervals")
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     a = p.parse_args(argv)
+    if a.bootstrap < 10:
+        p.error("--bootstrap needs at least 10 resamples")
     if not a.report:
         miss = [f"--{k}" for k in ("model", "items", "prompt", "out") if not getattr(a, k)]
         if miss:

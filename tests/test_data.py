@@ -103,6 +103,9 @@ def test_nq_jsonl_and_triviaqa(tmp_path):
     assert data.nq_items(str(tmp_path / "nq.jsonl")) == [
         {"id": "nq_dev_0", "task": "oeqa", "question": "who sang x?", "answer": "A B",
          "aliases": ["A B", "AB"]}]
+    (tmp_path / "bad.jsonl").write_text('{"question": "who", "answer": []}\n')
+    with pytest.raises(common.InputError, match="record 1: expected a question"):
+        data.nq_items(str(tmp_path / "bad.jsonl"))
     rows = [{"QuestionId": f"tc_{i}", "Question": f"Q{i}?",
              "Answer": {"Value": "Harry Truman", "NormalizedValue": "harry truman",
                         "Aliases": ["Truman", "Harry Truman"], "NormalizedAliases": ["truman"]}}

@@ -166,6 +166,9 @@ LETTER_CASES = [
     ("a b c", None), ("None of the above.", None), ("", None),
     ("The answer is\nB", "B"),
     ("My final answer: D", "D"),
+    ("I'm not sure, but I think A", "A"),
+    ("Options A and C are both true, but the single best answer, which is C.", "C"),
+    ("A, B and C are all incorrect; the correct answer is D) Madrid", "D"),
 ]
 
 
