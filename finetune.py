@@ -1,8 +1,10 @@
 """finetune.py: supervised fine-tuning with per-sample weights, by hand (SPEC 6, SPEC 9 #11-#12).
 
-The refusal-aware instruction tuning (RAIT) step shared by every method: CRaFT §4 / R-Tuning trains
-M0 on a method's training set with the xtuner recipe (SPEC 6); GRAIT adds a weight per sample to
-the loss (SPEC 5.6). LoRA by default, `--full` fine-tunes every weight (the OEQA recipe).
+The refusal-aware instruction tuning (RAIT) step shared by every method: CRaFT's stage 2 (and
+Van-Tuning, Cor-RAIT/R-Tuning and the ablations) trains M0 on one method's training set with the
+xtuner recipe (SPEC 6); GRAIT weights each sample's loss (SPEC 5.6, average of w_i * grad l_i).
+rehearse.py reuses train() for CRaFT's stage-1 rehearsal (SPEC 3). LoRA by default; `--full`
+fine-tunes every weight (the OEQA recipe).
 
     python finetune.py --model runs/world/model --train runs/world/mcqa/craft/train.jsonl \\
         --out runs/world/mcqa/craft/adapter
@@ -77,7 +79,7 @@ def add_train_args(parser, **defaults):
     a("--lora-alpha", type=float, default=LORA_ALPHA, help="LoRA alpha; scaling = alpha / r")
     a("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
     a("--target-modules", default="all-linear",
-      help="'all-linear' (every linear layer but lm_head, SPEC 6) or a comma list, e.g. q_proj,v_proj")
+      help="'all-linear' (every linear layer but lm_head, SPEC 6) or a comma list: q_proj,v_proj")
     a("--no-group-by-length", action="store_true",
       help="plain seeded shuffle instead of length-grouped batches (more padding)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
@@ -195,7 +197,7 @@ def build_model(args, device=None):
     torch.set_grad_enabled(grad)   # load_model switches autograd off for inference stages
     if not args.full:
         t = args.target_modules
-        targets = "all-linear" if t == "all-linear" else [s.strip() for s in t.split(",") if s.strip()]
+        targets = t if t == "all-linear" else [s.strip() for s in t.split(",") if s.strip()]
         torch.manual_seed(args.seed)
         try:
             lora.inject_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
@@ -216,6 +218,40 @@ def trainable(model, full):
     return {lora.peft_key(n): p for n, p in lora.lora_parameters(model)}
 
 
+def train_step(net, opt, params, enc, weights, gb, lr, args, accum, world, rank, pad, device):
+    """One optimizer step on the global batch `gb`; this process takes its micro-batches
+    (round-robin), a short last step pads with zero-weight dummies so that DDP stays in step.
+    Returns (loss, non-pad tokens) of this process's share, and the pre-clip gradient norm."""
+    B = args.batch_size
+    micro = [gb[s:s + B] for s in range(0, len(gb), B)][rank::world]
+    micro += [[]] * (accum - len(micro))
+    cuda = device.type == "cuda"
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    for j, idx in enumerate(micro):
+        b = collate(enc, idx or gb[:1], [weights[k] for k in idx] or [0.0], pad, device)
+        sync = world == 1 or j == accum - 1
+        with contextlib.nullcontext() if sync else net.no_sync():   # DDP: reduce once per step
+            with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+                per_example = example_losses(net, b)
+            # SPEC 9 #11: sum_i w_i * token-mean CE_i / (examples in the step); DDP averages the
+            # gradients over processes, hence the factor `world`
+            loss = (b["weight"] * per_example).sum() * world / len(gb)
+            loss.backward()
+        loss_sum += loss.detach() / world
+        tokens += b["tokens"] if idx else 0
+    for g in opt.param_groups:
+        g["lr"] = lr
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss_sum), tokens, float(norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (plumbing): weights + trainer_state.safetensors, written atomically, resumed exactly
+FULL_CKPT = "trainable.safetensors"   # --full checkpoints: {parameter name: tensor}
+
+
 def gather_rng(world, device):
     """Every rank's RNG states (dropout), gathered as tensors (no pickling)."""
     import torch.distributed as dist
@@ -224,17 +260,12 @@ def gather_rng(world, device):
         states["cuda"] = torch.cuda.get_rng_state()
     out = {}
     for k, v in states.items():
-        if world == 1:
-            out[f"rng/{k}/0"] = v
-            continue
-        v = v.to(device)
-        bufs = [torch.empty_like(v) for _ in range(world)]
-        dist.all_gather(bufs, v)
-        out.update({f"rng/{k}/{r}": b.cpu() for r, b in enumerate(bufs)})
+        bufs = [v]
+        if world > 1:
+            bufs = [torch.empty_like(v.to(device)) for _ in range(world)]
+            dist.all_gather(bufs, v.to(device))
+        out.update({f"rng/{k}/{r}": x.cpu() for r, x in enumerate(bufs)})
     return out
-
-
-FULL_CKPT = "trainable.safetensors"   # --full checkpoints: {parameter name: tensor}
 
 
 def save_state(folder, model, tok, opt, params, args, step, extra, meta):
@@ -252,11 +283,11 @@ def save_state(folder, model, tok, opt, params, args, step, extra, meta):
     lora.save_trainer_state(os.path.join(folder, lora.TRAINER_STATE), moments, step, extra, meta)
 
 
-def write_checkpoint(out_dir, *state_args):
-    """Atomic: write checkpoint.tmp, then swap it in (checkpoint.old survives a crash mid-swap)."""
-    ck, tmp, old = (os.path.join(out_dir, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+def write_checkpoint(out_dir, *state):
+    """Write checkpoint.tmp, then swap it in (checkpoint.old survives a crash mid-swap)."""
+    ck, tmp, old = (os.path.join(out_dir, "checkpoint" + x) for x in ("", ".tmp", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    save_state(tmp, *state_args)
+    save_state(tmp, *state)
     if os.path.isdir(ck):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(ck, old)
@@ -264,29 +295,52 @@ def write_checkpoint(out_dir, *state_args):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def restore(folder, model, opt, params, rank):
-    """Load weights, Adam moments and this rank's RNG state from `folder`; returns its tensors."""
+def resume(out_dir, key, args, model, opt, params, rank):
+    """Load the checkpoint's weights, Adam moments and this rank's RNG state when it was made with
+    the same arguments (or with --resume). Returns (steps done, {epoch: saved data order})."""
     from safetensors.torch import load_file
-    t, meta = lora.load_trainer_state(os.path.join(folder, lora.TRAINER_STATE))
-    wfile = os.path.join(folder, FULL_CKPT if meta.get("mode") == "full" else lora.ADAPTER_WEIGHTS)
-    weights = load_file(wfile)
+    ck = next((os.path.join(out_dir, d) for d in ("checkpoint", "checkpoint.old")
+               if os.path.isfile(os.path.join(out_dir, d, lora.TRAINER_STATE))), None)
+    if ck is None:
+        if args.resume:
+            raise common.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
+        return 0, {}
+    t, meta = lora.load_trainer_state(os.path.join(ck, lora.TRAINER_STATE))
+    if meta.get("run_key") != key and not args.resume:
+        print(f"[resume] {ck}: made with other arguments, starting over", file=sys.stderr)
+        return 0, {}
+    wfile = os.path.join(ck, FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS)
+    weights = load_file(wfile) if os.path.isfile(wfile) else {}
     state = opt.state_dict()
     for i, (k, p) in enumerate(params.items()):
-        src = weights.get(k)
-        if src is None or src.shape != p.shape or f"exp_avg/{k}" not in t:
-            raise common.InputError(f"{wfile}: no matching tensor {k} (checkpoint of another model)")
+        if k not in weights or weights[k].shape != p.shape or f"exp_avg/{k}" not in t:
+            raise common.InputError(f"{wfile}: no tensor {k} of shape {tuple(p.shape)} "
+                                    "(checkpoint of another model or mode)")
         with torch.no_grad():
-            p.copy_(src.to(p.dtype))
+            p.copy_(weights[k])
         state["state"][i] = {"step": torch.tensor(float(t["step"])),
                              "exp_avg": t[f"exp_avg/{k}"], "exp_avg_sq": t[f"exp_avg_sq/{k}"]}
     opt.load_state_dict(state)
-    if f"rng/cpu/{rank}" in t:
-        torch.set_rng_state(t[f"rng/cpu/{rank}"])
+    torch.set_rng_state(t[f"rng/cpu/{rank}"])
     if torch.cuda.is_available() and f"rng/cuda/{rank}" in t:
         torch.cuda.set_rng_state(t[f"rng/cuda/{rank}"])
-    return t, meta
+    if rank == 0:
+        print(f"[resume] {ck}: continuing after step {int(t['step'])} of "
+              f"{meta.get('total_steps')}", file=sys.stderr)
+    return int(t["step"]), {int(t["epoch"]): t["data_order"].tolist()}
 
 
+def open_log(out_dir, start):
+    """train_log.jsonl, keeping only the lines of steps the resumed state includes."""
+    path, old = os.path.join(out_dir, LOG), []
+    if start and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+    common.atomic_write_text(path, "".join(old))
+    return open(path, "a", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
 def train(args, examples, out_dir):
     """Fine-tune args.model on `examples` (dicts of the training-example contract); write the final
     adapter (or model, --full) and trainer state to out_dir; resume from out_dir/checkpoint."""
@@ -299,11 +353,9 @@ def train(args, examples, out_dir):
     rank, world = common.dist_init()
     key = run_key(args, examples, world)
     final = os.path.join(out_dir, lora.TRAINER_STATE)
-    if os.path.isfile(final):
-        _, meta = lora.load_trainer_state(final)
-        if meta.get("run_key") == key and meta.get("complete") == "1":
-            print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
-            return out_dir
+    if os.path.isfile(final) and lora.load_trainer_state(final)[1].get("run_key") == key:
+        print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
+        return out_dir
     created = not os.path.exists(out_dir)
     common.check_output(os.path.join(out_dir, LOG))    # fail before loading anything
     try:
@@ -314,7 +366,6 @@ def train(args, examples, out_dir):
             os.rmdir(out_dir)
         raise
     device = next(model.parameters()).device
-    cuda = device.type == "cuda"
     B = args.batch_size
     accum = args.grad_accum or max(1, EFFECTIVE_BATCH // (B * world))
     G = B * accum * world                                  # examples per optimizer step
@@ -323,142 +374,102 @@ def train(args, examples, out_dir):
     weights = [float(e.get("weight", 1.0)) for e in examples]
     lengths = [len(x) for x, _ in enc]
     params = trainable(model, args.full)
-    opt = torch.optim.AdamW(list(params.values()), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                            eps=args.adam_eps, weight_decay=args.weight_decay, fused=cuda or None)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"[finetune] device {device}, weights {next(iter(params.values())).dtype}, "
-        f"{'bf16 autocast' if cuda else 'fp32 (no autocast)'}, {world} process(es)"
-        f"{' DDP ' + ('nccl' if cuda else 'gloo') if world > 1 else ''}; "
-        f"{'full fine-tuning' if args.full else f'LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(lora.lora_modules(model))} layers'}, "
-        f"{sum(p.numel() for p in params.values()):,} trainable parameters", file=sys.stderr)
-    say(f"[finetune] effective batch {G} = {B} per device x {accum} accumulation x {world} "
-        f"process(es); {total} optimizer steps ({per_epoch} per epoch x {args.epochs})", file=sys.stderr)
-    if n_cut:
-        say(f"[finetune] {n_cut} of {len(enc)} examples exceed --max-len {args.max_len}: "
-            "prompt cut from the left", file=sys.stderr)
-
-    # resume (automatic when the arguments match, forced by --resume)
-    start, saved_order = 0, {}
-    ck = next((os.path.join(out_dir, d) for d in ("checkpoint", "checkpoint.old")
-               if os.path.isfile(os.path.join(out_dir, d, lora.TRAINER_STATE))), None)
-    if args.resume and ck is None:
-        raise common.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
-    if ck is not None:
-        _, meta = lora.load_trainer_state(os.path.join(ck, lora.TRAINER_STATE))
-        if meta.get("run_key") == key or args.resume:
-            t, meta = restore(ck, model, opt, params, rank)
-            start = int(t["step"])
-            saved_order = {int(t["epoch"]): t["data_order"].tolist()}
-            say(f"[resume] {ck}: continuing after step {start} of {total}", file=sys.stderr)
-        else:
-            say(f"[resume] {ck}: made with other arguments, starting over", file=sys.stderr)
-    if rank == 0:   # the log keeps the lines of the steps that the model state includes
-        old = []
-        if start and os.path.isfile(os.path.join(out_dir, LOG)):
-            with open(os.path.join(out_dir, LOG), encoding="utf-8") as f:
-                old = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
-        common.atomic_write_text(os.path.join(out_dir, LOG), "".join(old))
+    opt = torch.optim.AdamW(list(params.values()), lr=args.lr, eps=args.adam_eps,
+                            betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
+    if rank == 0:   # say out loud what runs where
+        what = "full fine-tuning" if args.full else (f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
+                                                     f" on {len(lora.lora_modules(model))} layers")
+        ddp = f" (DDP, {torch.distributed.get_backend()})" if world > 1 else ""
+        print(f"[finetune] device {device}, weights {next(iter(params.values())).dtype}, "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32, no autocast'}, {world} "
+              f"process(es){ddp}; {what}, {sum(p.numel() for p in params.values()):,} trainable "
+              "parameters", file=sys.stderr)
+        print(f"[finetune] effective batch {G} = {B} per device x {accum} accumulation x {world} "
+              f"process(es); {total} optimizer steps ({per_epoch} per epoch x {args.epochs})",
+              file=sys.stderr)
+        if n_cut:
+            print(f"[finetune] {n_cut} of {len(enc)} examples exceed --max-len {args.max_len}: "
+                  "prompt cut from the left", file=sys.stderr)
+    start, orders = resume(out_dir, key, args, model, opt, params, rank)
     if start == 0:
         torch.manual_seed(common.stable_hash(args.seed, "dropout", rank))
-
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[device.index] if cuda else None)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    pad = tok.pad_token_id
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def order(epoch):
-        if epoch not in saved_order:
-            saved_order.clear()
-            saved_order[epoch] = epoch_order(lengths, G, args.seed, epoch, not args.no_group_by_length)
-        return saved_order[epoch]
+    def order(epoch):   # SPEC 9 #11 length-grouped order; the checkpoint's own for its epoch
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = epoch_order(lengths, G, args.seed, epoch, not args.no_group_by_length)
+        return orders[epoch]
 
-    def state_args(step):
+    def state(step):    # what save_state writes
         e = min(step // per_epoch, args.epochs - 1)
         extra = {"epoch": torch.tensor(e), "data_order": torch.tensor(order(e)),
                  **gather_rng(world, device)}
-        meta = {"run_key": key, "mode": "full" if args.full else "lora", "total_steps": str(total),
-                "complete": "1" if step == total else "0"}
-        return (model, tok, opt, params, args, step, extra, meta)
+        meta = {"run_key": key, "mode": "full" if args.full else "lora",
+                "total_steps": str(total), "complete": "1" if step == total else "0"}
+        return model, tok, opt, params, args, step, extra, meta
 
-    log = open(os.path.join(out_dir, LOG), "a", encoding="utf-8") if rank == 0 else None
+    log = open_log(out_dir, start) if rank == 0 else None
     bar = common.progress(total=total, desc="finetune")
     bar.update(start)
-    loop_s, n_tok = 0.0, 0
-    win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}   # log window
     stop = min(total, start + args.stop_after_steps) if args.stop_after_steps else total
+    win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}   # log window
+    loop_s, n_tok = 0.0, 0
     with torch.enable_grad():
         for step in range(start, stop):
             t0 = time.perf_counter()
             epoch, i = divmod(step, per_epoch)
-            gb = order(epoch)[i * G:(i + 1) * G]
-            micro = [gb[s:s + B] for s in range(0, len(gb), B)][rank::world]
-            micro += [[]] * (accum - len(micro))        # a short last step: zero-weight dummies
-            loss_sum, tokens = 0.0, 0
-            for j, idx in enumerate(micro):
-                w = [weights[k] for k in idx] if idx else [0.0]
-                b = collate(enc, idx or gb[:1], w, pad, device)
-                sync = j == accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast():
-                    per_ex = example_losses(net, b)
-                # SPEC 9 #11: sum_i w_i * mean-token CE_i / (examples in this step); DDP averages
-                # gradients over processes, hence the factor `world`
-                loss = (b["weight"] * per_ex).sum() * world / len(gb)
-                loss.backward()
-                loss_sum += float(loss.detach()) / world
-                tokens += b["tokens"] if idx else 0
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start)
-            norm = torch.nn.utils.clip_grad_norm_(list(params.values()),
-                                                  args.max_grad_norm or float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if world > 1:
-                import torch.distributed as dist
-                s = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=device)
-                dist.all_reduce(s)
-                loss_sum, tokens = float(s[0]), int(s[1])
+            lr = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start)
+            loss, tokens, norm = train_step(net, opt, params, enc, weights,
+                                            order(epoch)[i * G:(i + 1) * G], lr, args, accum,
+                                            world, rank, tok.pad_token_id, device)
+            if world > 1:   # the step's loss and tokens over all processes
+                s = torch.tensor([loss, tokens], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(s)
+                loss, tokens = float(s[0]), int(s[1])
             loop_s += time.perf_counter() - t0
             n_tok += tokens
-            win["loss"] += loss_sum
-            win["steps"] += 1
-            win["tokens"] += tokens
+            win = {**win, "loss": win["loss"] + loss, "steps": win["steps"] + 1,
+                   "tokens": win["tokens"] + tokens}
             bar.update(1)
             done = step + 1
             if rank == 0 and (done % args.log_steps == 0 or done == stop):
-                now = time.perf_counter()
                 row = {"step": done, "epoch": round(done / per_epoch, 4),
-                       "loss": win["loss"] / win["steps"], "lr": opt.param_groups[0]["lr"],
-                       "grad_norm": float(norm),
-                       "tokens_per_s": round(win["tokens"] / max(now - win["t0"], 1e-9), 1)}
+                       "loss": win["loss"] / win["steps"], "lr": lr, "grad_norm": norm,
+                       "tokens_per_s": round(win["tokens"] / (time.perf_counter() - win["t0"]), 1)}
                 log.write(common.dumps(row) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
                 win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
-            if done < total and ((args.save_steps and done % args.save_steps == 0) or done == stop):
-                sa = state_args(done)
+            if done < total and (done == stop or (args.save_steps and done % args.save_steps == 0)):
+                st = state(done)
                 if rank == 0:
-                    write_checkpoint(out_dir, *sa)
+                    write_checkpoint(out_dir, *st)
                 common.barrier()
     bar.close()
     if stop < total:
-        say(f"[finetune] stopped after step {stop} of {total} (--stop-after-steps); rerun to resume",
-            file=sys.stderr)
-        if log:
+        if rank == 0:
             log.close()
+            print(f"[finetune] stopped after step {stop} of {total} (--stop-after-steps); "
+                  "rerun to resume", file=sys.stderr)
         return out_dir
-    sa = state_args(total)
+    st = state(total)
     if rank == 0:
-        save_state(out_dir, *sa)
-        log.write(common.dumps({"done": True, "steps": total, "tokens": n_tok, "loop_s": round(loop_s, 3),
+        save_state(out_dir, *st)
+        log.write(common.dumps({"done": True, "steps": total, "tokens": n_tok,
+                                "loop_s": round(loop_s, 3),
                                 "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
         log.close()
         for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
-        common.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc), cut=n_cut,
-                            effective_batch=G, steps=total, processes=world)
-        say(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)", file=sys.stderr)
+        common.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc),
+                            cut=n_cut, effective_batch=G, steps=total, processes=world)
+        print(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)",
+              file=sys.stderr)
     common.barrier()
     return out_dir
 

@@ -299,14 +299,15 @@ def load_trainer_state(path):
         raise InputError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
 
 
-def load_adam_moments(adapter_dir):
-    """({param_name: (exp_avg, exp_avg_sq)}, step) from an adapter folder's trainer state, keyed
-    by our module parameter names (as lora_parameters(model) gives them). GRAIT's LESS features
-    precondition per-sample gradients with these (SPEC 5.3, SPEC 9 #9)."""
+def load_adam_moments(adapter_dir, with_step=False):
+    """{param_name: (exp_avg, exp_avg_sq)} from an adapter folder's trainer state, keyed by our
+    module parameter names (as lora_parameters(model) gives them); with_step=True returns
+    (moments, optimizer steps taken). GRAIT's LESS features precondition per-sample gradients
+    with these (SPEC 5.3, SPEC 9 #9)."""
     t, _ = load_trainer_state(os.path.join(adapter_dir, TRAINER_STATE))
     out = {}
     for k, m in t.items():
         if k.startswith("exp_avg/"):
             key = k[len("exp_avg/"):]
             out[our_name(key)] = (m, t[f"exp_avg_sq/{key}"])
-    return out, int(t["step"])
+    return (out, int(t["step"])) if with_step else out

@@ -164,7 +164,7 @@ def test_two_steps_equal_hand_adamw(tiny_chat_llama, tmp_path, capsys):
     rows = [r for r in log_rows(out) if "step" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
-    moments, step = lora.load_adam_moments(out)
+    moments, step = lora.load_adam_moments(out, with_step=True)
     assert step == 2
     for n, p in params:
         torch.testing.assert_close(moments[n][0], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-8)
@@ -195,8 +195,8 @@ def test_resume_equals_uninterrupted(tiny_chat_llama, tmp_path, capsys, full):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
-    ma, sa = lora.load_adam_moments(a)
-    mb, sb = lora.load_adam_moments(b)
+    ma, sa = lora.load_adam_moments(a, with_step=True)
+    mb, sb = lora.load_adam_moments(b, with_step=True)
     assert sa == sb == 8 and ma.keys() == mb.keys()
     for k in ma:
         torch.testing.assert_close(mb[k][0], ma[k][0], rtol=0, atol=1e-6)
@@ -219,15 +219,16 @@ def test_torchrun_two_processes_equal_double_accumulation(tiny_chat_llama, tmp_p
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "effective batch 4 = 2 per device x 1 accumulation x 2 process(es)" in r.stderr
-    assert "DDP gloo" in r.stderr
+    assert "(DDP, gloo)" in r.stderr
     one = finetune.train(make_args(tiny_chat_llama, *flags[4:], "--lora-dropout", "0",
                                    "--grad-accum", "2"), ex, str(tmp_path / "one"))
     wa, wb = adapter(one), adapter(str(tmp_path / "ddp"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
     la, lb = log_rows(one), log_rows(str(tmp_path / "ddp"))
-    assert [r["loss"] for r in la if "step" in r] == pytest.approx(
-        [r["loss"] for r in lb if "step" in r], rel=1e-5)
+    for k in ("loss", "grad_norm"):   # Adam hides a wrong gradient scale; these do not
+        assert [r[k] for r in la if "step" in r] == pytest.approx(
+            [r[k] for r in lb if "step" in r], rel=1e-5)
 
 
 def run_main(monkeypatch, capsys, argv):
