@@ -30,7 +30,8 @@ THRESHOLDS = {"mcqa": (TAU, TAU), "oeqa": (0.51, 0.49)}        # (van if mu >=, 
 PAPER_COUNTS = {"mcqa": (4000, 1000), "oeqa": (8000, 2000)}     # (N_van, N_idk)
 PAPER_POOL = {"mcqa": 14042, "oeqa": 87622}                     # MMLU test, TriviaQA train
 SCALED_IDK_SHARE = 0.1   # smaller pools (the world, --limit): N_idk = 10% of the pool, N_van = 4x
-METHODS = ("van", "cor", "corcer", "wocer", "craft")
+METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait")
+GRAIT_T = 0.05          # SPEC 5.5: softmax temperature of the adaptive weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +88,67 @@ def select(method, states, task, n_van, n_idk, rng, flow_rule="le0", with_replac
         return (fill_short(by_certainty(van, n_van, True), n_van, rng, with_replacement),
                 fill_short(by_certainty(idk, n_idk, False), n_idk, rng, with_replacement))
     raise ValueError(f"unknown method {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GRAIT (SPEC 5): correctness-ranked van, gradient-greedy IdK selection, adaptive weights
+def grait_split(states, task, tau=TAU):
+    """SPEC 5.2: ik_all = {mu > tau}, idk_all = {mu < tau}; mu = tau exactly is excluded (OEQA
+    keeps its own thresholds, which already drop 0.5)."""
+    if task == "oeqa":
+        return correctness_split(states, task)
+    return [s for s in states if s["mu"] > tau], [s for s in states if s["mu"] < tau]
+
+
+def by_correctness(rows, n):
+    """SPEC 5.2: D_ik_sel = the n rows with the highest mu (ties by id)."""
+    return sorted(rows, key=lambda s: (-s["mu"], s["id"]))[:n]
+
+
+def grait_select(a, items_by_id, rows, task, n_van, n_idk):
+    """SPEC 5.2-5.5 with the decisions of SPEC 9 #7-#10. Features are per-sample LoRA gradients
+    at the warm-up (rehearsal) adapter, Adam-preconditioned with its moments, normalised; two
+    views per item, both with the REFUSE prompt: VAN (the Cor-RAIT target) and IDK."""
+    from kernels import lora, persample as ps
+    ik_all, idk_all = grait_split(rows, task)
+    if not ik_all or not idk_all:
+        raise common.InputError(f"{a.state}: GRAIT needs known (mu > {TAU}) and unknown "
+                                f"(mu < {TAU}) items; found {len(ik_all)} and {len(idk_all)}")
+    van = by_correctness(ik_all, n_van)
+    if not a.model or not a.warmup:
+        raise common.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
+                                "adapter with its Adam moments, SPEC 9 #10)")
+    model, tok = common.load_model(a.model, adapter=a.warmup)
+    moments = None if a.no_adam else lora.load_adam_moments(a.warmup)
+
+    def features(rs, idk_view, desc):
+        ex = [(common.render(tok, common.user_prompt(items_by_id[s["id"]], "refuse")),
+               common.IDK[task] if idk_view else target_of(items_by_id[s["id"]], a.mcqa_reader))
+              for s in rs]
+        return ps.example_features(model, tok, ex, moments=moments, grad_dim=a.grad_dim,
+                                   seed=a.seed, batch_size=a.grad_batch_size, desc=desc)
+
+    z_idk_all, path = features(idk_all, True, "IDK view, idk_all")    # candidates C
+    z_idk_ik, _ = features(ik_all, True, "IDK view, ik_all")          # for the weights
+    z_van, _ = features(van, False, "VAN view, D_ik_sel")             # V
+    k = min(n_idk, len(idk_all))
+    score0 = ps.gram_row_sums(z_idk_all, z_van)                       # SPEC 5.4 step 1
+    col = lambda j: ps.gram_column(z_idk_all, z_idk_all[j])  # noqa: E731
+    if a.grait_select == "greedy":                                    # SPEC 9 #7
+        picked, _ = ps.greedy_select(score0, col, k)
+    else:
+        picked = ps.released_select(score0, col, min(k, len(idk_all) - k))
+    idk = [idk_all[j] for j in picked]
+    delta = ps.grait_delta(z_idk_all[picked], z_idk_ik, z_idk_all)    # SPEC 5.5
+    w = ps.grait_weights(delta, a.grait_temperature, a.grait_weights).tolist()
+    weights = {s["id"]: float(x) for s, x in zip(idk, w)}
+    extra = {"grait": {"feature_path": path, "adam": moments is not None, "select": a.grait_select,
+                       "weights": a.grait_weights, "ik_all": len(ik_all), "idk_all": len(idk_all),
+                       "weight_stats": stats([{"w": x} for x in w], "w")}}
+    if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
+        craft_idk = {s["id"] for s in select("craft", rows, task, n_van, n_idk, random.Random(0))[1]}
+        extra["grait"]["overlap_with_craft_idk"] = len(craft_idk & set(weights)) / max(1, len(idk))
+    return van, idk, weights, extra
 
 
 def target_of(item, reader):
@@ -206,6 +268,19 @@ def parse_args(argv=None):
                         "(Alg. 1 / released OEQA code)")
     p.add_argument("--with-replacement", action="store_true",
                    help="sample with replacement (released MCQA code, SPEC 9 #6)")
+    g = p.add_argument_group("GRAIT (SPEC 5, SPEC 9 #7-#10)")
+    g.add_argument("--model", help="M0, for the gradient features")
+    g.add_argument("--warmup", help="warm-up adapter with Adam moments (rehearse.py's adapter/)")
+    g.add_argument("--grad-dim", type=int, default=8192,
+                   help="feature size: exact gradients when the LoRA vector is at most this long, "
+                        "else a seeded Rademacher projection to it (SPEC 5.3 step 5)")
+    g.add_argument("--no-adam", action="store_true", help="skip Adam preconditioning")
+    g.add_argument("--grait-select", choices=("greedy", "released"), default="greedy",
+                   help="greedy set S (SPEC 5.4) or the released code's lowest-scoring remainder")
+    g.add_argument("--grait-weights", choices=("paper", "code", "uniform"), default="paper",
+                   help="paper: N softmax(-delta/T); code: N/2 softmax(+delta/T); uniform: 1")
+    g.add_argument("--grait-temperature", type=float, default=GRAIT_T, help="T of the weights")
+    g.add_argument("--grad-batch-size", type=int, default=16, help="examples per gradient batch")
     return p.parse_args(argv)
 
 
@@ -220,7 +295,8 @@ def main(argv=None):
         raise common.InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
     task = tasks.pop()
     items_by_id = {it["id"]: it for it in items}
-    rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft"))
+    rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft") or
+                       (a.method == "grait" and a.flow is not None))
     d_van, d_idk = default_counts(task, len(items))
     n_van = d_van if a.n_van is None else a.n_van
     n_idk = d_idk if a.n_idk is None else a.n_idk
@@ -232,7 +308,10 @@ def main(argv=None):
                                 "--with-replacement")
     rng = random.Random(a.seed)
     extra, weights = {}, None
-    van, idk = select(a.method, rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
+    if a.method == "grait":
+        van, idk, weights, extra = grait_select(a, items_by_id, rows, task, n_van, n_idk)
+    else:
+        van, idk = select(a.method, rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
     for kind, got, want in (("van", van, n_van), ("idk", idk, n_idk if a.method != "van" else 0)):
         if len(got) < want:
             print(f"[construct] short {kind} pool: {len(got)} of {want} requested; taking all "

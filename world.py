@@ -132,24 +132,16 @@ def check_settings(a):
 # ---------------------------------------------------------------------------------------------
 # Building the world: people, facts, exposure counts, corpus, items
 def make_names(rng, n):
-    """n distinct two-word fictional names from syllables (`Zorvan Kettle`-like)."""
+    """n distinct one-word fictional names from syllables (`Zorvan`-like): one token per person,
+    so a fact binds to a single embedding, as a rare name does in a real vocabulary."""
     on, nu, co = ONSETS.split(), NUCLEI.split(), [""] + CODAS.split()
-
-    def word():
-        return "".join(rng.choice(on) + rng.choice(nu) + rng.choice(co)
-                       for _ in range(rng.choice((2, 2, 3)))).capitalize()
-
-    k = max(8, math.ceil(math.sqrt(n * 2)))
-    firsts, lasts = set(), set()
-    while len(firsts) < k:
-        firsts.add(word())
-    while len(lasts) < k:
-        w = word()
-        if w not in firsts:
-            lasts.add(w)
-    pairs = [f"{f} {l}" for f in sorted(firsts) for l in sorted(lasts)]
-    rng.shuffle(pairs)
-    return pairs[:n]
+    names = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(on) + rng.choice(nu) + rng.choice(co)
+                          for _ in range(rng.choice((2, 3)))).capitalize())
+    names = sorted(names)          # a set's order varies between processes; sort, then shuffle
+    rng.shuffle(names)
+    return names
 
 
 def build_world(a):

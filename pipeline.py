@@ -1,0 +1,207 @@
+"""pipeline.py: every stage, every method, both tasks, in order (what `make all` runs).
+
+    python pipeline.py                                         # the embedded world, seed 0
+    python pipeline.py --seeds 0 1 2                           # mean and std per report cell
+    python pipeline.py --model meta-llama/Llama-2-7b-chat-hf --data paper     # on a GPU machine
+
+Per task and seed, in runs/<model-slug>/<task>/s<seed>/:
+  probe.py -> probe_init.jsonl; rehearse.py -> rehearsal/; construct.py -> <method>/train.jsonl;
+  finetune.py -> <method>/adapter/; evaluate.py -> {init_basic,init_refuse,<method>}/pred_{id,ood}
+  .jsonl; evaluate.py --report -> report.md, results.json, ths.svg.
+Each stage runs as its own process (exactly the command a user would type, printed before it
+runs). A stage whose command and input files are unchanged since its last success is skipped
+(the key is recorded in `<output>.stage.json`); an interrupted stage resumes from its own partial
+files. Wall times per stage go to runs/<model-slug>/times.md; with several seeds,
+runs/<model-slug>/report.md gives the mean and standard deviation of every cell.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import common
+
+PY = sys.executable
+# The world is tiny and its RAIT sets are small (hundreds of examples): the SPEC 6 recipe (lr 2e-4,
+# effective batch 64, 3 epochs) makes only a handful of steps there, so the world run uses more,
+# smaller steps. Real models get the SPEC 9 #12 defaults of finetune.py untouched.
+WORLD_FINETUNE = ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3"]
+WORLD_REHEARSAL_SHARE = 0.1    # the world's rehearsal set: 10% of the pool (SPEC 3: 1,000 of 14k)
+
+
+def file_key(path):
+    """Content hash of an input file or folder (size + mtime for files over 64 MiB)."""
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+        if not f.endswith((".stage.json", ".config.json")) and "checkpoint" not in d)
+    for p in paths:
+        st = os.stat(p)
+        h.update(p.encode())
+        if st.st_size > 64 << 20:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def run(cmd, out, inputs, times, label):
+    """Run one stage unless `out` exists with the same command and inputs; record wall time."""
+    key = hashlib.sha256(json.dumps([cmd, [file_key(i) for i in inputs]]).encode()).hexdigest()
+    marker = out.rstrip("/") + ".stage.json"
+    if os.path.exists(out) and os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f).get("key") == key:
+                print(f"[pipeline] skip {label}: unchanged", file=sys.stderr)
+                times.append((label, 0.0, "skipped"))
+                return
+    print(f"[pipeline] {label}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        sys.exit(f"[pipeline] {label} failed (exit {r.returncode}); rerun `make all` to resume")
+    dt = time.time() - t0
+    common.write_json(marker, {"key": key, "seconds": round(dt, 1), "cmd": cmd})
+    times.append((label, dt, "ran"))
+
+
+def slug(model):
+    return "world" if model == "world" else re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/"))
+
+
+def task_inputs(a, task):
+    """(model, pool, shots, test_id, test_ood, mcqa reader) for a task."""
+    if a.model == "world":
+        w = os.path.join(a.out, "world")
+        d = os.path.join(w, task)
+        return (os.path.join(w, "model"), f"{d}/train.jsonl", f"{d}/shots.jsonl",
+                f"{d}/test_id.jsonl", f"{d}/test_ood.jsonl", "option")
+    d = os.path.join(a.data_dir, task)
+    return (a.model, f"{d}/train.jsonl", f"{d}/shots.jsonl", f"{d}/test_id.jsonl",
+            f"{d}/test_ood.jsonl", "letter")
+
+
+def run_task(a, task, seed, times):
+    model, pool, shots, test_id, test_ood, reader = task_inputs(a, task)
+    R = os.path.join(a.out, slug(a.model), task, f"s{seed}")
+    world = a.model == "world"
+    tag = f"{task}/s{seed}"
+    extra = shlex.split(a.stage_args)
+    # 1. probe M0 on the pool (SPEC 2)
+    state = f"{R}/probe_init.jsonl"
+    cmd = [PY, "probe.py", "--model", model, "--items", pool, "--task", task, "--out", state,
+           "--seed", str(seed)]
+    if task == "mcqa":
+        cmd += ["--mcqa-reader", reader] + ([] if reader == "option" else ["--shots", shots])
+    elif world or os.path.exists(shots):
+        cmd += ["--shots", shots]
+    run(cmd, state, [model, pool], times, f"{tag} probe")
+    # 2. rehearsal and knowledge flow (SPEC 3)
+    reh = f"{R}/rehearsal"
+    n_pool = sum(1 for _ in open(pool))
+    cmd = [PY, "rehearse.py", "--model", model, "--items", pool, "--state", state, "--out", reh,
+           "--mcqa-reader", reader, "--seed", str(seed)]
+    if world:
+        cmd += ["--size", str(max(32, round(WORLD_REHEARSAL_SHARE * n_pool)))] + WORLD_FINETUNE
+    run(cmd, f"{reh}/flow.jsonl", [model, pool, state], times, f"{tag} rehearse")
+    # 3-4. construct and fine-tune each method (SPEC 4-6)
+    for m in a.methods:
+        train = f"{R}/{m}/train.jsonl"
+        cmd = [PY, "construct.py", "--method", m, "--items", pool, "--state", state, "--flow",
+               f"{reh}/flow.jsonl", "--out", train, "--mcqa-reader", reader, "--seed", str(seed)]
+        if m == "grait":
+            cmd += ["--model", model, "--warmup", f"{reh}/adapter"]
+        run(cmd, train, [pool, state, f"{reh}/flow.jsonl"], times, f"{tag} construct {m}")
+        cmd = [PY, "finetune.py", "--model", model, "--train", train, "--out", f"{R}/{m}/adapter",
+               "--seed", str(seed)] + (WORLD_FINETUNE if world else []) + extra
+        run(cmd, f"{R}/{m}/adapter", [model, train], times, f"{tag} finetune {m}")
+    # 5. evaluate Init-Basic, Init-Refuse and every method on ID and OOD (SPEC 7)
+    rows = [("init_basic", None, "basic"), ("init_refuse", None, "refuse")] + [
+        (m, f"{R}/{m}/adapter", "refuse") for m in a.methods]
+    for name, adapter, prompt in rows:
+        for split, items in (("id", test_id), ("ood", test_ood)):
+            out = f"{R}/{name}/pred_{split}.jsonl"
+            cmd = [PY, "evaluate.py", "--model", model, "--items", items, "--prompt", prompt,
+                   "--out", out, "--mcqa-reader", reader]
+            if adapter:
+                cmd += ["--adapter", adapter]
+            run(cmd, out, [model, items] + ([adapter] if adapter else []), times,
+                f"{tag} evaluate {name} {split}")
+    run([PY, "evaluate.py", "--report", R, "--items-id", test_id, "--items-ood", test_ood,
+         "--seed", str(seed)], f"{R}/report.md",
+        [f"{R}/{n}/pred_{s}.jsonl" for n, _, _ in rows for s in ("id", "ood")], times,
+        f"{tag} report")
+    return R
+
+
+def seed_table(a, folders):
+    """Mean and standard deviation over seeds of every cell of the per-seed results.json."""
+    lines = [f"# {slug(a.model)}: mean ± std over seeds {' '.join(map(str, a.seeds))}", ""]
+    for task, dirs in folders.items():
+        res = [json.load(open(os.path.join(d, "results.json"))) for d in dirs]
+        lines += [f"## {task}", "", "| method | ID Pc | ID Pw | ID Pr | ID THS | OOD Pc | OOD Pw | "
+                  "OOD Pr | OOD THS |", "|---|" + "---|" * 8]
+        for row in (res[0]["id"] or res[0]["ood"])["rows"]:
+            cells = []
+            for split in ("id", "ood"):
+                for k in ("pc", "pw", "pr", "ths"):
+                    v = [r[split]["rows"][row]["rates"][k] for r in res if r.get(split)
+                         and r[split]["rows"].get(row, {}).get("rates", {}).get(k) is not None]
+                    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                    cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}" if v else "-")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="world", help="`world` (embedded default) or a hub id / folder")
+    p.add_argument("--data", choices=("world", "paper"), default="world",
+                   help="`paper`: MMLU->ARC (MCQA) and TriviaQA->NQ (OEQA) items from --data-dir")
+    p.add_argument("--data-dir", default="runs/data", help="data.py item root (--data paper)")
+    p.add_argument("--tasks", nargs="+", default=list(common.TASKS), help="mcqa and/or oeqa")
+    p.add_argument("--methods", nargs="+", default=["van", "cor", "corcer", "wocer", "craft", "grait"],
+                   help="RAIT methods to construct, train and evaluate")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="pipeline seeds")
+    p.add_argument("--out", default="runs", help="run root")
+    p.add_argument("--world-args", default="", help="extra world.py flags (e.g. --preset small)")
+    p.add_argument("--stage-args", default="", help="extra finetune.py flags for the method runs")
+    a = p.parse_args()
+    if a.model == "world" and a.data != "world":
+        raise common.InputError("--data paper needs --model (a chat model hub id or folder)")
+    times = []
+    if a.model == "world":
+        cmd = [PY, "world.py", "--out", os.path.join(a.out, "world")] + shlex.split(a.world_args)
+        print(f"[pipeline] world: {shlex.join(cmd)}", file=sys.stderr)
+        t0 = time.time()
+        if subprocess.run(cmd).returncode:
+            sys.exit("[pipeline] world.py failed")
+        times.append(("world", time.time() - t0, "ran"))
+    folders = {}
+    for task in a.tasks:
+        for seed in a.seeds:
+            folders.setdefault(task, []).append(run_task(a, task, seed, times))
+    root = os.path.join(a.out, slug(a.model))
+    total = sum(t for _, t, _ in times)
+    md = ["# Wall time per stage", "", "| stage | seconds | |", "|---|---|---|"]
+    md += [f"| {label} | {t:.1f} | {how} |" for label, t, how in times]
+    md += [f"| **total** | **{total:.1f}** | |", ""]
+    common.atomic_write_text(os.path.join(root, "times.md"), "\n".join(md))
+    if len(a.seeds) > 1:
+        common.atomic_write_text(os.path.join(root, "report.md"), seed_table(a, folders))
+    print("\n".join(md), file=sys.stderr)
+    for task, dirs in folders.items():
+        print(open(os.path.join(dirs[0], "report.md")).read())
+
+
+if __name__ == "__main__":
+    common.cli(main)

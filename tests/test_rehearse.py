@@ -1,0 +1,85 @@
+"""rehearse.py: the rehearsal filter, the fill-up rule, knowledge flow and its summary (SPEC 3)."""
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+import rehearse as R  # noqa: E402
+
+
+def mc(i, answer="B", exposure=None):
+    it = {"id": i, "task": "mcqa", "question": "q", "answer": answer, "choices": list("wxyz")}
+    if exposure is not None:
+        it["meta"] = {"exposure": exposure}
+    return it
+
+
+def oe(i):
+    return {"id": i, "task": "oeqa", "question": "q", "answer": "a", "aliases": ["a"]}
+
+
+def test_mcqa_filter_uses_raw_gold_probability():
+    # renormalised mu is 1.0 in both, but only the first has raw p(gold) > 0.99 (SPEC 3)
+    assert R.qualifies({"mu": 1.0, "sigma": 0, "probs": [0, 0.995, 0, 0]}, mc("a"))
+    assert not R.qualifies({"mu": 1.0, "sigma": 0, "probs": [0, 0.5, 0, 0]}, mc("b"))
+    # the option reader keeps summed log-likelihoods: raw p = exp(loglik of the gold option)
+    assert R.qualifies({"mu": 1, "sigma": 0, "probs": [0, 1, 0, 0],
+                        "logliks": [-9, -0.001, -9, -9]}, mc("c"))
+    assert not R.qualifies({"mu": 1, "sigma": 0, "probs": [0, 1, 0, 0],
+                            "logliks": [-9, -0.2, -9, -9]}, mc("d"))
+
+
+def test_oeqa_filter_needs_all_samples_correct_and_certain():
+    assert R.qualifies({"mu": 1.0, "sigma": 0.999}, oe("a"))
+    assert not R.qualifies({"mu": 0.9, "sigma": 1.0}, oe("b"))
+    assert not R.qualifies({"mu": 1.0, "sigma": 0.99}, oe("c"))
+
+
+def test_selection_draws_from_qualified_and_fills_up_when_short():
+    items = [oe(f"q{i}") for i in range(6)]
+    states = {"q0": {"mu": 1.0, "sigma": 1.0}, "q1": {"mu": 1.0, "sigma": 1.0},
+              "q2": {"mu": 0.9, "sigma": 0.5}, "q3": {"mu": 0.9, "sigma": 0.8},
+              "q4": {"mu": 0.1, "sigma": 0.9}, "q5": {"mu": 1.0, "sigma": 0.2}}
+    chosen, n_ok = R.select_rehearsal(items, states, 2, seed=0)
+    assert n_ok == 2 and sorted(chosen) == ["q0", "q1"]
+    chosen, _ = R.select_rehearsal(items, states, 5, seed=0)
+    # the 2 qualified ones, then the best of the rest by mu, then sigma: q5, q3, q2
+    assert sorted(chosen[:2]) == ["q0", "q1"] and chosen[2:] == ["q5", "q3", "q2"]
+    assert R.select_rehearsal(items, states, 2, seed=0) == R.select_rehearsal(items, states, 2, seed=0)
+
+
+def test_knowledge_flow_is_mu1_minus_mu0():
+    f = R.knowledge_flow({"id": "x", "mu": 0.2, "sigma": -1.0}, {"id": "x", "mu": 0.7, "sigma": -0.5})
+    assert f == {"id": "x", "mu0": 0.2, "mu1": 0.7, "flow": 0.7 - 0.2, "sigma0": -1.0, "sigma1": -0.5}
+
+
+def test_flow_summary_counts_low_items_that_rose_by_exposure():
+    items = {"a": mc("a", exposure=0), "b": mc("b", exposure=0), "c": mc("c", exposure=5),
+             "d": mc("d", exposure=5)}
+    flows = [{"id": "a", "mu0": 0.1, "mu1": 0.3, "flow": 0.2},
+             {"id": "b", "mu0": 0.2, "mu1": 0.1, "flow": -0.1},
+             {"id": "c", "mu0": 0.4, "mu1": 0.9, "flow": 0.5},
+             {"id": "d", "mu0": 0.9, "mu1": 0.95, "flow": 0.05}]     # not low: not counted
+    s = R.flow_summary(flows, items)
+    assert s["all"]["n_low"] == 3 and abs(s["all"]["rose"] - 2 / 3) < 1e-12
+    assert s["by_exposure"]["0"]["rose"] == 0.5 and s["by_exposure"]["4-7"]["rose"] == 1.0
+
+
+def test_modal_target_is_the_most_frequent_correct_sample():
+    st = {"samples": ["Paris", "paris!", "Paris", "Lyon"], "labels": ["correct", "correct",
+                                                                      "correct", "wrong"]}
+    assert R.modal_correct(st, oe("x")) == "Paris"
+    assert R.modal_correct({"samples": ["Lyon"], "labels": ["wrong"]}, oe("x")) == "a"
+
+
+def test_reprobe_repeats_the_initial_probe_arguments(tmp_path):
+    state = tmp_path / "probe_init.jsonl"
+    cfg = {"args": {"model": "M0", "items": "pool", "task": "mcqa", "out": str(state),
+                    "adapter": None, "mcqa_reader": "option", "strict_refusal": False,
+                    "top_k": 50, "round_certainty": None}}
+    (tmp_path / "probe_init.jsonl.config.json").write_text(json.dumps(cfg))
+    argv = R.probe_argv(str(state), "M0", "pool", "reh/adapter", "reh/probe.jsonl")
+    assert argv == ["--model", "M0", "--items", "pool", "--task", "mcqa", "--out",
+                    "reh/probe.jsonl", "--adapter", "reh/adapter", "--mcqa-reader", "option",
+                    "--top-k", "50"]
