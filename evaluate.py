@@ -229,23 +229,43 @@ def newline_ids(tok):
     return sorted(i for t, i in vocab.items() if "\n" in tok.convert_tokens_to_string([t]))
 
 
-def generate(model, tok, prompts, max_new, stops):
-    """Greedy continuations of rendered prompts, left-padded in one batch, cut at a stop id."""
+def generate(model, tok, prompts, max_new, stops, line_ids=()):
+    """Greedy continuations of rendered prompts, left-padded in one batch, cut at a stop id.
+    With line_ids (line-break tokens) a row also stops at a line break that follows content."""
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
     enc = [common.encode(tok, p) for p in prompts]
     L = max(map(len, enc))
     ids = torch.full((len(enc), L), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(enc), L), dtype=torch.long)
     for i, e in enumerate(enc):
         ids[i, L - len(e):], mask[i, L - len(e):] = torch.tensor(e), 1
+    nl = torch.tensor(sorted(line_ids), dtype=torch.long, device=model.device)
+
+    class LineEnd(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return line_done(input_ids[:, L:], nl)
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                          do_sample=False, max_new_tokens=max_new, eos_token_id=stops,
-                         pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+                         pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
+                         stopping_criteria=StoppingCriteriaList([LineEnd()] if line_ids else []))
     texts = []
     for row in out[:, L:].tolist():
         cut = next((j for j, t in enumerate(row) if t in stops), len(row))
         texts.append(tok.decode(row[:cut], skip_special_tokens=True))
     return texts
+
+
+def line_done(new, line_ids):
+    """Rows (of generated ids [B, T]) whose last token is a line break that follows content."""
+    import torch
+    brk = torch.isin(new, line_ids)
+    return brk[:, -1] & (~brk).any(1)
+
+
+def first_line(text):
+    """The first non-empty line of a response (raw-prompt answers, see --newline-stop)."""
+    return next((line for line in text.split("\n") if line.strip()), "")
 
 
 def answer(args):
@@ -265,21 +285,21 @@ def answer(args):
     stops = stop_ids(tok, model)
     chat = common.has_chat_template(tok)
     newline = args.newline_stop == "on" or (args.newline_stop == "auto" and not chat)
-    if newline:                  # render()'s plain format is `user answer\n`: one line per answer
-        stops = sorted(set(stops) | set(newline_ids(tok)))
+    line_ids = newline_ids(tok) if newline else ()   # render()'s plain format: `user answer\n`
     prompts = {it["id"]: common.render(tok, common.user_prompt(it, args.prompt)) for it in items}
     if rank == 0:
         how = "chat template" if chat else "raw prompt (no chat template)"
         print(f"[evaluate] {len(items)} {task} items, prompt {args.prompt}, {how}, {dev} "
               f"{str(dt).replace('torch.', '')}, greedy, max_new_tokens {max_new}, stop at EOS"
-              + (" or a line break" if newline else ""), file=sys.stderr)
+              + (", answer = first non-empty line" if newline else ""), file=sys.stderr)
     order = sorted(items, key=lambda it: -len(prompts[it["id"]]))   # similar lengths batch together
 
     def fn(batch, _seed):
         rows = []
         with torch.inference_mode():
-            texts = generate(model, tok, [prompts[it["id"]] for it in batch], max_new, stops)
-            texts = [t.split("\n")[0] if newline else t for t in texts]
+            texts = generate(model, tok, [prompts[it["id"]] for it in batch], max_new, stops,
+                             line_ids)
+            texts = [first_line(t) if newline else t for t in texts]
         for it, text in zip(batch, texts):
             lab, letter = label_response(it, text, args.mcqa_reader, args.strict_refusal)
             rows.append({"id": it["id"], "response": text, "label": lab, "parsed": letter,
@@ -548,8 +568,9 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy budget; default 1024 for MCQA, 50 for OEQA (SPEC 7)")
     g.add_argument("--newline-stop", choices=("auto", "on", "off"), default="auto",
-                   help="end answers at a line break; auto = on for models without a chat "
-                   "template, whose plain prompt format is `user answer\\n` (common.render)")
+                   help="the answer is the first non-empty line (generation stops after it); "
+                   "auto = on for models without a chat template, whose plain prompt format "
+                   "is `user answer\\n` (common.render)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     g.add_argument("--strict-refusal", action="store_true",
                    help="refusal = ASCII \"i don't know\" only, curly apostrophes not folded "

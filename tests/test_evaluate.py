@@ -245,6 +245,68 @@ def test_newline_ids_of_a_word_level_tokenizer():
     assert ev.newline_ids(tok) == [4]
 
 
+@pytest.fixture(scope="module")
+def raw_llama(tmp_path_factory):
+    """A tiny Llama with a WordLevel tokenizer and no chat template (like the world) whose
+    greedy next token is a fixed function of the current one: ? -> Paris -> Rome -> line break
+    -> Oslo -> line break -> Oslo ..., and Lima -> line break (an answer that starts with one)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    words = ["<s>", "</s>", "<pad>", "[UNK]", "\n", "Paris", "Rome", "Oslo", "Lima", "Who",
+             "is", "?"]
+    v = {w: i for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(v, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                pre_tokenizers.WhitespaceSplit()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="[UNK]")
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, intermediate_size=32,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    nxt = {"?": "Paris", "Paris": "Rome", "Rome": "\n", "\n": "Oslo", "Oslo": "\n",
+           "Lima": "\n"}
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(len(words), 32))   # one-hot inputs
+        model.lm_head.weight.zero_()
+        for cur, n in nxt.items():
+            model.lm_head.weight[v[n], v[cur]] = 10.0
+    folder = tmp_path_factory.mktemp("raw_llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_raw_prompt_answer_is_its_first_line(raw_llama, tmp_path):
+    items = [{"id": f"q{i}", "task": "oeqa", "question": q, "answer": "Rome",
+              "aliases": ["Rome"]} for i, q in enumerate(["Who is Paris ?", "Who is Lima"])]
+    common.write_jsonl(str(tmp_path / "items.jsonl"), items)
+    base = ["--model", raw_llama, "--items", str(tmp_path / "items.jsonl"), "--prompt", "basic",
+            "--max-new-tokens", "8"]
+    assert run_main(base + ["--out", str(tmp_path / "off.jsonl"), "--newline-stop", "off"]) == 0
+    off = [r["response"].split() for r in common.read_jsonl(str(tmp_path / "off.jsonl"))]
+    assert off == [["Paris", "Rome", "Oslo", "Oslo", "Oslo"], ["Oslo", "Oslo", "Oslo", "Oslo"]]
+    assert run_main(base + ["--out", str(tmp_path / "on.jsonl")]) == 0       # auto: on here
+    on = common.read_jsonl(str(tmp_path / "on.jsonl"))
+    assert [r["response"].strip() for r in on] == ["Paris Rome", "Oslo"]
+    assert [r["label"] for r in on] == ["correct", "wrong"]
+
+
+def test_line_end_rule():
+    import torch
+    nl = torch.tensor([4, 9])
+    new = torch.tensor([[4, 4],      # only line breaks so far: go on
+                        [4, 3],      # content, not at a break: go on
+                        [3, 4],      # content then a break: done
+                        [9, 9],      # breaks only: go on
+                        [3, 9]])     # the other break token: done
+    assert ev.line_done(new, nl).tolist() == [False, False, True, False, True]
+    assert ev.first_line("\n Answer : Helsinki \n Answer the") == " Answer : Helsinki "
+    assert ev.first_line("Paris") == "Paris" and ev.first_line("\n \n") == ""
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end on a tiny chat Llama
 def make_items(path, n_mcqa=3, n_oeqa=0):
