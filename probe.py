@@ -1,4 +1,4 @@
-"""probe.py: the knowledge state (correctness mu, certainty sigma) of a model on each item, as
+r"""probe.py: the knowledge state (correctness mu, certainty sigma) of a model on each item, as
 CRaFT's knowledge query measures it (CRaFT §KQ; SPEC 2, SPEC 9 #4-#5, SPEC 10).
 
 Readers (the `reader` field of each output line):
@@ -228,16 +228,6 @@ def histogram(values, bins=10, lo=None, hi=None, width=40):
             f"{'#' * round(width * c / top)}" for b, c in enumerate(counts)]
 
 
-def exposure_bin(k):
-    """0, 1, 2-3, 4-7, ..., 64-127, 128+ (powers of two)."""
-    if k < 2:
-        return str(int(k))
-    if k >= 128:
-        return "128+"
-    lo = 2 ** int(math.log2(k))
-    return f"{lo}-{2 * lo - 1}"
-
-
 def report(rows, items):
     mus, sigmas = [r["mu"] for r in rows], [r["sigma"] for r in rows]
     print(f"mu (correctness): mean {sum(mus) / len(mus):.4f} over {len(rows)} items")
@@ -254,9 +244,9 @@ def report(rows, items):
         groups = {}
         for r in rows:
             if r["id"] in exp:
-                groups.setdefault(exposure_bin(exp[r["id"]]), []).append(r)
+                groups.setdefault(common.exposure_bin(exp[r["id"]]), []).append(r)
         print("mu by exposure (meta.exposure):\n  exposure      n   mean mu  mean sigma")
-        for b in sorted(groups, key=lambda s: int(s.rstrip("+").split("-")[0])):
+        for b in sorted(groups, key=common.BIN_ORDER.index):
             g = groups[b]
             print(f"  {b:>8} {len(g):6d}   {sum(r['mu'] for r in g) / len(g):7.4f}"
                   f"  {sum(r['sigma'] for r in g) / len(g):10.4f}")
@@ -265,6 +255,7 @@ def report(rows, items):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # inputs and outputs
     p.add_argument("--model", default="runs/world/model", help="model folder or hub id")
@@ -295,17 +286,17 @@ def parse_args(argv=None):
                    help="all-MiniLM-L6-v2 folder or hub id (default: the one `make install` "
                    "extracts)")
     # plumbing
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="items per batch (default 16 MCQA, 8 OEQA); fixed batches make the "
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="items per batch (OEQA: x N sampled rows); fixed batches make the "
                    "result independent of resume and sharding")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch sampling streams")
     args = p.parse_args(argv)
     if args.n_shots is None:
         args.n_shots = 3 if args.task == "oeqa" else (5 if args.mcqa_reader == "letter" else 0)
-    if args.batch_size is None:
-        args.batch_size = 8 if args.task == "oeqa" else 16
-    if args.n_samples < 2 or args.batch_size < 1 or args.n_shots < 0:
-        p.error("--n-samples must be >= 2, --batch-size >= 1, --n-shots >= 0")
+    if args.n_samples < 2 or args.batch_size < 1 or args.n_shots < 0 or args.top_k < 0:
+        p.error("--n-samples must be >= 2, --batch-size >= 1, --n-shots and --top-k >= 0")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1 and args.max_new_tokens >= 1):
+        p.error("need --temperature > 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
     return args
 
 

@@ -4,7 +4,7 @@
     .venv/bin/python bench/probe.py --model /tmp/w/model --n 128 --threads 1
 
 The model is loaded once; each reader gets one untimed warm-up batch, then --n items in batches
-of probe.py's defaults (16 MCQA, 8 OEQA) are timed end to end (prompt building, forward passes,
+of 16 (probe.py's default) are timed end to end (prompt building, forward passes,
 sampling, decoding, embedding; no file I/O). Items come from the world's train pools next to the
 model folder (<world>/{mcqa,oeqa}/{train,shots}.jsonl). Without a world: a random tiny Llama of
 the world's shape (hidden 128, 4 layers) with the MiniLM tokenizer and synthetic items, which
@@ -97,7 +97,7 @@ def main():
                            strict_refusal=False, round_certainty=None)
     oshot = probe.shots_per_item(oe, oshots, 3, same_subject=False)
     timed("sample (3-shot, N=10, SPEC 2.2)", lambda b: probe.read_samples(
-        model, tok, emb, b, oshot, args, 0), oe, 8, rows_per_item=10)
+        model, tok, emb, b, oshot, args, 0), oe, 16, rows_per_item=10)
 
 
 if __name__ == "__main__":

@@ -69,9 +69,9 @@ def compare(rows, items, p, n_samples):
           f"items with 0.02 < p < 0.98 (about 95% expected; mu's 0.1 grid makes it coarse)")
     groups = {}
     for a, b, k in pairs:
-        groups.setdefault(probe.exposure_bin(k), []).append((a, b))
+        groups.setdefault(common.exposure_bin(k), []).append((a, b))
     print("  exposure      n  mean mu  mean p(gold)")
-    for k in sorted(groups, key=lambda s: int(s.rstrip("+").split("-")[0])):
+    for k in sorted(groups, key=common.BIN_ORDER.index):
         g = groups[k]
         print(f"  {k:>8} {len(g):6d}  {sum(a for a, _ in g) / len(g):7.4f}  "
               f"{sum(b for _, b in g) / len(g):12.4f}")

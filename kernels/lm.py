@@ -75,41 +75,49 @@ def warp_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
 def sample(model, prompts, n, generator, pad_id, stop_ids, max_new_tokens, temperature=1.0,
            top_k=0, top_p=1.0, done_fn=None):
     """n sampled continuations of each prompt: a list (len(prompts) * n, prompt-major) of token
-    lists, each cut before its first stop token.
+    lists, each cut before its first stop token. Each prompt is run once and its KV cache copied
+    n times; finished rows leave the batch (and the cache), so the step cost follows the rows
+    still running.
 
-    One multinomial draw per row and step from `generator`, so the same generator seed and the
-    same batch give the same tokens. With top_k the draw is over the k most likely tokens (the
-    distribution of warp_logits, except that ties with the k-th logit are not kept). `done_fn(row_tokens) -> bool` may end a row early when the
-    caller will discard whatever follows (e.g. past a cut marker); rows that are done keep
-    drawing (their tokens are ignored), so the random stream of the other rows does not move."""
-    seqs = [p for p in prompts for _ in range(n)]
-    ids, mask, pos = left_pad(seqs, pad_id, model.device)
+    Each step draws one token per running row from `generator` (row order fixed), so the same
+    seed and the same batch give the same tokens. With top_k the draw is over the k most likely
+    tokens (the distribution of warp_logits, except that ties with the k-th logit are not
+    kept). `done_fn(row_tokens) -> bool` ends a row early when the caller discards whatever
+    would follow (e.g. past a cut marker)."""
+    ids, mask, pos = left_pad(prompts, pad_id, model.device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=model.device)
-    out_tokens = [[] for _ in seqs]
-    alive = [True] * len(seqs)
-    cache = None
-    for _ in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()
+    out_tokens = [[] for _ in range(len(prompts) * n)]
+    rows = list(range(len(out_tokens)))            # output row of each running batch row
+    for step in range(max_new_tokens):
+        if step:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+        cand = None
         if top_k and top_k < logits.size(-1):      # same distribution, drawn over k candidates
             logits, cand = torch.topk(logits, top_k, dim=-1)
         probs = warp_logits(logits, temperature, 0, top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)          # [rows, 1]
-        if top_k and top_k < out.logits.size(-1):
+        nxt = torch.multinomial(probs, 1, generator=generator)          # [running rows, 1]
+        if cand is not None:
             nxt = cand.gather(-1, nxt)
-        is_stop = torch.isin(nxt[:, 0], stop).tolist()
-        for r, (tok, s) in enumerate(zip(nxt[:, 0].tolist(), is_stop)):
-            if alive[r]:
-                if s:
-                    alive[r] = False
-                else:
-                    out_tokens[r].append(tok)
-                    if done_fn is not None and done_fn(out_tokens[r]):
-                        alive[r] = False
-        if not any(alive):
+        keep = []
+        for j, (tok, s) in enumerate(zip(nxt[:, 0].tolist(), torch.isin(nxt[:, 0], stop))):
+            if not s:
+                out_tokens[rows[j]].append(tok)
+                if done_fn is None or not done_fn(out_tokens[rows[j]]):
+                    keep.append(j)
+        if not keep:
             break
+        if len(keep) < len(rows):                  # drop finished rows from batch and cache
+            idx = torch.tensor(keep, device=model.device)
+            cache.batch_select_indices(idx)
+            rows, nxt, mask = [rows[j] for j in keep], nxt[idx], mask[idx]
         ids = nxt
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = mask.sum(-1, keepdim=True) - 1

@@ -121,10 +121,7 @@ def test_label_sample():
     assert probe.label_sample("", al) == "wrong"
 
 
-def test_exposure_bins_and_histogram():
-    got = [probe.exposure_bin(k) for k in (0, 1, 2, 3, 4, 7, 8, 100, 127, 128, 5000)]
-    assert got == ["0", "1", "2-3", "2-3", "4-7", "4-7", "8-15", "64-127", "64-127", "128+",
-                   "128+"]
+def test_histogram():
     lines = probe.histogram([0.0, 0.05, 0.5, 1.0], bins=2, lo=0.0, hi=1.0)
     assert [int(x.split(")")[1].split()[0]) for x in lines] == [2, 2]
 
@@ -269,9 +266,12 @@ def test_oeqa_reader_end_to_end(tiny_chat_llama, tmp_path):
     probe.main(args + ["--out", str(tmp_path / "a.jsonl")])
     probe.main(args + ["--out", str(tmp_path / "b.jsonl")])
     probe.main(args + ["--out", str(tmp_path / "c.jsonl"), "--seed", "1"])
+    probe.main(args + ["--out", str(tmp_path / "d.jsonl"), "--round-certainty", "2"])
     torch.set_grad_enabled(True)
     a, b, c = (open(tmp_path / f"{x}.jsonl").read() for x in "abc")
     assert a == b and a != c
+    for ra, rd in zip(*(common.read_jsonl(str(tmp_path / f"{x}.jsonl")) for x in "ad")):
+        assert rd["samples"] == ra["samples"] and rd["sigma"] == round(ra["sigma"], 2)
     rows = common.read_jsonl(str(tmp_path / "a.jsonl"), check=common.check_state)
     emb = Embedder(EMBEDDER)
     for r in rows:
