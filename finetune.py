@@ -376,7 +376,7 @@ def train(args, examples, out_dir):
     params = trainable(model, args.full)
     opt = torch.optim.AdamW(list(params.values()), lr=args.lr, eps=args.adam_eps,
                             betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.weight_decay, fused=device.type == "cuda" or None)
+                            weight_decay=args.weight_decay, fused=True)   # one kernel per step
     if rank == 0:   # say out loud what runs where
         what = "full fine-tuning" if args.full else (f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
                                                      f" on {len(lora.lora_modules(model))} layers")

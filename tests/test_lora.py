@@ -189,3 +189,24 @@ def test_trainer_state_roundtrip(tiny_chat_llama, tmp_path):
     assert meta["run_key"] == "abc" and torch.equal(t["data_order"], torch.arange(5))
     with pytest.raises(InputError, match="trainer_state.safetensors: missing"):
         lora.load_adam_moments(str(tmp_path / "elsewhere"))
+
+
+def test_training_dropout_is_inverted_dropout():
+    """CPU training mode: x * keep / q with P(drop) = p rounded to 2^-16, fresh per call."""
+    keep, q = lora.keep_mask((400, 500), 0.1)
+    assert keep.dtype == torch.bool and q == 1 - round(0.1 * 65536) / 65536
+    assert abs(keep.float().mean().item() - q) < 0.003           # 200k draws: sd 0.0007
+    for i in range(4):   # each 16-bit quarter of the 64-bit draws is uniform
+        assert abs(keep.view(-1, 4)[:, i].float().mean().item() - q) < 0.005
+    layer = lora.LoRALinear(nn.Linear(16, 8), r=4, alpha=8, dropout=0.25)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 16)
+    torch.manual_seed(5)
+    keep, q = lora.keep_mask(x.shape, 0.25)
+    want = layer.base_layer(x) + layer.lora_B(layer.lora_A(x * keep)) * layer.scaling / q
+    torch.manual_seed(5)
+    torch.testing.assert_close(layer.train()(x), want, **TOL)
+    assert not torch.equal(layer(x), layer(x))                     # a new mask each call
+    torch.testing.assert_close(layer.eval()(x), layer.base_layer(x) + (
+        x @ layer.delta_weight().T), **TOL)                        # eval: no dropout
