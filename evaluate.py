@@ -518,7 +518,8 @@ def ths_svg(points, refs, title=""):
         if abs(dy) > 8:                        # displaced label: a leader line to its point
             o.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{box[0] if dx >= 0 else box[2]:.1f}" '
                      f'y2="{y + dy - 4:.1f}" stroke="{c}" stroke-width="0.6"/>')
-        o.append(f'<text x="{box[0]:.1f}" y="{y + dy:.1f}" fill="{c}">{escape(name)}</text>')
+        o.append(f'<text x="{box[0]:.1f}" y="{y + dy:.1f}" fill="{c}" stroke="white" '
+                 f'stroke-width="3" paint-order="stroke">{escape(name)}</text>')
     lx = X0 + P + 20
     o += [f'<circle cx="{lx}" cy="{Y0 - P + 10}" r="4.5" fill="{color["id"]}"/>',
           f'<text x="{lx + 10}" y="{Y0 - P + 14}">ID test</text>',
