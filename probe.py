@@ -317,7 +317,7 @@ def shots_per_item(items, pool, n, same_subject):
              and (not same_subject or x.get("subject") == it.get("subject"))][:n]
         short += len(s) < n
         out[it["id"]] = s
-    if short:
+    if short and common.dist_info()[0] == 0:
         print(f"[probe] warning: {short} items have fewer than {n} shots", file=sys.stderr)
     return out
 
