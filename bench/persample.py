@@ -179,8 +179,8 @@ def measure_peak(args, name, B, method):
            "--r", str(args.r), "--seq", str(args.seq), "--grad-dim", str(args.grad_dim),
            "--attn", args.attn, "--threads", str(args.threads)] + (
         ["--model", args.model] if args.model else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
-                                                                  "OMP_NUM_THREADS": str(args.threads)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
         return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
     except (IndexError, ValueError, KeyError):

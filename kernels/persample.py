@@ -11,8 +11,9 @@ so one forward (hooks keep each lora_A / lora_B input x) and one backward (tenso
 output gradient gout) give every example's gradient through one batched matmul per linear. The
 backward differentiates the SUM over examples of each example's own token-mean loss, so no
 example's gradient is scaled by, or mixed with, another's; dropout is off, and padded positions
-contribute exact zeros (no loss there, and no real token attends to them). The LoRA weights themselves are taken out of autograd for the pass, so the
-ordinary summed weight gradient is never computed twice.
+contribute exact zeros (no loss there, and no real token attends to them). The LoRA weights
+themselves are taken out of autograd for the pass, so the ordinary summed weight gradient is
+never computed on top.
 
 GRAIT features (SPEC 5.3 steps 3-5): per-sample gradient g -> Adam preconditioning
 u = m' / sqrt(v' + eps) with the warm-up adapter's moments -> either the exact vector (when the
@@ -407,14 +408,17 @@ def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM
 
 # ----------------------------------------------------------------------------------------------
 # 6. Gram blocks: inner products of two feature sets without the N x N matrix (SPEC 5.3 step 6)
-ROW_BLOCK = 4096
+ROW_BLOCK = 1024     # rows per block: 1024 x 8192 float64 is 64 MiB
 
 
 def gram_row_sums(X, Y, cols=None, block=ROW_BLOCK):
-    """Row sums of K = X Y[cols]^T, i.e. sum_k <x_i, y_k>, in float64 without forming K: by
-    linearity sum_k <x_i, y_k> = <x_i, sum_k y_k>, computed over row blocks of X. [N_X]."""
+    """Row sums of K = X Y[cols]^T, i.e. sum_k <x_i, y_k> (SPEC 5.4 step 1), without forming K: by
+    linearity sum_k <x_i, y_k> = <x_i, sum_k y_k>. Both the sum and the products run in float64
+    over row blocks, so a 14k x 8192 pool never needs more than one block's copy. [N_X]."""
     Yc = Y if cols is None else Y[cols]
-    s = Yc.double().sum(0)
+    s = torch.zeros(Y.shape[1], dtype=torch.float64, device=Y.device)
+    for i in range(0, Yc.shape[0], block):
+        s += Yc[i:i + block].double().sum(0)
     return torch.cat([X[i:i + block].double() @ s for i in range(0, X.shape[0], block)])
 
 
@@ -427,20 +431,21 @@ def gram_row_means(X, Y, cols=None, block=ROW_BLOCK):
 
 
 def gram_column(X, y):
-    """One column of K = X X^T: <x_i, y> for every row i (y = a row of X). [N] float64."""
-    return X.double() @ y.double()
+    """One column of K = X X^T: <x_i, y> for every row i (y = a row of X), computed in X's dtype
+    (one pass over X, no float64 copy of the pool) and returned as float64. [N]."""
+    return (X @ y.to(X.dtype)).double()
 
 
 def gram_blocks(X, Y, block=ROW_BLOCK):
-    """Yield (row start, K[start:start+block]) of K = X Y^T, block by block, in float64."""
-    Yd = Y.double()
+    """Yield (row start, K[start:start+block]) of K = X Y^T, block by block, in the inputs'
+    dtype (a float32 14k x 14k K is 0.8 GB; a block is 1024 rows)."""
     for i in range(0, X.shape[0], block):
-        yield i, X[i:i + block].double() @ Yd.T
+        yield i, X[i:i + block] @ Y.T
 
 
 def gram_matrix(X, Y, block=ROW_BLOCK):
-    """The full K = X Y^T (float64) when it fits in memory, assembled from gram_blocks."""
-    K = torch.empty(X.shape[0], Y.shape[0], dtype=torch.float64)
+    """The full K = X Y^T when it fits in memory, assembled from gram_blocks."""
+    K = torch.empty(X.shape[0], Y.shape[0], dtype=torch.promote_types(X.dtype, Y.dtype))
     for i, Kb in gram_blocks(X, Y, block):
         K[i:i + Kb.shape[0]] = Kb
     return K

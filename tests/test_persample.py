@@ -298,18 +298,20 @@ def test_example_features_in_input_order_and_independent_of_batching(lora_model,
 
 # ----------------------------------------------------------------------------------------------
 # Gram blocks (SPEC 5.3 step 6)
-def test_gram_blocks_equal_dense_matrix():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_blocks_equal_dense_matrix(dtype):
     torch.manual_seed(2)
-    X, Y = torch.randn(37, 16), torch.randn(23, 16)
-    K = X.double() @ Y.double().T
+    X, Y = torch.randn(37, 16, dtype=dtype), torch.randn(23, 16, dtype=dtype)
+    K, Kd = X @ Y.T, X.double() @ Y.double().T
     cols = [0, 4, 5, 22]
     mask = torch.zeros(23, dtype=torch.bool)
     mask[cols] = True
-    assert torch.allclose(gram_row_sums(X, Y, block=5), K.sum(1), atol=1e-10)
-    assert torch.allclose(gram_row_sums(X, Y, cols, block=5), K[:, cols].sum(1), atol=1e-10)
-    assert torch.allclose(gram_row_means(X, Y, mask, block=5), K[:, cols].mean(1), atol=1e-10)
-    assert torch.allclose(gram_column(X, X[3]), (X.double() @ X.double().T)[:, 3], atol=1e-10)
-    assert torch.allclose(gram_matrix(X, Y, block=6), K, atol=1e-10)
+    assert torch.allclose(gram_row_sums(X, Y, block=5), Kd.sum(1), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gram_row_sums(X, Y, cols, block=5), Kd[:, cols].sum(1), atol=1e-12)
+    assert torch.allclose(gram_row_means(X, Y, mask, block=5), Kd[:, cols].mean(1), atol=1e-12)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12             # same-dtype dense product
+    assert torch.allclose(gram_column(X, X[3]), (X @ X.T)[:, 3].double(), rtol=0, atol=tol)
+    assert torch.allclose(gram_matrix(X, Y, block=6), K, rtol=0, atol=tol)
     starts = [i for i, _ in gram_blocks(X, Y, block=10)]
     assert starts == [0, 10, 20, 30]
     with pytest.raises(ValueError):
