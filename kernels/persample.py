@@ -390,7 +390,9 @@ def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM
     device = next(model.parameters()).device
     path, D = feature_path(model, grad_dim, projection), lora_dim(model)
     how = {"exact": "EXACT features (no projection)",
-           "projected": f"PROJECTED to {grad_dim} dims (dense seeded Rademacher, seed {seed})",
+           "projected": f"PROJECTED to {grad_dim} dims (dense seeded Rademacher, seed {seed}; "
+                        f"{2 * D * grad_dim / 1e9:.1f} GFLOP per example, projection='sketch' "
+                        "is O(D))",
            "sketched": f"SKETCHED to {grad_dim} dims (seeded CountSketch, seed {seed})"}[path]
     log(f"{len(examples)} examples, LoRA vector D={D:,}: {how}"
         + (", Adam-preconditioned" if moments is not None else ", NO Adam preconditioning"))
