@@ -29,8 +29,9 @@ CountSketch JL alternative at O(D) per example with the same inner-product varia
 Typical use (construct.py --method grait):
 
     from kernels.persample import example_features, gram_row_sums, gram_column, greedy_select
-    z_idk, path = example_features(model, tok, idk_view, moments=load_adam_moments(warmup))
-    z_van, _ = example_features(model, tok, van_view, moments=...)
+    moments = kernels.lora.load_adam_moments(warmup)       # {name: (exp_avg, exp_avg_sq)}
+    z_idk, path = example_features(model, tok, idk_view, moments)   # [(rendered prompt, target)]
+    z_van, _ = example_features(model, tok, van_view, moments)
     s0 = gram_row_sums(z_idk[cand], z_van[van_sel])                      # SPEC 5.4 step 1
     sel, _ = greedy_select(s0, lambda j: gram_column(z_idk[cand], z_idk[cand][j]), 1000)
 """
@@ -201,13 +202,18 @@ def normalise_rows(z):
     return z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
 
 
-def check_moments(names, moments):
-    """Moments come as {lora parameter name: (exp_avg, exp_avg_sq)}; every LoRA matrix needs its
-    pair, with its shape."""
-    missing = [n for n in names if n not in moments]
+def check_moments(model, moments):
+    """Moments come as {lora parameter name: (exp_avg, exp_avg_sq)} (kernels.lora's
+    load_adam_moments); every LoRA matrix needs its pair, with its shape."""
+    params = lora_parameters(model)
+    missing = [n for n, _ in params if n not in moments]
     if missing:
         raise ValueError(f"Adam moments missing for {len(missing)} LoRA matrices, e.g. "
                          f"{missing[0]} (keys must follow lora_parameters(model) names)")
+    for n, p in params:
+        if any(tuple(t.shape) != tuple(p.shape) for t in moments[n]):
+            raise ValueError(f"Adam moments of {n} have shapes "
+                             f"{[tuple(t.shape) for t in moments[n]]}, the matrix {tuple(p.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ def batch_features(model, input_ids, attention_mask, labels, moments=None, grad_
     Returns (features [B, D or grad_dim], path 'exact' | 'projected' | 'sketched')."""
     names = lora_names(model)
     if moments is not None:
-        check_moments(names, moments)
+        check_moments(model, moments)
     path = feature_path(model, grad_dim, projection)
     reduce = PROJECTIONS[projection][1]
     index = {n: i for i, n in enumerate(names)}
@@ -396,6 +402,9 @@ def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM
            "sketched": f"SKETCHED to {grad_dim} dims (seeded CountSketch, seed {seed})"}[path]
     log(f"{len(examples)} examples, LoRA vector D={D:,}: {how}"
         + (", Adam-preconditioned" if moments is not None else ", NO Adam preconditioning"))
+    if moments is not None:                              # once, not per batch
+        check_moments(model, moments)
+        moments = {n: (m.to(device), v.to(device)) for n, (m, v) in moments.items()}
     encoded = [encode_example(tokenizer, p, t, max_len)[:2] for p, t in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = torch.zeros(len(examples), D if path == "exact" else grad_dim, dtype=torch.float32)

@@ -265,6 +265,10 @@ def test_batch_features_exact_and_projected_equal_their_formulas(lora_model, rea
     assert rel_err(z_plain, normalise_rows(flat_grads(grads_ref))) < 1e-5
     with pytest.raises(ValueError, match="moments missing"):
         batch_features(lora_model, *batch, moments=dict(list(moments.items())[1:]))
+    first = next(iter(moments))
+    with pytest.raises(ValueError, match="have shapes"):
+        batch_features(lora_model, *batch, moments={**moments, first: (moments[first][0].T,
+                                                                        moments[first][1])})
 
 
 def test_example_features_in_input_order_and_independent_of_batching(lora_model, real_tokenizer,
