@@ -354,7 +354,8 @@ def train(args, examples, out_dir):
     key = run_key(args, examples, world)
     final = os.path.join(out_dir, lora.TRAINER_STATE)
     if os.path.isfile(final) and lora.load_trainer_state(final)[1].get("run_key") == key:
-        print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
+        if rank == 0:
+            print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
         return out_dir
     created = not os.path.exists(out_dir)
     common.check_output(os.path.join(out_dir, LOG))    # fail before loading anything
@@ -418,10 +419,10 @@ def train(args, examples, out_dir):
     bar.update(start)
     stop = min(total, start + args.stop_after_steps) if args.stop_after_steps else total
     win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}   # log window
-    loop_s, n_tok = 0.0, 0
+    loop_s, loop_cpu, n_tok = 0.0, 0.0, 0   # wall and CPU seconds of the loop (bench/finetune.py)
     with torch.enable_grad():
         for step in range(start, stop):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             epoch, i = divmod(step, per_epoch)
             lr = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start)
             loss, tokens, norm = train_step(net, opt, params, enc, weights,
@@ -432,6 +433,7 @@ def train(args, examples, out_dir):
                 torch.distributed.all_reduce(s)
                 loss, tokens = float(s[0]), int(s[1])
             loop_s += time.perf_counter() - t0
+            loop_cpu += time.process_time() - c0
             n_tok += tokens
             win = {**win, "loss": win["loss"] + loss, "steps": win["steps"] + 1,
                    "tokens": win["tokens"] + tokens}
@@ -461,7 +463,7 @@ def train(args, examples, out_dir):
     if rank == 0:
         save_state(out_dir, *st)
         log.write(common.dumps({"done": True, "steps": total, "tokens": n_tok,
-                                "loop_s": round(loop_s, 3),
+                                "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
                                 "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
         log.close()
         for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):

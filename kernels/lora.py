@@ -169,7 +169,7 @@ def adapter_config(model, base_name):
     if any((m.r, m.alpha, _dropout_p(m)) != (r, alpha, p) for _, m in mods):
         raise ValueError("LoRA layers differ in r/alpha/dropout; peft's format needs patterns")
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-            "lora_dropout": p, "target_modules": sorted(n for n, _ in mods),   # full names, as peft writes
+            "lora_dropout": p, "target_modules": sorted(n for n, _ in mods),   # as peft writes
             "bias": "none", "base_model_name_or_path": base_name, "fan_in_fan_out": False,
             "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
             "use_dora": False, "modules_to_save": None}
@@ -206,9 +206,9 @@ def _read_adapter_config(folder):
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise InputError(f"{path}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}, "
-                         "only LORA adapters are supported")
+    kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
+    if kind != "LORA":
+        raise InputError(f"{path}: peft_type is {kind!r}, only LORA adapters are supported")
     for k, default in UNSUPPORTED.items():
         if cfg.get(k, default) not in (default, None, {}, False):
             raise InputError(f"{path}: option {k}={cfg[k]!r} is not supported by kernels/lora.py")
@@ -256,8 +256,9 @@ def load_adapter(model, folder):
     found = _matched_names(model, cfg["target_modules"])
     bad = [n for n, m in found if not isinstance(m, nn.Linear)]
     if bad:
-        raise InputError(f"{cfg_path}: target {bad[0]} is a {type(model.get_submodule(bad[0])).__name__}, "
-                         "only nn.Linear layers are supported")
+        kind = type(model.get_submodule(bad[0])).__name__
+        raise InputError(f"{cfg_path}: target {bad[0]} is a {kind}, only nn.Linear layers are "
+                         "supported")
     if not found:
         raise InputError(f"{cfg_path}: target_modules {cfg['target_modules']!r} match no layer of "
                          "the model (adapter made for another base model?)")
@@ -311,7 +312,7 @@ def load_trainer_state(path):
     """(tensors, metadata) of a trainer_state.safetensors file; InputError if missing/unreadable."""
     from safetensors import SafetensorError, safe_open
     if not os.path.isfile(path):
-        raise InputError(f"{path}: missing (no trainer state; was the adapter made by finetune.py?)")
+        raise InputError(f"{path}: missing (no trainer state; not made by finetune.py?)")
     try:
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

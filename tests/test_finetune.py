@@ -56,7 +56,8 @@ def test_defaults_are_the_spec_recipe():
     a = make_args("m")
     d = finetune.add_train_args(argparse.ArgumentParser()).parse_args([])
     assert (d.lora_r, d.lora_alpha, d.lora_dropout, d.target_modules) == (64, 16, 0.1, "all-linear")
-    assert (d.epochs, d.lr, d.warmup_ratio, d.weight_decay, d.max_grad_norm) == (3, 2e-4, 0.03, 0, 1)
+    assert (d.epochs, d.lr, d.warmup_ratio, d.weight_decay) == (3, 2e-4, 0.03, 0)
+    assert d.max_grad_norm == 1.0 and not d.full
     assert (d.adam_beta1, d.adam_beta2, d.max_len) == (0.9, 0.999, 2048)
     assert finetune.EFFECTIVE_BATCH == 64 and a.batch_size == 4 and a.grad_accum is None
     r = finetune.add_train_args(argparse.ArgumentParser(), warmup_ratio=0.0).parse_args([])
@@ -75,13 +76,15 @@ def test_schedule():
 
 
 def test_epoch_order_is_length_grouped_and_seeded():
-    lengths = [int(x) for x in torch.randint(5, 500, (103,), generator=torch.Generator().manual_seed(0))]
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(5, 500, (103,), generator=g)]
     o = finetune.epoch_order(lengths, 8, seed=1, epoch=0)
     assert sorted(o) == list(range(103)) and o == finetune.epoch_order(lengths, 8, 1, 0)
     assert o != finetune.epoch_order(lengths, 8, 1, 1)
     batches = [o[s:s + 8] for s in range(0, 103, 8)]
     assert len(batches[-1]) == 103 % 8                                  # the short batch is last
-    assert all([lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True) for b in batches)
+    for b in batches:                                                   # sorted within a batch
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
     pad = lambda order: sum(8 * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
                             for b in (order[s:s + 8] for s in range(0, 96, 8)))
     assert pad(o) < 0.5 * pad(finetune.epoch_order(lengths, 8, 1, 0, grouped=False))
@@ -169,7 +172,8 @@ def test_two_steps_equal_hand_adamw(tiny_chat_llama, tmp_path, capsys):
     for n, p in params:
         torch.testing.assert_close(moments[n][0], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(moments[n][1], opt.state[p]["exp_avg_sq"], rtol=1e-5, atol=1e-10)
-    assert os.path.isfile(f"{out}.config.json") and not os.path.exists(os.path.join(out, "checkpoint"))
+    assert os.path.isfile(f"{out}.config.json")
+    assert not os.path.exists(os.path.join(out, "checkpoint"))         # removed once complete
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -257,7 +261,8 @@ def test_bad_training_file(tiny_chat_llama, tmp_path, monkeypatch, capsys, case,
     code, err = run_main(monkeypatch, capsys, ["--model", tiny_chat_llama, "--train", str(path),
                                                "--out", str(out)])
     assert code != 0 and len(err) == 1, err
-    assert err[0].startswith(f"error: {path}{':' + str(line) if line else ''}:") and needle in err[0]
+    where = f"{path}:{line}:" if line else f"{path}:"
+    assert err[0].startswith(f"error: {where}") and needle in err[0]
     assert not os.path.exists(out) and not os.path.exists(f"{out}.config.json")
 
 
@@ -266,7 +271,8 @@ def test_unknown_target_module(tiny_chat_llama, tmp_path, monkeypatch, capsys):
     common.write_jsonl(str(path), examples(3))
     out = tmp_path / "out"
     code, err = run_main(monkeypatch, capsys, ["--model", tiny_chat_llama, "--train", str(path),
-                                               "--out", str(out), "--target-modules", "q_proj,c_attn"])
+                                               "--out", str(out),
+                                               "--target-modules", "q_proj,c_attn"])
     assert code != 0 and len(err) == 1, err
     assert err[0].startswith(f"error: {tiny_chat_llama}:") and "c_attn" in err[0]
     assert not os.path.exists(out)

@@ -88,7 +88,8 @@ def test_peft_adapter_loads_in_ours(tiny_chat_llama, tmp_path, ids, targets):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_chat_llama),
-                        LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM",
+                        LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                   task_type="CAUSAL_LM",
                                    init_lora_weights=False))   # random B: a non-trivial adapter
     pm.eval()
     pm.save_pretrained(tmp_path / "peft")
