@@ -8,12 +8,15 @@ MODEL   ?= world
 TASKS   ?= mcqa oeqa
 METHODS ?= van cor corcer wocer craft grait
 SEED    ?= 0
+SEEDS   ?= $(SEED)
+# DATA: `world` (embedded) or `paper` (MMLU->ARC, TriviaQA->NQ items under $(OUT)/data; see `make data`)
+DATA    ?= world
 OUT     ?= runs
 # extra world.py flags, e.g. --preset small
 WORLD_ARGS ?=
 EMBEDDER := $(VENV)/share/all-MiniLM-L6-v2
 
-.PHONY: all world test clean install
+.PHONY: all world test clean install probe rehearse construct finetune data
 .DEFAULT_GOAL := all
 
 # --- install: pinned requirements; torch from the local CPU wheel first so pip never resolves a
@@ -30,9 +33,18 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 install: $(VENV)/.installed
 
 world: $(VENV)/.installed
-	$(PYTHON) world.py --out $(OUT)/world --seed $(SEED) $(WORLD_ARGS)
+	$(PYTHON) world.py --out $(OUT)/world $(WORLD_ARGS)
 
-all: world
+# The whole pipeline (pipeline.py): world -> probe -> rehearse -> construct -> finetune -> evaluate
+# -> report, per task and seed; unchanged stages are skipped, interrupted ones resume.
+PIPELINE = $(PYTHON) pipeline.py --model $(MODEL) --data $(DATA) --data-dir $(OUT)/data \
+	--tasks $(TASKS) --methods $(METHODS) --seeds $(SEEDS) --out $(OUT) --world-args "$(WORLD_ARGS)"
+
+all: $(VENV)/.installed
+	$(PIPELINE)
+
+probe rehearse construct finetune: $(VENV)/.installed
+	$(PIPELINE) --until $@
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q tests

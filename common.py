@@ -362,7 +362,6 @@ def load_model(name, adapter=None, device=None, dtype=None, trust_remote_code=Fa
         from kernels.lora import load_adapter
         load_adapter(model, adapter)
     model.to(dev).eval()
-    torch.set_grad_enabled(False)
     return model, tok
 
 

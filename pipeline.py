@@ -103,6 +103,8 @@ def run_task(a, task, seed, times):
     elif world or os.path.exists(shots):
         cmd += ["--shots", shots]
     run(cmd, state, [model, pool], times, f"{tag} probe")
+    if a.until == "probe":
+        return R
     # 2. rehearsal and knowledge flow (SPEC 3)
     reh = f"{R}/rehearsal"
     n_pool = sum(1 for _ in open(pool))
@@ -111,6 +113,8 @@ def run_task(a, task, seed, times):
     if world:
         cmd += ["--size", str(max(32, round(WORLD_REHEARSAL_SHARE * n_pool)))] + WORLD_FINETUNE
     run(cmd, f"{reh}/flow.jsonl", [model, pool, state], times, f"{tag} rehearse")
+    if a.until == "rehearse":
+        return R
     # 3-4. construct and fine-tune each method (SPEC 4-6)
     for m in a.methods:
         train = f"{R}/{m}/train.jsonl"
@@ -119,9 +123,13 @@ def run_task(a, task, seed, times):
         if m == "grait":
             cmd += ["--model", model, "--warmup", f"{reh}/adapter"]
         run(cmd, train, [pool, state, f"{reh}/flow.jsonl"], times, f"{tag} construct {m}")
+        if a.until == "construct":
+            continue
         cmd = [PY, "finetune.py", "--model", model, "--train", train, "--out", f"{R}/{m}/adapter",
                "--seed", str(seed)] + (WORLD_FINETUNE if world else []) + extra
         run(cmd, f"{R}/{m}/adapter", [model, train], times, f"{tag} finetune {m}")
+    if a.until in ("construct", "finetune"):
+        return R
     # 5. evaluate Init-Basic, Init-Refuse and every method on ID and OOD (SPEC 7)
     rows = [("init_basic", None, "basic"), ("init_refuse", None, "refuse")] + [
         (m, f"{R}/{m}/adapter", "refuse") for m in a.methods]
@@ -174,6 +182,8 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="pipeline seeds")
     p.add_argument("--out", default="runs", help="run root")
     p.add_argument("--world-args", default="", help="extra world.py flags (e.g. --preset small)")
+    p.add_argument("--until", choices=("probe", "rehearse", "construct", "finetune", "all"),
+                   default="all", help="stop after this stage (make probe / rehearse / ...)")
     p.add_argument("--stage-args", default="", help="extra finetune.py flags for the method runs")
     a = p.parse_args()
     if a.model == "world" and a.data != "world":
@@ -196,11 +206,12 @@ def main():
     md += [f"| {label} | {t:.1f} | {how} |" for label, t, how in times]
     md += [f"| **total** | **{total:.1f}** | |", ""]
     common.atomic_write_text(os.path.join(root, "times.md"), "\n".join(md))
-    if len(a.seeds) > 1:
+    if len(a.seeds) > 1 and a.until == "all":
         common.atomic_write_text(os.path.join(root, "report.md"), seed_table(a, folders))
     print("\n".join(md), file=sys.stderr)
     for task, dirs in folders.items():
-        print(open(os.path.join(dirs[0], "report.md")).read())
+        if a.until == "all":
+            print(open(os.path.join(dirs[0], "report.md")).read())
 
 
 if __name__ == "__main__":

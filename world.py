@@ -69,12 +69,15 @@ ONSETS = "b d f g k l m n p r s t v z br dr gr kr st tr sh ch"
 NUCLEI = "a e i o u ai ei ou"
 CODAS = " n r l s th x m"           # the first coda is empty
 
-PRESETS = {  # knob defaults per preset; flags override (DESIGN "Measured recipe")
-    "default": dict(people=500, famous=40, values=24, epochs=3, seq_len=64, batch=64, lr=3e-3,
+# Knob defaults per preset; flags override. Measured (2-core CPU): memorising facts needs many
+# small optimizer steps: batch 8 x 64 tokens at lr 2e-3 reaches open-QA accuracy 0.99 for facts
+# seen 32+ times per epoch, where batch 64 at lr 3e-3 (DESIGN's first recipe) reached 0.25.
+PRESETS = {
+    "default": dict(people=300, famous=40, values=24, epochs=3, seq_len=64, batch=8, lr=2e-3,
                     hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
                     qa_share=0.15, test_frac=0.2),
-    "small": dict(people=60, famous=12, values=8, epochs=4, seq_len=64, batch=32, lr=3e-3,
-                  hidden=32, layers=2, heads=2, inter=64, pop_lo=1.0, pop_hi=5.0,
+    "small": dict(people=40, famous=12, values=8, epochs=12, seq_len=64, batch=8, lr=5e-3,
+                  hidden=64, layers=2, heads=4, inter=128, pop_lo=1.0, pop_hi=6.0,
                   qa_share=0.15, test_frac=0.25),
 }
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
