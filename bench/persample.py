@@ -22,6 +22,11 @@ peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs after the model 
 built, and the table shows VmHWM minus the RSS at that point (CPU; on CUDA it is
 torch.cuda.max_memory_allocated instead). Targets (DESIGN budgets): ours >= 3.5x faster than the
 loop at batch 16 on the world model, and within 1.5x of plain.
+
+On a shared machine, `--threads 1` gives the stable numbers: with 2 OpenMP threads and other
+jobs on the cores, every parallel region can wait a scheduler slice for its second thread, which
+slows the many small ops of the loop far more than the batched methods (measured: all methods
+3-10x slower than with 1 thread at a load average of 6 on 2 cores).
 """
 import argparse
 import json
