@@ -46,6 +46,13 @@ all: $(VENV)/.installed
 probe rehearse construct finetune: $(VENV)/.installed
 	$(PIPELINE) --until $@
 
+# Real benchmarks -> $(OUT)/data/{mcqa,oeqa}/*.jsonl (data.py): make data BENCH=mmlu|arc|triviaqa|nq;
+# BENCH_SRC=path converts a local copy instead of downloading.
+BENCH     ?= mmlu
+BENCH_SRC ?=
+data: $(VENV)/.installed
+	$(PYTHON) data.py $(BENCH) --out $(OUT)/data $(if $(BENCH_SRC),--src $(BENCH_SRC),--download --cache $(OUT)/data/cache)
+
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q tests
 
