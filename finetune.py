@@ -330,12 +330,20 @@ def resume(out_dir, key, args, model, opt, params, rank):
     return int(t["step"]), {int(t["epoch"]): t["data_order"].tolist()}
 
 
+def _log_step(line):
+    """The step of a train_log line; a line torn by a kill mid-write counts as after the resume."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
 def open_log(out_dir, start):
     """train_log.jsonl, keeping only the lines of steps the resumed state includes."""
     path, old = os.path.join(out_dir, LOG), []
     if start and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
-            old = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start]
+            old = [ln for ln in f if ln.strip() and _log_step(ln) <= start]
     common.atomic_write_text(path, "".join(old))
     return open(path, "a", encoding="utf-8")
 
@@ -420,7 +428,7 @@ def train(args, examples, out_dir):
     stop = min(total, start + args.stop_after_steps) if args.stop_after_steps else total
     win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}   # log window
     loop_s, loop_cpu, n_tok = 0.0, 0.0, 0   # wall and CPU seconds of the loop (bench/finetune.py)
-    with torch.enable_grad():
+    with torch.enable_grad(), bar:   # Ctrl-C: the bar closes before cli's one-line message
         for step in range(start, stop):
             t0, c0 = time.perf_counter(), time.process_time()
             epoch, i = divmod(step, per_epoch)

@@ -1,0 +1,569 @@
+"""Issue 9, reliability: interrupted runs resume to the uninterrupted result, bad inputs stop with
+one line and no output, a seed gives the same files, and loading never runs pickled or remote code.
+
+Everything runs on one small world (`world.py --preset small`) built once for this module, with the
+world's MCQA pool (120 items, option reader) and tiny batches, so each stage has many batches or
+steps to be interrupted between. Reference run A and repeat run B are plain subprocesses, each
+stage exactly as a user types it, run from an empty working folder (nothing may appear there).
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import ROOT
+
+PY = os.path.join(ROOT, ".venv", "bin", "python")
+BAD = os.path.join(ROOT, "tests", "bad_inputs")
+INTERRUPTED = "interrupted: partial results are kept; rerun the same command to resume"
+STAGES = ("probe", "rehearse", "construct", "finetune", "evaluate", "world")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment: one thread, and a private HF cache that must stay empty (every
+    load here is local; nothing may be fetched or cached)."""
+    hf = tmp_path_factory.mktemp("hf_home")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HOME": str(hf), "HF_HUB_OFFLINE": "1"}
+
+
+def script(stage):
+    return os.path.join(ROOT, f"{stage}.py")
+
+
+def tree(folder):
+    """{relative path: (size, mtime_ns)} of every file under folder."""
+    out = {}
+    for d, _, fs in os.walk(folder):
+        for f in fs:
+            p = os.path.join(d, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def files_under(folder):
+    return sorted(tree(folder)) if os.path.isdir(folder) else []
+
+
+# ----------------------------------------------------------------------------------------------
+# the small world, the stage commands, reference run A and repeat run B
+class Runs:
+    def __init__(self, root, env):
+        self.root, self.env = root, env
+        self.cwd = root / "cwd"              # an empty working folder: must stay empty
+        self.cwd.mkdir()
+        self.W = str(root / "world")
+        self.model = os.path.join(self.W, "model")
+        self.pool = os.path.join(self.W, "mcqa", "train.jsonl")
+
+    def run(self, cmd, check=True):
+        r = subprocess.run(cmd, cwd=self.cwd, env=self.env, capture_output=True, text=True,
+                           timeout=300)
+        if check:
+            assert r.returncode == 0, f"{cmd}\n{r.stderr[-3000:]}"
+        return r
+
+    # Each command takes its inputs explicitly, so a stage can be rerun on run A's inputs.
+    def probe(self, out):
+        return [PY, script("probe"), "--model", self.model, "--items", self.pool, "--task", "mcqa",
+                "--mcqa-reader", "option", "--batch-size", "1", "--out", out]
+
+    def rehearse(self, state, out):
+        return [PY, script("rehearse"), "--model", self.model, "--items", self.pool, "--state",
+                state, "--out", out, "--mcqa-reader", "option", "--size", "32", "--batch-size",
+                "2", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3", "--lora-r", "8",
+                "--save-steps", "1"]
+
+    def construct(self, state, flow, out):
+        return [PY, script("construct"), "--method", "craft", "--items", self.pool, "--state",
+                state, "--flow", flow, "--out", out, "--mcqa-reader", "option"]
+
+    def finetune(self, train, out):
+        return [PY, script("finetune"), "--model", self.model, "--train", train, "--out", out,
+                "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3",
+                "--lora-r", "8", "--save-steps", "1"]
+
+    def evaluate(self, adapter, out):
+        return [PY, script("evaluate"), "--model", self.model, "--adapter", adapter, "--items",
+                self.pool, "--prompt", "refuse", "--mcqa-reader", "option", "--max-new-tokens",
+                "6", "--batch-size", "1", "--out", out]
+
+    def chain(self, R, a=None):
+        """Every stage into folder R; with `a` (run A's folder), each stage reads A's inputs, so
+        each stage's determinism is checked on its own."""
+        src = a or R
+        os.makedirs(R, exist_ok=True)
+        self.run(self.probe(f"{R}/probe.jsonl"))
+        if a is None:
+            self.run(self.rehearse(f"{R}/probe.jsonl", f"{R}/rehearsal"))
+        self.run(self.construct(f"{src}/probe.jsonl", f"{src}/rehearsal/flow.jsonl",
+                                f"{R}/craft/train.jsonl"))
+        self.run(self.finetune(f"{src}/craft/train.jsonl", f"{R}/craft/adapter"))
+        self.run(self.evaluate(f"{src}/craft/adapter", f"{R}/craft/pred.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, env):
+    r = Runs(tmp_path_factory.mktemp("reliability"), env)
+    # the small preset with 4 of its 12 pre-training epochs: these tests need the mechanics of
+    # every stage, not a model that knows much (14 s instead of 31 s of CPU)
+    r.run([PY, script("world"), "--preset", "small", "--epochs", "4", "--out", r.W])
+    r.world_tree = tree(r.W)
+    r.A = str(r.root / "A")
+    r.chain(r.A)
+    return r
+
+
+@pytest.fixture(scope="module")
+def run_b(runs):
+    B = str(runs.root / "B")
+    runs.chain(B, a=runs.A)
+    return B
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def assert_same_weights(a, b, atol):
+    """Adapter weights and Adam moments of two finetune.py output folders agree to atol."""
+    for name in ("adapter_model.safetensors", "trainer_state.safetensors"):
+        wa, wb = load_file(os.path.join(a, name)), load_file(os.path.join(b, name))
+        assert wa and sorted(wa) == sorted(wb)
+        for k in wa:
+            if atol == 0:
+                assert torch.equal(wa[k], wb[k]), f"{name}: {k} differs"
+            else:
+                torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=atol, msg=f"{name}: {k}")
+
+
+# ----------------------------------------------------------------------------------------------
+# interruption: SIGKILL (no chance to clean up) or SIGINT (Ctrl-C), then the same command again
+def interrupt(runs, cmd, ready, sig, tmp_path, timeout=120):
+    """Start cmd, wait until ready() says it is mid-run, send sig; return (exit code, stderr)."""
+    err_path = tmp_path / f"stderr-{time.time_ns()}.txt"
+    with open(err_path, "w") as err:
+        p = subprocess.Popen(cmd, cwd=runs.cwd, env=runs.env, stdout=subprocess.DEVNULL,
+                             stderr=err)
+        t0 = time.time()
+        while p.poll() is None and not ready() and time.time() - t0 < timeout:
+            time.sleep(0.005)
+        alive = p.poll() is None
+        if alive:
+            p.send_signal(sig)
+        code = p.wait(timeout=120)
+    text = err_path.read_text()
+    assert alive, f"the run ended (exit {code}) before it could be interrupted:\n{text[-2000:]}"
+    return code, text
+
+
+def lines_of(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def batches_done(part, n=1):
+    """A partial file of resumable_batches holds its key line and at least n finished batches."""
+    return lambda: lines_of(part) >= 1 + n
+
+
+def checkpoint_exists(out_dir):
+    return lambda: os.path.isfile(os.path.join(out_dir, "checkpoint", "trainer_state.safetensors"))
+
+
+def assert_clean_interrupt(code, err):
+    """Ctrl-C: exit 130, no traceback, and the last line of stderr is the one-line message."""
+    assert code == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    last = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()][-1]
+    assert last == INTERRUPTED
+    assert err.count("interrupted:") == 1
+
+
+def test_probe_ctrl_c_then_rerun_equals_uninterrupted(runs, tmp_path):
+    """(SIGKILL of probe.py is covered in test_probe.py; here Ctrl-C on the world.)"""
+    out = str(tmp_path / "probe.jsonl")
+    code, err = interrupt(runs, runs.probe(out), batches_done(out + ".part0", 2), signal.SIGINT,
+                          tmp_path)
+    assert_clean_interrupt(code, err)
+    assert not os.path.exists(out) and lines_of(out + ".part0") >= 3      # partial work kept
+    r = runs.run(runs.probe(out))
+    assert "[resume]" in r.stderr
+    assert read(out) == read(f"{runs.A}/probe.jsonl")
+    assert not glob.glob(out + ".part*")
+
+
+def test_finetune_killed_then_rerun_equals_uninterrupted(runs, tmp_path):
+    """About 60 steps (batch 2, 2 epochs) with a checkpoint after each; LoRA dropout is on, so
+    the RNG state must resume exactly too. (Ctrl-C in training: the rehearse test below.)"""
+    out = str(tmp_path / "adapter")
+    cmd = runs.finetune(f"{runs.A}/craft/train.jsonl", out)
+    code, _ = interrupt(runs, cmd, checkpoint_exists(out), signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(out, "trainer_state.safetensors"))   # not finished
+    r = runs.run(cmd)
+    assert "[resume]" in r.stderr and "continuing after step" in r.stderr
+    assert_same_weights(f"{runs.A}/craft/adapter", out, atol=1e-6)
+    assert not glob.glob(os.path.join(out, "checkpoint*"))
+    n = len(common.read_jsonl(f"{runs.A}/craft/train.jsonl"))
+    steps = [json.loads(ln)["step"] for ln in open(os.path.join(out, "train_log.jsonl"))
+             if '"step"' in ln]
+    assert steps == list(range(1, 2 * -(-n // 2) + 1))    # the log has each step once
+
+
+def test_rehearse_ctrl_c_in_training_then_killed_in_reprobe(runs, tmp_path):
+    """Ctrl-C while rehearse.py trains (a checkpoint exists), rerun, SIGKILL while it re-probes
+    (a partial probe file exists), rerun: every file equals the uninterrupted run's."""
+    out = str(tmp_path / "rehearsal")
+    cmd = runs.rehearse(f"{runs.A}/probe.jsonl", out)
+    code, err = interrupt(runs, cmd, checkpoint_exists(os.path.join(out, "adapter")),
+                          signal.SIGINT, tmp_path)
+    assert_clean_interrupt(code, err)
+    assert not os.path.exists(os.path.join(out, "adapter", "trainer_state.safetensors"))
+    part = os.path.join(out, "probe.jsonl.part0")
+    code, err = interrupt(runs, cmd, batches_done(part, 2), signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL
+    assert "continuing after step" in err                 # the first rerun resumed training
+    assert not os.path.exists(os.path.join(out, "flow.jsonl"))
+    r = runs.run(cmd)
+    assert "already trained" in r.stderr and "[resume]" in r.stderr
+    for f in ("train.jsonl", "probe.jsonl", "flow.jsonl", "flow_summary.json"):
+        assert read(os.path.join(out, f)) == read(f"{runs.A}/rehearsal/{f}"), f
+    assert_same_weights(f"{runs.A}/rehearsal/adapter", os.path.join(out, "adapter"), atol=1e-6)
+
+
+def test_evaluate_killed_then_rerun_equals_uninterrupted(runs, tmp_path):
+    """(Ctrl-C in evaluate.py runs the same resumable_batches as the probe test above, and
+    test_evaluate.py interrupts it in-process.)"""
+    out = str(tmp_path / "pred.jsonl")
+    cmd = runs.evaluate(f"{runs.A}/craft/adapter", out)
+    code, _ = interrupt(runs, cmd, batches_done(out + ".part0", 2), signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL
+    assert not os.path.exists(out) and lines_of(out + ".part0") >= 3
+    r = runs.run(cmd)
+    assert "[resume]" in r.stderr
+    assert read(out) == read(f"{runs.A}/craft/pred.jsonl")
+    assert not glob.glob(out + ".part*")
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism: the same command twice on CPU gives the same bytes (and bit-equal weights)
+def test_same_seed_same_files(runs, run_b):
+    A, B = runs.A, run_b
+    for f in ("probe.jsonl", "craft/train.jsonl", "craft/train.jsonl.summary.json",
+              "craft/pred.jsonl"):
+        assert read(f"{A}/{f}") == read(f"{B}/{f}"), f
+    assert_same_weights(f"{A}/craft/adapter", f"{B}/craft/adapter", atol=0)
+
+
+def test_a_different_seed_changes_the_result(runs, tmp_path, monkeypatch):
+    """The determinism test above could pass if the seed were ignored; it is not."""
+    import finetune
+    out = str(tmp_path / "adapter")
+    argv = runs.finetune(f"{runs.A}/craft/train.jsonl", out)[2:-2] + ["--save-steps", "0",
+                                                                      "--seed", "1"]
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
+    grad = torch.is_grad_enabled()
+    common.cli(finetune.main)
+    torch.set_grad_enabled(grad)
+    a = load_file(f"{runs.A}/craft/adapter/adapter_model.safetensors")
+    b = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: non-zero exit, one line `error: file:line: reason` (or `file: reason`), no output
+def bad(name):
+    return os.path.join(BAD, name)
+
+
+# case -> (stage, the flag that gets the bad file, line number or None, reason substring)
+BAD_CASES = {
+    "items_truncated_json.jsonl": ("probe", "--items", 2, "invalid JSON (Unterminated string"),
+    "items_not_utf8.jsonl": ("probe", "--items", 2, "not UTF-8 (invalid start byte at byte"),
+    "items_empty.jsonl": ("probe", "--items", None, "empty file (no records)"),
+    "items_blank_lines.jsonl": ("probe", "--items", None, "empty file (no records)"),
+    "items_duplicate_id.jsonl": ("probe", "--items", 3, "duplicate id 'bad-1' (first on line 1)"),
+    "items_answer_letter_outside.jsonl": ("probe", "--items", 2,
+                                          "answer 'E' is not one of the letters ABCD"),
+    "items_answer_lowercase.jsonl": ("probe", "--items", 2,
+                                     "answer 'b' is not one of the letters ABCD"),
+    "items_missing_question.jsonl": ("probe", "--items", 2, "missing field 'question'"),
+    "items_choices_not_list.jsonl": ("probe", "--items", 2,
+                                     "mcqa item needs 'choices', a list of strings"),
+    "items_id_not_string.jsonl": ("probe", "--items", 2, "'id' must be a non-empty string"),
+    "items_not_object.jsonl": ("probe", "--items", 2, "expected a JSON object, got list"),
+    "items_task_mismatch.jsonl": ("probe", "--items", 2, "item task 'oeqa' does not match --task"),
+    "items_meta_not_object.jsonl": ("probe", "--items", 2, "'meta' must be an object"),
+    "items_oeqa_empty_aliases.jsonl": ("probe", "--items", 2, "needs 'aliases', a non-empty list"),
+    "items_mixed_tasks.jsonl": ("evaluate", "--items", None, "mixes tasks ['mcqa', 'oeqa']"),
+    "10 MB line (made in the test)": ("probe", "--items", 2, "bytes exceeds 1048576"),
+    "state_mu_out_of_range.jsonl": ("rehearse", "--state", 2, "'mu' must lie in [0, 1], got 1.5"),
+    "state_nan_sigma.jsonl": ("rehearse", "--state", 2, "'sigma' must be a finite number"),
+    "state_unknown_ids.jsonl": ("rehearse", "--state", None, "ids do not match"),
+    "flow_not_a_number.jsonl": ("construct", "--flow", 2, "'flow' must be a finite number"),
+    "train_nan_weight.jsonl": ("finetune", "--train", 2, "'weight' must be a finite number"),
+    "train_infinite_weight.jsonl": ("finetune", "--train", 2, "'weight' must be a finite number"),
+    "train_negative_weight.jsonl": ("finetune", "--train", 2, "'weight' must be >= 0, got -0.5"),
+    "train_weight_string.jsonl": ("finetune", "--train", 2,
+                                  "'weight' must be a finite number, got '1.0'"),
+    "train_missing_target.jsonl": ("finetune", "--train", 2,
+                                   "missing or non-string field 'target'"),
+    "train_unknown_kind.jsonl": ("finetune", "--train", 2, "'kind' must be van or idk"),
+    "train_duplicate_id.jsonl": ("finetune", "--train", 3, "duplicate id 'e1'"),
+    "model_not_a_model": ("probe", "--model", None, "not a model folder (no config.json)"),
+    "model_no_weights": ("probe", "--model", None, "refusing to load: no .safetensors weights"),
+    "pickle checkpoint (made in the test)": ("probe", "--model", None,
+                                             "refusing to load: only pickle checkpoints "
+                                             "(pytorch_model.bin); they can run arbitrary code"),
+    "adapter_wrong_shape": ("probe", "--adapter", None, "the model needs (4, 64)"),
+    "adapter_wrong_shape (evaluate)": ("evaluate", "--adapter", None, "the model needs (4, 64)"),
+    "adapter_no_config": ("probe", "--adapter", None, "missing (not a peft adapter folder)"),
+    "pickle adapter (made in the test)": ("probe", "--adapter", None,
+                                          "refusing to load a pickle checkpoint (it can run code)"),
+}
+
+
+class Payload:
+    """Unpickling this creates `path`: proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def make_generated(case, tmp, world_model):
+    """The bad inputs not committed to tests/bad_inputs/ (10 MB, or pickles); returns the path."""
+    if case.startswith("10 MB"):
+        p = tmp / "items_10mb_line.jsonl"
+        with open(p, "w") as f:
+            f.write(json.dumps({"id": "a", "task": "oeqa", "question": "Q?", "answer": "x",
+                                "aliases": ["x"]}) + "\n")
+            f.write(json.dumps({"id": "b", "task": "oeqa", "question": "Q" * 10_000_000,
+                                "answer": "x", "aliases": ["x"]}) + "\n")
+        return str(p)
+    evil = {"weights": torch.zeros(2), "payload": Payload(str(tmp / "UNPICKLED"))}
+    d = tmp / ("pickle_model" if case.startswith("pickle checkpoint") else "pickle_adapter")
+    d.mkdir()
+    if case.startswith("pickle checkpoint"):
+        shutil.copy(os.path.join(world_model, "config.json"), d / "config.json")
+        torch.save(evil, d / "pytorch_model.bin")
+    else:
+        shutil.copy(bad("adapter_wrong_shape/adapter_config.json"), d / "adapter_config.json")
+        torch.save(evil, d / "adapter_model.bin")
+    return str(d)
+
+
+def stage_argv(runs, stage, flag, path, out, tmp):
+    """A command line for `stage` whose inputs are good except `flag`, which gets `path`."""
+    good_state = str(tmp / "state.jsonl")     # a valid knowledge state for every pool item
+    common.write_jsonl(good_state, [{"id": it["id"], "mu": 0.5, "sigma": -0.5}
+                                    for it in common.read_jsonl(runs.pool)])
+    pool, model = runs.pool, runs.model
+    if flag == "--items" and stage == "probe":
+        task = "oeqa" if "oeqa" in path or "10mb" in path else "mcqa"
+        args = {"--model": model, "--items": path, "--task": task, "--out": f"{out}/probe.jsonl"}
+    elif stage == "probe":
+        args = {"--model": model, "--items": pool, "--task": "mcqa", "--mcqa-reader": "option",
+                "--out": f"{out}/probe.jsonl", flag: path}
+    elif stage == "rehearse":
+        args = {"--model": model, "--items": pool, "--state": path, "--out": f"{out}/rehearsal"}
+    elif stage == "construct":
+        args = {"--method": "craft", "--items": pool, "--state": good_state, "--flow": path,
+                "--out": f"{out}/train.jsonl"}
+    elif stage == "finetune":
+        args = {"--model": model, "--train": path, "--out": f"{out}/adapter"}
+    elif stage == "evaluate":
+        args = {"--model": model, "--items": pool, "--prompt": "refuse", "--mcqa-reader": "option",
+                "--out": f"{out}/pred.jsonl", flag: path}
+    return [x for kv in args.items() for x in kv]
+
+
+def run_stage(stage, argv, monkeypatch, capsys):
+    """Run a stage in this process exactly as its __main__ does; (exit code, stderr lines)."""
+    import importlib
+    mod = importlib.import_module(stage)
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", *argv])     # finetune.main reads sys.argv
+    grad = torch.is_grad_enabled()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.cli(lambda: mod.main(argv) if stage != "finetune" else mod.main())
+    torch.set_grad_enabled(grad)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    return e.value.code, err
+
+
+def assert_one_line_error(code, err, where, reason):
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    # the only other stderr lines allowed are transformers' weight-loading bar and stage logs
+    other = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("error:")
+             and not ln.startswith(("Loading weights", "["))]
+    assert len(errors) == 1 and not other, err
+    assert errors[0].startswith(f"error: {where}"), errors[0]
+    assert reason in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input(case, runs, tmp_path, monkeypatch, capsys):
+    stage, flag, line, reason = BAD_CASES[case]
+    if case.endswith("(made in the test)"):
+        path = make_generated(case, tmp_path, runs.model)
+    else:
+        path = bad(case.split(" ")[0])
+    out = tmp_path / "out"
+    argv = stage_argv(runs, stage, flag, path, str(out), tmp_path)
+    code, err = run_stage(stage, argv, monkeypatch, capsys)
+    if os.path.isdir(path):   # a folder's message names the folder or the file in it at fault
+        where = path
+    else:
+        where = f"{path}:{line}: " if line else f"{path}: "
+    assert_one_line_error(code, err, where, reason)
+    assert files_under(out) == [], "a failed run left output files"
+    assert not os.path.exists(tmp_path / "UNPICKLED"), "a pickle was loaded"
+
+
+def test_bad_inputs_folder_is_complete():
+    """Every committed bad input is exercised by test_bad_input."""
+    committed = sorted(os.listdir(BAD))
+    used = sorted({c.split(" ")[0] for c in BAD_CASES if not c.endswith("(made in the test)")})
+    assert committed == used
+    assert len(BAD_CASES) >= 20
+
+
+def test_bad_input_in_a_subprocess_has_no_traceback(runs, tmp_path):
+    """The same through the real entry point: exit 2, exactly one stderr line."""
+    path = bad("items_not_utf8.jsonl")
+    r = runs.run([PY, script("probe"), "--model", runs.model, "--items", path, "--task", "mcqa",
+                  "--out", str(tmp_path / "o.jsonl")], check=False)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"error: {path}:2: not UTF-8 (invalid start byte at byte 70)"]
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# safe loading and output confinement
+def test_remote_code_is_never_run(runs, tmp_path, monkeypatch, capsys):
+    """A model folder whose config asks for its own Python code: refused with one line, and the
+    code never runs (no stage passes trust_remote_code=True)."""
+    d = tmp_path / "remote_code_model"
+    d.mkdir()
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    cfg = json.load(open(os.path.join(runs.model, "config.json")))
+    cfg.update(model_type="evil-llama", architectures=["EvilForCausalLM"],
+               auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                         "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                        "from transformers import LlamaConfig as EvilConfig\n"
+                                        "from transformers import LlamaForCausalLM as "
+                                        "EvilForCausalLM\n")
+    shutil.copy(os.path.join(runs.model, "model.safetensors"), d)
+    out = tmp_path / "out"
+    code, err = run_stage("probe", ["--model", str(d), "--items", runs.pool, "--task", "mcqa",
+                                    "--mcqa-reader", "option", "--out", str(out / "p.jsonl")],
+                          monkeypatch, capsys)
+    assert_one_line_error(code, err, f"{d}: cannot load model", "")
+    assert not marker.exists(), "the model folder's own code ran"
+    assert files_under(out) == []
+
+
+@pytest.mark.xfail(strict=True, reason="no stage exposes --trust-remote-code yet, so a model "
+                   "that needs its own code (config auto_map) cannot be used even on purpose; "
+                   "the stages should take the flag and pass it to common.load_model")
+@pytest.mark.parametrize("stage", ["probe", "rehearse", "construct", "finetune", "evaluate"])
+def test_stage_has_trust_remote_code_flag(stage, monkeypatch, capsys):
+    import importlib
+    mod = importlib.import_module(stage)
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", "--help"])
+    with pytest.raises(SystemExit):
+        mod.main() if stage == "finetune" else mod.main(["--help"])
+    assert "--trust-remote-code" in capsys.readouterr().out
+
+
+UNWRITABLE = {   # stage -> argv with OUT standing for the output
+    "probe": lambda r: ["--model", r.model, "--items", r.pool, "--task", "mcqa",
+                        "--mcqa-reader", "option", "--out", "OUT"],
+    "rehearse": lambda r: ["--model", r.model, "--items", r.pool, "--state",
+                           f"{r.A}/probe.jsonl", "--out", "OUT", "--mcqa-reader", "option"],
+    "construct": lambda r: ["--method", "craft", "--items", r.pool, "--state",
+                            f"{r.A}/probe.jsonl", "--flow", f"{r.A}/rehearsal/flow.jsonl",
+                            "--out", "OUT"],
+    "finetune": lambda r: ["--model", r.model, "--train", f"{r.A}/craft/train.jsonl",
+                           "--out", "OUT"],
+    "evaluate": lambda r: ["--model", r.model, "--items", r.pool, "--prompt", "basic",
+                           "--out", "OUT"],
+    "world": lambda r: ["--preset", "small", "--out", "OUT"],
+}
+
+
+@pytest.mark.parametrize("stage", list(UNWRITABLE))
+def test_unwritable_output_fails_before_any_work(stage, runs, tmp_path, monkeypatch, capsys):
+    """--out below a regular file (a real OSError even as root): one line saying so, before any
+    model is loaded or trained."""
+    import world
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder\n")
+    out = str(blocker / "sub" / ("out" if stage in ("rehearse", "finetune", "world")
+                                 else "out.jsonl"))
+    argv = [out if a == "OUT" else a for a in UNWRITABLE[stage](runs)]
+
+    def no(*a, **k):
+        raise AssertionError("started work before checking the output folder")
+    monkeypatch.setattr(common, "load_model", no)
+    monkeypatch.setattr(world, "pretrain", no)
+    code, err = run_stage(stage, argv, monkeypatch, capsys)
+    assert_one_line_error(code, err, f"{blocker}/sub/", "output location is not writable "
+                          "(Not a directory)")
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_outputs_stay_in_the_output_folder(runs, run_b, env):
+    """After every run above: the working folder is still empty, the world's folder (an input)
+    is unchanged, nothing was cached under HF_HOME, and run B wrote only under B."""
+    assert os.listdir(runs.cwd) == []
+    assert tree(runs.W) == runs.world_tree
+    assert files_under(env["HF_HOME"]) == []
+    top = sorted(os.listdir(runs.root))
+    assert set(top) <= {"cwd", "world", "A", "B"}, top
+    assert {f.split(os.sep)[0] for f in files_under(run_b)} == {"probe.jsonl",
+                                                                 "probe.jsonl.config.json",
+                                                                 "craft"}
+
+
+def test_train_log_torn_by_a_kill_is_cut_at_the_checkpoint(tmp_path):
+    """A SIGKILL mid-write can leave half a log line; the resumed run drops it with the steps
+    after its checkpoint instead of failing on it."""
+    import finetune
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)]
+    (tmp_path / finetune.LOG).write_text("".join(lines) + '{"step": 5, "lo')
+    finetune.open_log(str(tmp_path), 3).close()
+    assert (tmp_path / finetune.LOG).read_text() == "".join(lines[:3])
