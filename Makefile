@@ -10,7 +10,9 @@ METHODS ?= van cor corcer wocer craft grait
 SEED    ?= 0
 SEEDS   ?= $(SEED)
 # DATA: `world` (embedded) or `paper` (MMLU->ARC, TriviaQA->NQ items under $(OUT)/data; see `make data`)
+# LIMIT: use at most this many items per file (seeded subsample) for smaller budgets; 0 = all
 DATA    ?= world
+LIMIT   ?= 0
 OUT     ?= runs
 # extra world.py flags, e.g. --preset small
 WORLD_ARGS ?=
@@ -38,7 +40,7 @@ world: $(VENV)/.installed
 # The whole pipeline (pipeline.py): world -> probe -> rehearse -> construct -> finetune -> evaluate
 # -> report, per task and seed; unchanged stages are skipped, interrupted ones resume.
 PIPELINE = $(PYTHON) pipeline.py --model $(MODEL) --data $(DATA) --data-dir $(OUT)/data \
-	--tasks $(TASKS) --methods $(METHODS) --seeds $(SEEDS) --out $(OUT) --world-args "$(WORLD_ARGS)"
+	--tasks $(TASKS) --methods $(METHODS) --seeds $(SEEDS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)"
 
 all: $(VENV)/.installed
 	$(PIPELINE)
@@ -46,12 +48,13 @@ all: $(VENV)/.installed
 probe rehearse construct finetune: $(VENV)/.installed
 	$(PIPELINE) --until $@
 
-# Real benchmarks -> $(OUT)/data/{mcqa,oeqa}/*.jsonl (data.py): make data BENCH=mmlu|arc|triviaqa|nq;
-# BENCH_SRC=path converts a local copy instead of downloading.
-BENCH     ?= mmlu
-BENCH_SRC ?=
+# Real benchmarks -> $(OUT)/data/{mcqa,oeqa}/*.jsonl (data.py): make data DATA=mmlu|arc|triviaqa|nq,
+# or DATA=paper for all four; DATA_SRC=path converts a local copy instead of downloading.
+DATA_SRC ?=
 data: $(VENV)/.installed
-	$(PYTHON) data.py $(BENCH) --out $(OUT)/data $(if $(BENCH_SRC),--src $(BENCH_SRC),--download --cache $(OUT)/data/cache)
+	@test "$(DATA)" != world || { echo "make data: set DATA=mmlu|arc|triviaqa|nq|paper"; exit 2; }
+	for b in $(if $(filter paper,$(DATA)),mmlu arc triviaqa nq,$(DATA)); do \
+	  $(PYTHON) data.py $$b --out $(OUT)/data $(if $(DATA_SRC),--src $(DATA_SRC),--download --cache $(OUT)/data/cache) || exit 1; done
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q tests

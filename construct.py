@@ -109,11 +109,14 @@ def grait_select(a, items_by_id, rows, task, n_van, n_idk):
     """SPEC 5.2-5.5 with the decisions of SPEC 9 #7-#10. Features are per-sample LoRA gradients
     at the warm-up (rehearsal) adapter, Adam-preconditioned with its moments, normalised; two
     views per item, both with the REFUSE prompt: VAN (the Cor-RAIT target) and IDK."""
+    import torch
     from kernels import lora, persample as ps
     ik_all, idk_all = grait_split(rows, task)
-    if not ik_all or not idk_all:
-        raise common.InputError(f"{a.state}: GRAIT needs known (mu > {TAU}) and unknown "
-                                f"(mu < {TAU}) items; found {len(ik_all)} and {len(idk_all)}")
+    if not idk_all:
+        raise common.InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
+    if not ik_all:   # a model that knows nothing (e.g. a random dry-run model): say it loudly
+        print(f"[construct] WARNING: no known items (mu > {TAU}): no van set, and the IdK "
+              "selection and weights use idk-idk influences only", file=sys.stderr)
     van = by_correctness(ik_all, n_van)
     if not a.model or not a.warmup:
         raise common.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
@@ -126,23 +129,28 @@ def grait_select(a, items_by_id, rows, task, n_van, n_idk):
                common.IDK[task] if idk_view else target_of(items_by_id[s["id"]], a.mcqa_reader))
               for s in rs]
         return ps.example_features(model, tok, ex, moments=moments, grad_dim=a.grad_dim,
-                                   seed=a.seed, batch_size=a.grad_batch_size, desc=desc)
+                                   seed=a.seed, batch_size=a.grad_batch_size, desc=desc,
+                                   projection=a.projection)
 
     z_idk_all, path = features(idk_all, True, "IDK view, idk_all")    # candidates C
-    z_idk_ik, _ = features(ik_all, True, "IDK view, ik_all")          # for the weights
-    z_van, _ = features(van, False, "VAN view, D_ik_sel")             # V
+    if ik_all:
+        z_idk_ik, _ = features(ik_all, True, "IDK view, ik_all")      # for the weights
+        z_van, _ = features(van, False, "VAN view, D_ik_sel")         # V
+        score0 = ps.gram_row_sums(z_idk_all, z_van)                   # SPEC 5.4 step 1
+    else:
+        z_idk_ik, score0 = None, torch.zeros(len(idk_all), dtype=torch.float64)
     k = min(n_idk, len(idk_all))
-    score0 = ps.gram_row_sums(z_idk_all, z_van)                       # SPEC 5.4 step 1
     col = lambda j: ps.gram_column(z_idk_all, z_idk_all[j])  # noqa: E731
     if a.grait_select == "greedy":                                    # SPEC 9 #7
         picked, _ = ps.greedy_select(score0, col, k)
     else:
         picked = ps.released_select(score0, col, min(k, len(idk_all) - k))
     idk = [idk_all[j] for j in picked]
-    delta = ps.grait_delta(z_idk_all[picked], z_idk_ik, z_idk_all)    # SPEC 5.5
+    delta = (ps.grait_delta(z_idk_all[picked], z_idk_ik, z_idk_all) if ik_all else  # SPEC 5.5
+             -ps.gram_row_means(z_idk_all[picked], z_idk_all))
     w = ps.grait_weights(delta, a.grait_temperature, a.grait_weights).tolist()
     weights = {s["id"]: float(x) for s, x in zip(idk, w)}
-    extra = {"grait": {"feature_path": path, "adam": moments is not None, "select": a.grait_select,
+    extra = {"grait": {"feature_path": path, "projection": a.projection, "grad_dim": a.grad_dim, "adam": moments is not None, "select": a.grait_select,
                        "weights": a.grait_weights, "ik_all": len(ik_all), "idk_all": len(idk_all),
                        "weight_stats": stats([{"w": x} for x in w], "w")}}
     if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
@@ -274,6 +282,10 @@ def parse_args(argv=None):
     g.add_argument("--grad-dim", type=int, default=8192,
                    help="feature size: exact gradients when the LoRA vector is at most this long, "
                         "else a seeded Rademacher projection to it (SPEC 5.3 step 5)")
+    g.add_argument("--projection", choices=("rademacher", "sketch"), default="rademacher",
+                   help="random projection when the LoRA vector exceeds --grad-dim: dense "
+                        "Rademacher (SPEC 5.3; 2*D*k flops per example) or CountSketch (a sparse "
+                        "JL map, O(D): the practical choice on CPU)")
     g.add_argument("--no-adam", action="store_true", help="skip Adam preconditioning")
     g.add_argument("--grait-select", choices=("greedy", "released"), default="greedy",
                    help="greedy set S (SPEC 5.4) or the released code's lowest-scoring remainder")

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import shlex
 import statistics
@@ -32,7 +33,7 @@ PY = sys.executable
 # effective batch 64, 3 epochs) makes only a handful of steps there, so the world run uses more,
 # smaller steps. Real models get the SPEC 9 #12 defaults of finetune.py untouched.
 WORLD_FINETUNE = ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3"]
-WORLD_REHEARSAL_SHARE = 0.1    # the world's rehearsal set: 10% of the pool (SPEC 3: 1,000 of 14k)
+REHEARSAL_SHARE = 0.1   # rehearsal set: 10% of a small pool, at most SPEC 3's 1,000 (of 14k)
 
 
 def file_key(path):
@@ -84,8 +85,27 @@ def task_inputs(a, task):
         return (os.path.join(w, "model"), f"{d}/train.jsonl", f"{d}/shots.jsonl",
                 f"{d}/test_id.jsonl", f"{d}/test_ood.jsonl", "option")
     d = os.path.join(a.data_dir, task)
-    return (a.model, f"{d}/train.jsonl", f"{d}/shots.jsonl", f"{d}/test_id.jsonl",
-            f"{d}/test_ood.jsonl", "letter")
+    files = [f"{d}/{s}.jsonl" for s in ("train", "shots", "test_id", "test_ood")]
+    missing = [f for f in files if not os.path.isfile(f) and "shots" not in f]
+    if missing:
+        raise common.InputError(f"{missing[0]}: missing; convert the benchmarks first "
+                                "(make data DATA=paper, see data.py --help)")
+    if a.limit:
+        files = [limited(f, a.limit, os.path.join(a.out, slug(a.model), task, "items"))
+                 if os.path.isfile(f) and "shots" not in f else f for f in files]
+    return (a.model, *files, "letter")
+
+
+def limited(path, n, folder):
+    """A seeded subsample of at most n items of `path` (same order), for smaller budgets."""
+    rows = common.read_jsonl(path, check=common.check_item)
+    out = os.path.join(folder, os.path.basename(path))
+    if len(rows) > n:
+        keep = sorted(random.Random(0).sample(range(len(rows)), n))
+        rows = [rows[i] for i in keep]
+    if not os.path.exists(out) or common.read_jsonl(out) != rows:
+        common.write_jsonl(out, rows)
+    return out
 
 
 def run_task(a, task, seed, times):
@@ -110,8 +130,9 @@ def run_task(a, task, seed, times):
     n_pool = sum(1 for _ in open(pool))
     cmd = [PY, "rehearse.py", "--model", model, "--items", pool, "--state", state, "--out", reh,
            "--mcqa-reader", reader, "--seed", str(seed)]
+    cmd += ["--size", str(min(1000, max(32, round(REHEARSAL_SHARE * n_pool))))]
     if world:
-        cmd += ["--size", str(max(32, round(WORLD_REHEARSAL_SHARE * n_pool)))] + WORLD_FINETUNE
+        cmd += WORLD_FINETUNE
     run(cmd, f"{reh}/flow.jsonl", [model, pool, state], times, f"{tag} rehearse")
     if a.until == "rehearse":
         return R
@@ -122,6 +143,8 @@ def run_task(a, task, seed, times):
                f"{reh}/flow.jsonl", "--out", train, "--mcqa-reader", reader, "--seed", str(seed)]
         if m == "grait":
             cmd += ["--model", model, "--warmup", f"{reh}/adapter"]
+            if world:   # CPU: CountSketch instead of the dense projection (kernels/persample.py)
+                cmd += ["--projection", "sketch"]
         run(cmd, train, [pool, state, f"{reh}/flow.jsonl"], times, f"{tag} construct {m}")
         if a.until == "construct":
             continue
@@ -140,6 +163,7 @@ def run_task(a, task, seed, times):
                    "--out", out, "--mcqa-reader", reader]
             if adapter:
                 cmd += ["--adapter", adapter]
+            cmd += shlex.split(a.eval_args)
             run(cmd, out, [model, items] + ([adapter] if adapter else []), times,
                 f"{tag} evaluate {name} {split}")
     run([PY, "evaluate.py", "--report", R, "--items-id", test_id, "--items-ood", test_ood,
@@ -181,10 +205,13 @@ def main():
                    help="RAIT methods to construct, train and evaluate")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="pipeline seeds")
     p.add_argument("--out", default="runs", help="run root")
+    p.add_argument("--limit", type=int, default=0,
+                   help="--data paper: at most this many items per file (seeded subsample; 0 = all)")
     p.add_argument("--world-args", default="", help="extra world.py flags (e.g. --preset small)")
     p.add_argument("--until", choices=("probe", "rehearse", "construct", "finetune", "all"),
                    default="all", help="stop after this stage (make probe / rehearse / ...)")
     p.add_argument("--stage-args", default="", help="extra finetune.py flags for the method runs")
+    p.add_argument("--eval-args", default="", help="extra evaluate.py flags (e.g. --max-new-tokens 8)")
     a = p.parse_args()
     if a.model == "world" and a.data != "world":
         raise common.InputError("--data paper needs --model (a chat model hub id or folder)")

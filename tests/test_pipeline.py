@@ -1,0 +1,46 @@
+"""pipeline.py in the paper setting (`make all MODEL=... DATA=paper`), as a dry run: a tiny random
+Llama with a real tokenizer and chat template on a few real MMLU -> ARC items from ../shared/data.
+TriviaQA is not in ../shared/data, so the OEQA half of the paper setting is not exercised here."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED_DATA
+
+METHODS = ["van", "cor", "corcer", "wocer", "craft", "grait"]
+
+
+def sh(*args):
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data absent")
+def test_paper_setting_dry_run_writes_a_report(tmp_path, tiny_chat_llama):
+    data = tmp_path / "data"
+    sh("data.py", "mmlu", "--src", os.path.join(SHARED_DATA, "mmlu"), "--out", str(data))
+    sh("data.py", "arc", "--src", os.path.join(SHARED_DATA, "arc"), "--out", str(data))
+    out = tmp_path / "runs"
+    args = ["pipeline.py", "--model", tiny_chat_llama, "--data", "paper", "--data-dir", str(data),
+            "--tasks", "mcqa", "--limit", "24", "--out", str(out), "--methods", *METHODS,
+            "--eval-args", "--max-new-tokens 6"]
+    sh(*args)
+    runs = [d for d in out.iterdir() if d.name != "world"]
+    assert len(runs) == 1
+    R = runs[0] / "mcqa" / "s0"
+    res = json.loads((R / "results.json").read_text())
+    rows = set(res["id"]["rows"]) & set(res["ood"]["rows"])
+    assert rows == {"init_basic", "init_refuse", *METHODS}
+    report = (R / "report.md").read_text()
+    assert "Init-Basic" in report and (R / "ths.svg").exists()
+    # the letter reader ran on the 5-shot prompt, and every method wrote its adapter
+    cfg = json.loads((R / "probe_init.jsonl.config.json").read_text())
+    assert cfg["args"]["mcqa_reader"] == "letter" and cfg["args"]["n_shots"] == 5
+    assert all((R / m / "adapter" / "adapter_config.json").exists() for m in METHODS)
+    # a rerun skips every stage (nothing changed)
+    r = sh(*args)
+    assert "skip" in r.stderr and "] mcqa/s0 probe:" not in r.stderr
