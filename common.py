@@ -261,11 +261,16 @@ def atomic_write_text(path, text):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:   # a failed or interrupted write leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_jsonl(path, rows):
@@ -278,6 +283,8 @@ def write_json(path, obj):
 
 def check_output(path):
     """Fail before any long computation if the output location cannot be written."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder; the output must be a file name")
     d = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(d, exist_ok=True)
@@ -349,13 +356,14 @@ def load_model(name, adapter=None, device=None, dtype=None, trust_remote_code=Fa
     """AutoModelForCausalLM + tokenizer (+ a LoRA adapter folder), in eval mode on `device`."""
     import torch
     from transformers import AutoModelForCausalLM
+    from safetensors import SafetensorError
     check_model_dir(name)
     dev, dt = device_and_dtype(device)
     dtype = dtype or dt
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:   # SafetensorError: a truncated file
         raise InputError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
     tok = load_tokenizer(name, trust_remote_code)
     if adapter:

@@ -98,6 +98,26 @@ def add_train_args(parser, **defaults):
     return parser
 
 
+def train_args_error(a):
+    """A one-line complaint about training flags out of range, or None (for parser.error)."""
+    rules = [("--batch-size", a.batch_size >= 1, ">= 1"), ("--epochs", a.epochs >= 1, ">= 1"),
+             ("--grad-accum", a.grad_accum is None or a.grad_accum >= 1, ">= 1"),
+             ("--lr", a.lr > 0, "> 0"), ("--warmup-ratio", 0 <= a.warmup_ratio < 1, "in [0, 1)"),
+             ("--warmup-start", 0 < a.warmup_start <= 1, "in (0, 1]"),
+             ("--weight-decay", a.weight_decay >= 0, ">= 0"),
+             ("--adam-beta1", 0 <= a.adam_beta1 < 1, "in [0, 1)"),
+             ("--adam-beta2", 0 <= a.adam_beta2 < 1, "in [0, 1)"),
+             ("--adam-eps", a.adam_eps > 0, "> 0"),
+             ("--max-grad-norm", a.max_grad_norm >= 0, ">= 0"),
+             ("--max-len", a.max_len >= 2, ">= 2"), ("--lora-r", a.lora_r >= 1, ">= 1"),
+             ("--lora-alpha", a.lora_alpha > 0, "> 0"),
+             ("--lora-dropout", 0 <= a.lora_dropout < 1, "in [0, 1)"),
+             ("--save-steps", a.save_steps >= 0, ">= 0"), ("--log-steps", a.log_steps >= 1, ">= 1"),
+             ("--stop-after-steps", a.stop_after_steps >= 0, ">= 0")]
+    bad = [f"{flag} must be {want}" for flag, ok, want in rules if not ok]
+    return "; ".join(bad) or None
+
+
 # Arguments that do not change the result (excluded from the resume key)
 NOT_IN_KEY = {"save_steps", "log_steps", "resume", "stop_after_steps", "gradient_checkpointing"}
 
@@ -484,14 +504,16 @@ def train(args, examples, out_dir):
     return out_dir
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="base model: hub id or local safetensors folder")
     ap.add_argument("--train", required=True, help="training examples JSONL (construct.py output)")
     ap.add_argument("--out", required=True, help="output folder for the adapter (or model)")
     add_train_args(ap)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if train_args_error(args):
+        ap.error(train_args_error(args))
     examples = common.read_jsonl(args.train, check=common.check_example)
     train(args, examples, args.out)
 

@@ -150,7 +150,11 @@ def parse_args(argv=None):
                    help="OEQA target: the gold answer (what ran) or the modal correct sample")
     # SPEC 6: the rehearsal recipe is the RAIT recipe with no warm-up (cosine from step 0)
     finetune.add_train_args(p, warmup_ratio=0.0)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    err = finetune.train_args_error(a)
+    if a.size < 1 or err:
+        p.error("; ".join(x for x in ("--size must be >= 1" if a.size < 1 else None, err) if x))
+    return a
 
 
 def main(argv=None):

@@ -345,6 +345,20 @@ BAD_CASES = {
     "adapter_no_config": ("probe", "--adapter", None, "missing (not a peft adapter folder)"),
     "pickle adapter (made in the test)": ("probe", "--adapter", None,
                                           "refusing to load a pickle checkpoint (it can run code)"),
+    "truncated model.safetensors (made in the test)": (
+        "probe", "--model", None, "cannot load model (Error while deserializing header"),
+    "truncated tokenizer.json (made in the test)": ("probe", "--model", None,
+                                                    "cannot load tokenizer"),
+    "mmlu_short_row": ("data", "--src", None, "anatomy_test.csv:2: expected question, 4 options "
+                       "and a gold letter"),
+    "mmlu_not_utf8": ("data", "--src", None, "anatomy_test.csv:2: not UTF-8"),
+}
+# data.py is not ours to fix (see the issue 9 report); these show the gap until it is fixed
+XFAIL = {
+    "mmlu_short_row": "data.py mmlu_split indexes row[5] before checking the row length: "
+                      "IndexError traceback instead of `file:line: expected ...`",
+    "mmlu_not_utf8": "data.py opens CSVs as UTF-8 without catching UnicodeDecodeError: "
+                     "traceback instead of `file: not UTF-8 ...`",
 }
 
 
@@ -359,7 +373,15 @@ class Payload:
 
 
 def make_generated(case, tmp, world_model):
-    """The bad inputs not committed to tests/bad_inputs/ (10 MB, or pickles); returns the path."""
+    """The bad inputs not committed to tests/bad_inputs/ (10 MB, pickles, copies of the world's
+    model); returns the path."""
+    if case.startswith("truncated"):
+        d = tmp / "truncated_model"
+        shutil.copytree(world_model, d)
+        name = case.split(" ")[1]
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[:len(data) // 3])     # an interrupted download
+        return str(d)
     if case.startswith("10 MB"):
         p = tmp / "items_10mb_line.jsonl"
         with open(p, "w") as f:
@@ -402,6 +424,8 @@ def stage_argv(runs, stage, flag, path, out, tmp):
     elif stage == "evaluate":
         args = {"--model": model, "--items": pool, "--prompt": "refuse", "--mcqa-reader": "option",
                 "--out": f"{out}/pred.jsonl", flag: path}
+    elif stage == "data":
+        return ["mmlu", "--src", path, "--out", f"{out}/data"]
     return [x for kv in args.items() for x in kv]
 
 
@@ -432,7 +456,9 @@ def assert_one_line_error(code, err, where, reason):
     return errors[0]
 
 
-@pytest.mark.parametrize("case", list(BAD_CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[c])) if c in XFAIL else c
+    for c in BAD_CASES])
 def test_bad_input(case, runs, tmp_path, monkeypatch, capsys):
     stage, flag, line, reason = BAD_CASES[case]
     if case.endswith("(made in the test)"):
@@ -456,7 +482,7 @@ def test_bad_inputs_folder_is_complete():
     committed = sorted(os.listdir(BAD))
     used = sorted({c.split(" ")[0] for c in BAD_CASES if not c.endswith("(made in the test)")})
     assert committed == used
-    assert len(BAD_CASES) >= 20
+    assert len(committed) >= 20 and len(BAD_CASES) - len(XFAIL) >= 20
 
 
 def test_bad_input_in_a_subprocess_has_no_traceback(runs, tmp_path):
@@ -494,6 +520,21 @@ def test_remote_code_is_never_run(runs, tmp_path, monkeypatch, capsys):
     assert_one_line_error(code, err, f"{d}: cannot load model", "")
     assert not marker.exists(), "the model folder's own code ran"
     assert files_under(out) == []
+
+
+@pytest.mark.parametrize("stage", [
+    "probe", "rehearse", "finetune", "evaluate", "world", "data", "pipeline",
+    pytest.param("construct", marks=pytest.mark.xfail(strict=True, reason=(
+        "construct.py --help crashes (TypeError: %o format): the --n-idk help text holds an "
+        "f-string '10%' that argparse reads as a format; needs '%%'")))])
+def test_help_works(stage, monkeypatch, capsys):
+    """`--help` is the first thing a user runs after an error message."""
+    import importlib
+    mod = importlib.import_module(stage)
+    monkeypatch.setattr(sys, "argv", [f"{stage}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        mod.main() if stage in ("finetune", "pipeline") else mod.main(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
 @pytest.mark.xfail(strict=True, reason="no stage exposes --trust-remote-code yet, so a model "
@@ -544,6 +585,69 @@ def test_unwritable_output_fails_before_any_work(stage, runs, tmp_path, monkeypa
     assert_one_line_error(code, err, f"{blocker}/sub/", "output location is not writable "
                           "(Not a directory)")
     assert blocker.read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("stage", ["probe", "construct", "evaluate"])
+def test_output_that_is_a_folder_fails_before_any_work(stage, runs, tmp_path, monkeypatch,
+                                                       capsys):
+    """--out naming an existing folder used to fail only at the final rename, after all the
+    work, with a traceback and a stray temporary file."""
+    out = tmp_path / "out.jsonl"
+    out.mkdir()
+    argv = [str(out) if a == "OUT" else a for a in UNWRITABLE[stage](runs)]
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    code, err = run_stage(stage, argv, monkeypatch, capsys)
+    assert_one_line_error(code, err, f"{out}: ", "is a folder; the output must be a file name")
+    assert os.listdir(tmp_path) == ["out.jsonl"] and os.listdir(out) == []
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(OSError):
+        common.write_jsonl(str(tmp_path / "out.jsonl"), [{"id": "a"}])
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def run_flags(stage, argv, monkeypatch, capsys):
+    """(exit code, last stderr line) of a stage run in-process with bad flags."""
+    code, err = run_stage(stage, argv, monkeypatch, capsys)
+    assert "Traceback" not in err
+    return code, [ln for ln in err.splitlines() if ln.strip()][-1]
+
+
+@pytest.mark.parametrize("stage,flags,message", [
+    ("finetune", ["--batch-size", "0"], "--batch-size must be >= 1"),
+    ("finetune", ["--lora-r", "0", "--epochs", "0"],
+     "--epochs must be >= 1; --lora-r must be >= 1"),
+    ("finetune", ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
+    ("rehearse", ["--size", "0"], "--size must be >= 1"),
+    ("rehearse", ["--lr=-1e-3"], "--lr must be > 0"),
+])
+def test_training_flags_out_of_range(stage, flags, message, runs, tmp_path, monkeypatch, capsys):
+    """They used to end in a ZeroDivisionError traceback (batch 0, r 0), in an "adapter" trained
+    for 0 steps (epochs 0), or with rehearse's train.jsonl written before the error (size 0)."""
+    out = tmp_path / "out"
+    argv = [a if a != "OUT" else str(out) for a in UNWRITABLE[stage](runs)] + flags
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    code, last = run_flags(stage, argv, monkeypatch, capsys)
+    assert code == 2 and last == f"{stage}.py: error: {message}"
+    assert not out.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="construct.py does not check GRAIT's numeric flags: "
+                   "--grad-batch-size 0 (range() ValueError), --grad-dim 0 (ZeroDivisionError), "
+                   "--grait-temperature 0 (NaN weights, then a JSON ValueError at the write) "
+                   "end in tracebacks after the model is loaded")
+@pytest.mark.parametrize("flag", ["--grad-batch-size", "--grad-dim", "--grait-temperature"])
+def test_grait_flags_out_of_range(flag, runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "train.jsonl"
+    argv = [a if a != "OUT" else str(out) for a in UNWRITABLE["construct"](runs)]
+    argv[argv.index("craft")] = "grait"
+    argv += ["--model", bad("model_not_a_model"), "--warmup", f"{runs.A}/rehearsal/adapter",
+             flag, "0"]
+    code, last = run_flags("construct", argv, monkeypatch, capsys)
+    assert code == 2 and flag in last        # rejected for the flag, before loading a model
+    assert not out.exists()
 
 
 def test_outputs_stay_in_the_output_folder(runs, run_b, env):
