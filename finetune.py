@@ -351,9 +351,10 @@ def resume(out_dir, key, args, model, opt, params, rank):
 
 
 def _log_step(line):
-    """The step of a train_log line; a line torn by a kill mid-write counts as after the resume."""
+    """The step of a train_log line; a line torn by a kill mid-write, and the `done` line of a
+    run killed before its final save, count as after the resume."""
     try:
-        return json.loads(line).get("step", 0)
+        return json.loads(line).get("step", math.inf)
     except json.JSONDecodeError:
         return math.inf
 
@@ -382,7 +383,9 @@ def train(args, examples, out_dir):
     key = run_key(args, examples, world)
     final = os.path.join(out_dir, lora.TRAINER_STATE)
     if os.path.isfile(final) and lora.load_trainer_state(final)[1].get("run_key") == key:
-        if rank == 0:
+        if rank == 0:   # a kill right after the final save can leave checkpoints behind
+            for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+                shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
             print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
         return out_dir
     created = not os.path.exists(out_dir)
@@ -488,16 +491,16 @@ def train(args, examples, out_dir):
                   "rerun to resume", file=sys.stderr)
         return out_dir
     st = state(total)
-    if rank == 0:
-        save_state(out_dir, *st)
+    if rank == 0:   # config and log first: the trainer state written last marks completion
+        common.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc),
+                            cut=n_cut, effective_batch=G, steps=total, processes=world)
         log.write(common.dumps({"done": True, "steps": total, "tokens": n_tok,
                                 "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
                                 "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
         log.close()
+        save_state(out_dir, *st)
         for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
-        common.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc),
-                            cut=n_cut, effective_batch=G, steps=total, processes=world)
         print(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)",
               file=sys.stderr)
     common.barrier()

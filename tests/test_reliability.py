@@ -668,6 +668,23 @@ def test_train_log_torn_by_a_kill_is_cut_at_the_checkpoint(tmp_path):
     after its checkpoint instead of failing on it."""
     import finetune
     lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)]
-    (tmp_path / finetune.LOG).write_text("".join(lines) + '{"step": 5, "lo')
+    done = json.dumps({"done": True, "steps": 4}) + "\n"    # killed before the final save
+    (tmp_path / finetune.LOG).write_text("".join(lines) + done + '{"step": 5, "lo')
     finetune.open_log(str(tmp_path), 3).close()
     assert (tmp_path / finetune.LOG).read_text() == "".join(lines[:3])
+
+
+def test_kill_after_the_final_save_is_completed_by_a_rerun(runs, tmp_path, monkeypatch, capsys):
+    """finetune.py writes its config and log, then the trainer state (the completion mark), then
+    removes its checkpoints; killed between the last two, a rerun only tidies up."""
+    import finetune
+    out = tmp_path / "adapter"
+    shutil.copytree(f"{runs.A}/craft/adapter", out)
+    shutil.copytree(out, tmp_path / "checkpoint")
+    shutil.move(tmp_path / "checkpoint", out / "checkpoint")          # a leftover checkpoint
+    argv = runs.finetune(f"{runs.A}/craft/train.jsonl", str(out))[2:]
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("trained again"))
+    common.cli(finetune.main)
+    assert "already trained" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == sorted(os.listdir(f"{runs.A}/craft/adapter"))
