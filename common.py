@@ -316,6 +316,8 @@ def stable_hash(*parts):
 # ----------------------------------------------------------------------------------------------
 # Models: one loader for every model, weights through safetensors only (DESIGN, security)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TRUST_HELP = ("run Python code shipped with the model folder / hub repo (off by default: only "
+              "trust models whose code you have read)")
 
 
 def device_and_dtype(device=None):

@@ -121,7 +121,8 @@ def grait_select(a, items_by_id, rows, task, n_van, n_idk):
     if not a.model or not a.warmup:
         raise common.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
                                 "adapter with its Adam moments, SPEC 9 #10)")
-    model, tok = common.load_model(a.model, adapter=a.warmup)
+    model, tok = common.load_model(a.model, adapter=a.warmup,
+                                   trust_remote_code=a.trust_remote_code)
     moments = None if a.no_adam else lora.load_adam_moments(a.warmup)
 
     def features(rs, idk_view, desc):
@@ -269,7 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--n-van", type=int, help="vanilla examples (default: SPEC 4 counts, or 4x "
                    "n-idk scaled to a small pool)")
     p.add_argument("--n-idk", type=int, help=f"IdK examples (default: SPEC 4 counts, or "
-                   f"{SCALED_IDK_SHARE:.0%} of a small pool)")
+                   f"{SCALED_IDK_SHARE * 100:.0f}%% of a small pool)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     p.add_argument("--flow-rule", choices=("le0", "strict"), default="le0",
                    help="CRaFT flow rule (SPEC 9 #1): le0 keeps dmu <= 0; strict keeps dmu < 0 "
@@ -293,7 +294,13 @@ def parse_args(argv=None):
                    help="paper: N softmax(-delta/T); code: N/2 softmax(+delta/T); uniform: 1")
     g.add_argument("--grait-temperature", type=float, default=GRAIT_T, help="T of the weights")
     g.add_argument("--grad-batch-size", type=int, default=16, help="examples per gradient batch")
-    return p.parse_args(argv)
+    g.add_argument("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
+    a = p.parse_args(argv)
+    for flag, v in (("--grad-dim", a.grad_dim), ("--grad-batch-size", a.grad_batch_size),
+                    ("--grait-temperature", a.grait_temperature)):
+        if v <= 0:
+            p.error(f"{flag} must be > 0, got {v}")
+    return a
 
 
 def main(argv=None):

@@ -69,15 +69,22 @@ def mmlu_split(folder, split):
     items = []
     for path in files:
         subject = os.path.basename(path)[:-len(f"_{split}.csv")]
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+        except UnicodeDecodeError as e:
+            line = open(path, "rb").read()[:e.start].count(b"\n") + 1
+            raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
         header = rows and rows[0] == MMLU_HEADER
         for n, row in enumerate(rows[1:] if header else rows):
+            if len(row) != (8 if header else 6):
+                raise InputError(f"{path}:{n + 1 + bool(header)}: expected question, 4 options "
+                                 f"and a gold letter ({8 if header else 6} columns, got {len(row)})")
             if header:
                 rid, q, choices, gold = row[0], row[2], row[3:7], row[7]
             else:
                 rid, q, choices, gold = f"{subject}/{split}/{n}", row[0], row[1:5], row[5]
-            if len(row) != (8 if header else 6) or gold not in "ABCD" or not gold:
+            if gold not in "ABCD" or not gold:
                 raise InputError(f"{path}:{n + 1 + bool(header)}: expected question, 4 options "
                                  "and a gold letter")
             items.append({"id": rid, "task": "mcqa", "question": q, "answer": gold,

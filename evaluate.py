@@ -280,7 +280,8 @@ def answer(args):
     common.check_output(args.out)
     rank, _ = common.dist_init()
     dev, dt = common.device_and_dtype()
-    model, tok = common.load_model(args.model, args.adapter)   # adapter checked against the base
+    model, tok = common.load_model(args.model, args.adapter,
+                                   trust_remote_code=args.trust_remote_code)   # adapter checked against the base
     tok.padding_side = "left"
     stops = stop_ids(tok, model)
     chat = common.has_chat_template(tok)
@@ -560,6 +561,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("answer a test set (mode 1)")
     g.add_argument("--model", help="hub id or local model folder (safetensors)")
     g.add_argument("--adapter", help="LoRA adapter folder (peft format) applied on load")
+    g.add_argument("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
     g.add_argument("--items", help="test items JSONL (DESIGN Item contract)")
     g.add_argument("--prompt", choices=("basic", "refuse"),
                    help="BASIC/BASIC1 or REFUSE/REFUSE1 prompt of SPEC 2.3 (SPEC 9 #13)")

@@ -83,6 +83,7 @@ def add_train_args(parser, **defaults):
     a("--no-group-by-length", action="store_true",
       help="plain seeded shuffle instead of length-grouped batches (more padding)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    a("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
     a("--seed", type=int, default=0, help="seed for the LoRA init, data order and dropout")
     a("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps (0: never)")
     a("--log-steps", type=int, default=1, help="log every N optimizer steps")
@@ -213,7 +214,8 @@ def build_model(args, device=None):
     dev, dtype = common.device_and_dtype(device)
     grad = torch.is_grad_enabled()
     model, tok = common.load_model(args.model, device=dev,
-                                   dtype=torch.float32 if args.full else dtype)
+                                   dtype=torch.float32 if args.full else dtype,
+                                   trust_remote_code=getattr(args, "trust_remote_code", False))
     torch.set_grad_enabled(grad)   # load_model switches autograd off for inference stages
     if not args.full:
         t = args.target_modules

@@ -265,6 +265,7 @@ def parse_args(argv=None):
     # inputs and outputs
     p.add_argument("--model", default="runs/world/model", help="model folder or hub id")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder applied on load")
+    p.add_argument("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
     p.add_argument("--items", required=True, help="item JSONL (DESIGN file contracts)")
     p.add_argument("--task", required=True, choices=common.TASKS, help="item task")
     p.add_argument("--out", required=True, help="knowledge-state JSONL to write")
@@ -338,7 +339,8 @@ def main(argv=None):
         TRIVIAQA_SHOTS if args.task == "oeqa" else [])
     shots_for = shots_per_item(items, pool, args.n_shots, same_subject=args.task == "mcqa")
     common.check_output(args.out)
-    model, tok = common.load_model(args.model, adapter=args.adapter)
+    model, tok = common.load_model(args.model, adapter=args.adapter,
+                                   trust_remote_code=args.trust_remote_code)
     reader = "sample" if args.task == "oeqa" else args.mcqa_reader
     extra = {"reader": reader, "device": str(model.device), "dtype": str(model.dtype)}
     shot_src = args.shots or ("SPEC 2.2 TriviaQA shots" if reader == "sample" else "none")

@@ -354,12 +354,7 @@ BAD_CASES = {
     "mmlu_not_utf8": ("data", "--src", None, "anatomy_test.csv:2: not UTF-8"),
 }
 # data.py is not ours to fix (see the issue 9 report); these show the gap until it is fixed
-XFAIL = {
-    "mmlu_short_row": "data.py mmlu_split indexes row[5] before checking the row length: "
-                      "IndexError traceback instead of `file:line: expected ...`",
-    "mmlu_not_utf8": "data.py opens CSVs as UTF-8 without catching UnicodeDecodeError: "
-                     "traceback instead of `file: not UTF-8 ...`",
-}
+XFAIL = {}   # bad inputs whose handling is a known gap (none at present)
 
 
 class Payload:
@@ -523,10 +518,7 @@ def test_remote_code_is_never_run(runs, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("stage", [
-    "probe", "rehearse", "finetune", "evaluate", "world", "data", "pipeline",
-    pytest.param("construct", marks=pytest.mark.xfail(strict=True, reason=(
-        "construct.py --help crashes (TypeError: %o format): the --n-idk help text holds an "
-        "f-string '10%' that argparse reads as a format; needs '%%'")))])
+    "probe", "rehearse", "finetune", "evaluate", "world", "data", "pipeline", "construct"])
 def test_help_works(stage, monkeypatch, capsys):
     """`--help` is the first thing a user runs after an error message."""
     import importlib
@@ -537,9 +529,6 @@ def test_help_works(stage, monkeypatch, capsys):
     assert e.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="no stage exposes --trust-remote-code yet, so a model "
-                   "that needs its own code (config auto_map) cannot be used even on purpose; "
-                   "the stages should take the flag and pass it to common.load_model")
 @pytest.mark.parametrize("stage", ["probe", "rehearse", "construct", "finetune", "evaluate"])
 def test_stage_has_trust_remote_code_flag(stage, monkeypatch, capsys):
     import importlib
@@ -634,10 +623,6 @@ def test_training_flags_out_of_range(stage, flags, message, runs, tmp_path, monk
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="construct.py does not check GRAIT's numeric flags: "
-                   "--grad-batch-size 0 (range() ValueError), --grad-dim 0 (ZeroDivisionError), "
-                   "--grait-temperature 0 (NaN weights, then a JSON ValueError at the write) "
-                   "end in tracebacks after the model is loaded")
 @pytest.mark.parametrize("flag", ["--grad-batch-size", "--grad-dim", "--grait-temperature"])
 def test_grait_flags_out_of_range(flag, runs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "train.jsonl"
