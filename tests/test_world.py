@@ -100,7 +100,7 @@ def test_loads_with_auto_classes_and_prompts_have_no_unknown_words(small_world):
     for t in set(texts):
         ids = tok(t)["input_ids"]
         assert unk not in ids, f"unknown word in {t!r}"
-    assert tok(common.mcqa_body("h", "q", ["a", "b"]))["input_ids"].count(tok.convert_tokens_to_ids("\n")) == 3
+    assert tok(common.mcqa_body("h", "q", ["a", "b"]))["input_ids"].count(tok.convert_tokens_to_ids("\n")) == 4
 
 
 def test_small_world_learns_its_frequent_facts(small_world):
