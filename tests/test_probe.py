@@ -26,15 +26,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 # ----------------------------------------------------------------------------------------------
 # fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (20x faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def load(path):
     model, tok = common.load_model(path)
     torch.set_grad_enabled(True)          # load_model switches grad off globally; give it back

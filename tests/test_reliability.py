@@ -28,15 +28,6 @@ INTERRUPTED = "interrupted: partial results are kept; rerun the same command to 
 STAGES = ("probe", "rehearse", "construct", "finetune", "evaluate", "world")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Subprocess environment: one thread, and a private HF cache that must stay empty (every
