@@ -25,6 +25,7 @@ OEQA_REFUSE1 = ("Answer the following question, and if you don't know the answer
                 "only reply with 'I don't know': {q}")
 IDK = {"mcqa": "I don't know.", "oeqa": "I don't know"}              # SPEC 4 refusal targets
 REFUSAL_MARK = "i don't know"                                         # SPEC 7 / 9 #14 detector
+STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>")   # SPEC 2.2 / 7 Llama-3 stops, ChatML
 ARC_SUBJECT = "STEM"                                                  # SPEC 2.3: ARC subject
 LETTERS = "ABCDEFGHIJ"
 TASKS = ("mcqa", "oeqa")
@@ -85,6 +86,16 @@ def encode_example(tokenizer, prompt_text, target, max_len=None):
         cut = min(len(p), len(p) + len(t) - max_len)
         p = p[cut:]
     return p + t, [-100] * len(p) + t, cut
+
+
+def stop_token_ids(model, tok):
+    """Ids that end an answer: the tokenizer's and generation_config's EOS, plus the chat stop
+    words of STOP_TOKENS that the vocabulary has (SPEC 2.2 / 7)."""
+    vocab = tok.get_vocab()
+    ids = {tok.eos_token_id} | {vocab[t] for t in STOP_TOKENS if t in vocab}
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return sorted(i for i in ids if i is not None)
 
 
 def is_refusal(text, strict=False):

@@ -52,7 +52,6 @@ import common
 from common import InputError
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
-STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>")   # SPEC 7 Llama-3 stops, ChatML
 LABELS = ("correct", "wrong", "refuse", "unparsed")
 ROWS = ("init_basic", "init_refuse", "van", "cor", "corcer", "wocer", "craft", "grait")
 ROW_NAMES = {"init_basic": "Init-Basic", "init_refuse": "Init-Refuse"}
@@ -214,15 +213,6 @@ def quadrants(known, labels):
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: batched greedy generation (SPEC 7 decoding)
-def stop_ids(tok, model):
-    """EOS plus the chat stop words the vocabulary has (SPEC 7: <|eot_id|>, <|end_of_text|>)."""
-    ids = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in STOP_TOKENS
-                                if t in tok.get_vocab()}
-    eos = model.generation_config.eos_token_id
-    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return sorted(i for i in ids if i is not None)
-
-
 def newline_ids(tok):
     """Ids of the tokens whose text holds a line break (raw-prompt answers end there)."""
     vocab = tok.get_vocab()
@@ -283,7 +273,7 @@ def answer(args):
     model, tok = common.load_model(args.model, args.adapter,
                                    trust_remote_code=args.trust_remote_code)   # adapter checked against the base
     tok.padding_side = "left"
-    stops = stop_ids(tok, model)
+    stops = common.stop_token_ids(model, tok)
     chat = common.has_chat_template(tok)
     newline = args.newline_stop == "on" or (args.newline_stop == "auto" and not chat)
     line_ids = newline_ids(tok) if newline else ()   # render()'s plain format: `user answer\n`

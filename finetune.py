@@ -212,11 +212,9 @@ def example_losses(model, b):
 def build_model(args, device=None):
     """Load args.model; LoRA: freeze it and wrap the target layers (seeded init, fp32 weights)."""
     dev, dtype = common.device_and_dtype(device)
-    grad = torch.is_grad_enabled()
     model, tok = common.load_model(args.model, device=dev,
                                    dtype=torch.float32 if args.full else dtype,
                                    trust_remote_code=getattr(args, "trust_remote_code", False))
-    torch.set_grad_enabled(grad)   # load_model switches autograd off for inference stages
     if not args.full:
         t = args.target_modules
         targets = t if t == "all-linear" else [s.strip() for s in t.split(",") if s.strip()]

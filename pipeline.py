@@ -72,10 +72,8 @@ def run(cmd, out, inputs, times, label):
     print(f"[pipeline] {label}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     t0 = time.time()
     stage = importlib.import_module(os.path.basename(cmd[1])[:-len(".py")])
-    try:    # in-process: the same main(argv) as the command line, without re-importing torch
-        stage.main(cmd[2:])
-    except common.InputError as e:
-        sys.exit(f"error: {e}\n[pipeline] {label} failed; fix it and rerun `make all` to resume")
+    try:    # in-process: the same main(argv) and error handling as the command line
+        common.cli(lambda: stage.main(cmd[2:]))
     except SystemExit as e:
         if e.code:
             sys.exit(f"[pipeline] {label} failed (exit {e.code}); rerun `make all` to resume")
@@ -138,7 +136,8 @@ def run_task(a, task, seed, times):
         return R
     # 2. rehearsal and knowledge flow (SPEC 3)
     reh = f"{R}/rehearsal"
-    n_pool = sum(1 for _ in open(pool))
+    with open(pool) as f:
+        n_pool = sum(1 for _ in f)
     cmd = [PY, "rehearse.py", "--model", model, "--items", pool, "--state", state, "--out", reh,
            "--mcqa-reader", reader, "--seed", str(seed)]
     cmd += ["--size", str(min(1000, max(32, round(REHEARSAL_SHARE * n_pool))))]

@@ -202,20 +202,14 @@ def read_samples(model, tok, embedder, items, shots_for, args, seed):
 
 
 def stop_token_ids(model, tok):
-    """EOS of the tokenizer and generation_config, plus Llama-3's stop words (SPEC 2.2); for
-    models without a chat template also the newline that ends a plain-prompt answer."""
-    ids = {tok.eos_token_id}
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    for w in ("<|eot_id|>", "<|end_of_text|>"):
-        i = tok.convert_tokens_to_ids(w)
-        if i is not None and i != tok.unk_token_id:
-            ids.add(i)
+    """common.stop_token_ids; for models without a chat template also the newline that ends a
+    plain-prompt answer."""
+    ids = set(common.stop_token_ids(model, tok))
     if not common.has_chat_template(tok):   # plain prompts end each answer with "\n" (render),
         nl = tok("\n", add_special_tokens=False)["input_ids"]     # as a chat turn ends in EOS
         if len(nl) == 1:
             ids.add(nl[0])
-    return {i for i in ids if i is not None}
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import time
 import torch
 
 import common
+from kernels.lm import last_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # The world's content. Relations: (name, question, 4 templates with {n} = person, {v} = value)
@@ -332,16 +333,12 @@ def pretrain(a, tok, docs):
 
 # ---------------------------------------------------------------------------------------------
 # What the model learned: accuracy by exposure bin (DESIGN; issue "knowledge.md")
-@torch.no_grad()
 def next_token_probs(model, tok, prompts, batch=256):
-    """Softmax over the vocabulary for the token after each prompt (left-padded batches)."""
-    tok.padding_side = "left"
-    out = []
-    for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
-        logits = model(**enc).logits[:, -1, :]
-        out.append(torch.softmax(logits.float(), -1))
-    return torch.cat(out)
+    """Softmax over the vocabulary for the token after each rendered prompt (kernels/lm.py's
+    left-padded forward, in batches)."""
+    seqs = [common.encode(tok, p) for p in prompts]
+    return torch.cat([last_logprobs(model, seqs[i:i + batch], tok.pad_token_id).exp()
+                      for i in range(0, len(seqs), batch)])
 
 
 def knowledge(model, tok, items):

@@ -28,7 +28,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # fixtures
 def load(path):
     model, tok = common.load_model(path)
-    torch.set_grad_enabled(True)          # load_model switches grad off globally; give it back
+    torch.set_grad_enabled(True)          # tests below take gradients through the loaded model
     return model, tok
 
 
