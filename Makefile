@@ -18,9 +18,9 @@ OUT     ?= runs
 WORLD_ARGS ?=
 EMBEDDER := $(VENV)/share/all-MiniLM-L6-v2
 
-# The world's tiny matrices run faster on one thread than on two (measured: 12-13 vs 7-8
-# pre-training steps/s on 2 cores); real models keep torch's default.
-THREADS_world := OMP_NUM_THREADS=1
+# JOBS: stages run at once (pipeline.py --jobs); default: the CPU count for the world (worker
+# processes of one torch thread each), 1 for a real model
+JOBS    ?=
 
 .PHONY: all world test clean install probe rehearse construct finetune data
 .DEFAULT_GOAL := all
@@ -39,12 +39,13 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 install: $(VENV)/.installed
 
 world: $(VENV)/.installed
-	$(THREADS_world) $(PYTHON) world.py --out $(OUT)/world $(WORLD_ARGS)
+	$(PYTHON) world.py --out $(OUT)/world $(WORLD_ARGS)
 
 # The whole pipeline (pipeline.py): world -> probe -> rehearse -> construct -> finetune -> evaluate
 # -> report, per task and seed; unchanged stages are skipped, interrupted ones resume.
-PIPELINE = $(THREADS_$(MODEL)) $(PYTHON) pipeline.py --model $(MODEL) --data $(DATA) --data-dir $(OUT)/data \
-	--tasks $(TASKS) --methods $(METHODS) --seeds $(SEEDS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)"
+PIPELINE = $(PYTHON) pipeline.py --model $(MODEL) --data $(DATA) --data-dir $(OUT)/data \
+	--tasks $(TASKS) --methods $(METHODS) --seeds $(SEEDS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)" \
+	$(if $(JOBS),--jobs $(JOBS))
 
 all: $(VENV)/.installed
 	$(PIPELINE)

@@ -3,8 +3,10 @@ Llama with a real tokenizer and chat template on a few real MMLU -> ARC items fr
 TriviaQA is not in ../shared/data, so the OEQA half of the paper setting is not exercised here."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,3 +46,41 @@ def test_paper_setting_dry_run_writes_a_report(tmp_path, tiny_chat_llama):
     # a rerun skips every stage (nothing changed)
     r = sh(*args)
     assert "skip" in r.stderr and "] mcqa/s0 probe:" not in r.stderr
+
+
+def kill_when(args, trigger, delay):
+    """Start `pipeline.py args`, SIGKILL it and its workers `delay` s after a stderr line
+    contains `trigger`. Returns the stderr read so far."""
+    p = subprocess.Popen([sys.executable, "pipeline.py", *args], cwd=ROOT, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if trigger in line:
+            time.sleep(delay)
+            break
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert any(trigger in s for s in seen), "".join(seen)[-3000:]
+    return "".join(seen)
+
+
+def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path):
+    """Issue 8: interrupting `make all` at any point and running it again finishes with the same
+    report. Killed (SIGKILL, workers included) during pre-training, during a fine-tune, during
+    the evaluations; the reruns reuse what was finished and match an uninterrupted run."""
+    def args(out):
+        return ["--world-args", "--preset small", "--tasks", "oeqa", "--methods", "craft", "grait", "--jobs", "2", "--out", str(out)]
+    sh("pipeline.py", *args(tmp_path / "a"))
+    b = tmp_path / "b"
+    kill_when(args(b), "[world] pre-training", 2.0)
+    assert not (b / "world" / "model").exists()
+    kill_when(args(b), "oeqa/s0 finetune grait:", 1.0)
+    assert (b / "world" / "oeqa" / "s0" / "probe_init.jsonl.stage.json").exists()
+    kill_when(args(b), "oeqa/s0 evaluate", 0.3)
+    r = sh("pipeline.py", *args(b))
+    assert "skip oeqa/s0 probe: unchanged" in r.stderr
+    ra, rb = ((d / "world" / "oeqa" / "s0" / "report.md").read_text() for d in (tmp_path / "a", b))
+    assert rb.replace(str(b), str(tmp_path / "a")) == ra
+    times = (b / "world" / "times.md").read_text()
+    assert "| world |" in times and "| **wall** |" in times
