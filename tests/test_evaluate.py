@@ -15,6 +15,7 @@ from conftest import ROOT
 
 import common
 import evaluate as ev
+from kernels import ths as kt
 
 # ----------------------------------------------------------------------------------------------
 # THS against SPEC 8.1 (CRaFT Table 2): (Pc, Pw, printed THS) per method; first row Init-Basic
@@ -38,7 +39,7 @@ HALF = 0.05     # every printed number is rounded to 0.1: the true value lies wi
 
 def ths_range(pc, pw, pc0, pw0, half=HALF):
     """Smallest and largest THS over the rounding box of the four printed inputs."""
-    v = [float(ev.ths(pc + a, pw + b, pc0 + c, pw0 + d))
+    v = [float(kt.ths(pc + a, pw + b, pc0 + c, pw0 + d))
          for a, b, c, d in itertools.product((-half, half), repeat=4)]
     return min(v), max(v)
 
@@ -55,7 +56,7 @@ def cells():
                          ids=[f"{m}-{b}-{k}" for m, b, k, _, _ in cells()])
 def test_ths_reproduces_paper(model, bench, k, row, ref):
     (pc, pw, printed), (pc0, pw0, _) = row, ref
-    got = float(ev.ths(pc, pw, pc0, pw0))
+    got = float(kt.ths(pc, pw, pc0, pw0))
     if k == 0:
         assert got == 0.0                                  # Init-Basic scores 0 by construction
     elif (model, bench, k) in STARRED:
@@ -78,33 +79,33 @@ def test_ths_geometry():
     def cross(a, b):
         return a[0] * b[1] - a[1] * b[0]
     e1, e2 = (66.8, 33.1), (53.3, 9.6)
-    assert float(ev.ths(*e2, *e1)) == pytest.approx(cross(e2, e1) / cross((1, 0), e1))
-    assert float(ev.ths(100, 0, *e1)) == 100.0                       # the maximum
-    assert float(ev.ths(33.4, 16.55, *e1)) == pytest.approx(0.0)     # on the ray: 0
-    assert float(ev.ths(40, 10, *e1)) > 0 > float(ev.ths(40, 30, *e1))   # below / above the ray
-    assert np.isnan(ev.ths(50, 10, 100, 0))                          # undefined when Pw0 = 0
-    np.testing.assert_allclose(ev.ths([50, 60], [17, 20], 66.8, 33.1),
+    assert float(kt.ths(*e2, *e1)) == pytest.approx(cross(e2, e1) / cross((1, 0), e1))
+    assert float(kt.ths(100, 0, *e1)) == 100.0                       # the maximum
+    assert float(kt.ths(33.4, 16.55, *e1)) == pytest.approx(0.0)     # on the ray: 0
+    assert float(kt.ths(40, 10, *e1)) > 0 > float(kt.ths(40, 30, *e1))   # below / above the ray
+    assert np.isnan(kt.ths(50, 10, 100, 0))                          # undefined when Pw0 = 0
+    np.testing.assert_allclose(kt.ths([50, 60], [17, 20], 66.8, 33.1),
                                [50 - 17 * 66.8 / 33.1, 60 - 20 * 66.8 / 33.1])
 
 
 # ----------------------------------------------------------------------------------------------
 # Rates, macro average, bootstrap, quadrants
 def test_rates():
-    np.testing.assert_allclose(ev.rates([6, 2, 1, 1]), [60, 20, 10, 10])
-    np.testing.assert_allclose(ev.rates([[1, 1, 0, 0], [0, 0, 3, 1]]),
+    np.testing.assert_allclose(kt.rates([6, 2, 1, 1]), [60, 20, 10, 10])
+    np.testing.assert_allclose(kt.rates([[1, 1, 0, 0], [0, 0, 3, 1]]),
                                [[50, 50, 0, 0], [0, 0, 75, 25]])
 
 
 def test_macro_rates_weights_subjects_equally():
     by_subject = np.array([[9, 1, 0, 0], [0, 2, 0, 0]])        # 10 items at 90%, 2 items at 0%
-    np.testing.assert_allclose(ev.macro_rates(by_subject), [45, 55, 0, 0])
-    np.testing.assert_allclose(ev.rates(by_subject.sum(0)), [75, 25, 0, 0])   # micro differs
+    np.testing.assert_allclose(kt.macro_rates(by_subject), [45, 55, 0, 0])
+    np.testing.assert_allclose(kt.rates(by_subject.sum(0)), [75, 25, 0, 0])   # micro differs
 
 
 def test_summarize_pairs_with_init():
     t = np.zeros((1, 4, 4), int)
     t[0, 0, 0], t[0, 0, 2], t[0, 1, 1], t[0, 1, 2] = 4, 1, 2, 3   # init: 5 correct, 5 wrong
-    s = ev.summarize(t, macro=False)
+    s = kt.summarize(t, macro=False)
     assert (float(s["pc"]), float(s["pw"]), float(s["pr"])) == (40.0, 20.0, 40.0)
     assert float(s["ths"]) == pytest.approx(40 - 20 * 50 / 50)
 
@@ -115,30 +116,30 @@ def test_bootstrap_interval():
     lab = np.where(rng.random(400) < 0.5, init, 2)
     t = np.zeros((1, 4, 4), int)
     np.add.at(t, (0, init, lab), 1)
-    a = ev.bootstrap_ci(t, False, n=2000, seed=3)
-    assert a == ev.bootstrap_ci(t, False, n=2000, seed=3)          # seeded
-    assert a != ev.bootstrap_ci(t, False, n=2000, seed=4)
-    point = ev.summarize(t, False)
+    a = kt.bootstrap_ci(t, False, n=2000, seed=3)
+    assert a == kt.bootstrap_ci(t, False, n=2000, seed=3)          # seeded
+    assert a != kt.bootstrap_ci(t, False, n=2000, seed=4)
+    point = kt.summarize(t, False)
     for k in ("pc", "pw", "ths"):
         assert a[k][0] < float(point[k]) < a[k][1]
     p = float(point["pc"]) / 100                                    # normal approximation
     assert a["pc"][1] - a["pc"][0] == pytest.approx(2 * 1.96 * 100 * np.sqrt(p * (1 - p) / 400),
                                                     rel=0.12)
-    big = ev.bootstrap_ci(t * 9, False, n=2000, seed=3)             # 9x the items: 1/3 the width
+    big = kt.bootstrap_ci(t * 9, False, n=2000, seed=3)             # 9x the items: 1/3 the width
     assert big["pc"][1] - big["pc"][0] == pytest.approx((a["pc"][1] - a["pc"][0]) / 3, rel=0.2)
     allright = np.zeros((2, 4, 4), int)
     allright[:, 0, 0] = 5
-    assert ev.bootstrap_ci(allright, True)["pc"] == [100.0, 100.0]
+    assert kt.bootstrap_ci(allright, True)["pc"] == [100.0, 100.0]
 
 
 def test_quadrants():
     known = [True, True, True, True, False, False, False, False]
     labels = ["correct", "refuse", "refuse", "wrong", "wrong", "refuse", "refuse", "refuse"]
-    q = ev.quadrants(known, labels)
+    q = kt.quadrants(known, labels)
     assert q["over_refusal"] == 50.0            # 2 of 4 known refused
     assert q["hallucination"] == 25.0           # 1 of 4 unknown answered wrong
     assert q["refusal_precision"] == 60.0       # 3 of 5 refusals on unknown items
-    assert ev.quadrants([True], ["correct"])["hallucination"] is None
+    assert kt.quadrants([True], ["correct"])["hallucination"] is None
 
 
 # ----------------------------------------------------------------------------------------------

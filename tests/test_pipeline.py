@@ -48,9 +48,9 @@ def test_paper_setting_dry_run_writes_a_report(tmp_path, tiny_chat_llama):
     assert "skip" in r.stderr and "] mcqa/s0 probe:" not in r.stderr
 
 
-def kill_when(args, trigger, delay):
-    """Start `pipeline.py args`, SIGKILL it and its workers `delay` s after a stderr line
-    contains `trigger`. Returns the stderr read so far."""
+def kill_when(args, trigger, delay, sig=signal.SIGKILL):
+    """Start `pipeline.py args`; `delay` s after a stderr line contains `trigger`, send `sig` to
+    it and its workers (SIGINT: Ctrl-C in a terminal). Returns the exit status."""
     p = subprocess.Popen([sys.executable, "pipeline.py", *args], cwd=ROOT, text=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     seen = []
@@ -59,23 +59,25 @@ def kill_when(args, trigger, delay):
         if trigger in line:
             time.sleep(delay)
             break
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    os.killpg(p.pid, sig)
+    rest = p.stderr.read()
     assert any(trigger in s for s in seen), "".join(seen)[-3000:]
-    return "".join(seen)
+    return p.wait(), rest
 
 
 def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path):
     """Issue 8: interrupting `make all` at any point and running it again finishes with the same
-    report. Killed (SIGKILL, workers included) during pre-training, during a fine-tune, during
-    the evaluations; the reruns reuse what was finished and match an uninterrupted run."""
+    report. Killed (SIGKILL, workers included) during pre-training and during the evaluations,
+    Ctrl-C (SIGINT) during a fine-tune; the reruns reuse what was finished and match an
+    uninterrupted run."""
     def args(out):
         return ["--world-args", "--preset small", "--tasks", "oeqa", "--methods", "craft", "grait", "--jobs", "2", "--out", str(out)]
     sh("pipeline.py", *args(tmp_path / "a"))
     b = tmp_path / "b"
     kill_when(args(b), "[world] pre-training", 2.0)
     assert not (b / "world" / "model").exists()
-    kill_when(args(b), "oeqa/s0 finetune grait:", 1.0)
+    rc, rest = kill_when(args(b), "oeqa/s0 finetune grait:", 1.0, signal.SIGINT)
+    assert rc == 130 and "interrupted: partial results are kept" in rest
     assert (b / "world" / "oeqa" / "s0" / "probe_init.jsonl.stage.json").exists()
     kill_when(args(b), "oeqa/s0 evaluate", 0.3)
     r = sh("pipeline.py", *args(b))
