@@ -35,14 +35,15 @@ PY = sys.executable
 # effective batch 64, 3 epochs) makes only a handful of steps there, so the world run uses more,
 # smaller steps, and rank 16 (r 64 exceeds half the world's hidden size of 128 and doubles the
 # cost of a step). Real models get the SPEC 9 #12 defaults of finetune.py untouched.
-# Refusal is learnt late: measured on the world's OEQA sets (ID test, seed 0), lr 1e-3 x 3 epochs,
-# lr 3e-3 x 6 epochs and lr 1e-2 x 4 epochs (batch 16) never refuse; what counts is about 200
-# optimizer steps at lr 3e-3. Batch 16 x 10 epochs and batch 8 x 5 epochs (half the compute)
-# both refuse 25-29% (CRaFT, CorCer, GRAIT) and 0% (Cor); batch 4 x 3 epochs misses GRAIT's.
+# Refusal is learnt late, after several hundred steps at lr 3e-3; measured with CRaFT on the
+# default world (ID test, seed 0, batch 8, 468 examples): OEQA refuses 0% after 5 epochs (295
+# steps), 5.4% with lr 5e-3, 25.8% after 10 epochs (Pc 42.1, Pw 32.1: THS +13.5). MCQA refuses
+# ~0% after 5 and after 10 epochs (Pc 42.5 -> 37.5), so it keeps 5 (the paper's recipes differ by
+# task too).
 WORLD_REHEARSAL = ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3",
                    "--lora-r", "16"]                                     # brief, as SPEC 3 wants
-WORLD_FINETUNE = ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--epochs", "5",
-                  "--lora-r", "16"]
+WORLD_FINETUNE = ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16"]
+WORLD_EPOCHS = {"mcqa": 5, "oeqa": 10}
 # WORLD_OEQA_SHOTS: the world's OEQA knowledge query is 0-shot, not SPEC 2.2's 3-shot (as its MCQA
 # is 0-shot, SPEC 10). The 1M-parameter model cannot use in-context shots: measured on the
 # default world, after the 3 shots (birth city, job, colour) it expected a new question for the
@@ -179,8 +180,9 @@ def method(a, task, seed, m):
         run(cmd, train, [pool, state, flow], times, f"{tag} construct {m}")
         if a.until == "construct":
             return times
+        recipe = WORLD_FINETUNE + ["--epochs", str(WORLD_EPOCHS[task])] if world else []
         cmd = [PY, "finetune.py", "--model", model, "--train", train, "--out", adapter,
-               "--seed", str(seed)] + (WORLD_FINETUNE if world else []) + shlex.split(a.stage_args)
+               "--seed", str(seed)] + recipe + shlex.split(a.stage_args)
         run(cmd, adapter, [model, train], times, f"{tag} finetune {m}")
     if a.until in ("construct", "finetune"):
         return times
@@ -218,8 +220,8 @@ def worker_init():
 
 def in_parallel(a, units, times):
     """Run units [(function, args)] in --jobs worker processes (in this process when 1) and add
-    their stage times, in the order of `units`, to `times`. The first failure stops the run (a
-    stage already running in another worker is finished and kept)."""
+    their stage times, in the order of `units`, to `times`. The first failure (or Ctrl-C) stops
+    the run at once; the stages it cut short resume on the next run."""
     if a.jobs == 1 or len(units) == 1:
         for f, args in units:
             times += f(*args)
@@ -232,6 +234,10 @@ def in_parallel(a, units, times):
         futures = [pool.submit(f, *args) for f, args in units]
         for fut in futures:
             times += fut.result()
+    except BaseException:       # a failure or Ctrl-C: stop the running stages now, not after them
+        for proc in (pool._processes or {}).values():   # Python 3.14: pool.terminate_workers()
+            proc.terminate()
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
 
