@@ -244,7 +244,11 @@ def in_parallel(a, units, times):
 
 def seed_table(a, folders):
     """Mean and standard deviation over seeds of every cell of the per-seed results.json."""
-    lines = [f"# {slug(a.model)}: mean ± std over seeds {' '.join(map(str, a.seeds))}", ""]
+    from evaluate import ROW_NAMES
+    lines = [f"# {slug(a.model)}: mean ± std over seeds {' '.join(map(str, a.seeds))}", "",
+             "Rates in % of all test items; ± is the sample standard deviation over the seeds. "
+             "The seed drives the probe's sampling, the rehearsal draw, the fine-tuning order and "
+             "dropout, and GRAIT's projection; the model M0 and the items stay the same.", ""]
     for task, dirs in folders.items():
         res = [json.load(open(os.path.join(d, "results.json"))) for d in dirs]
         lines += [f"## {task}", "", "| method | ID Pc | ID Pw | ID Pr | ID THS | OOD Pc | OOD Pw | "
@@ -257,7 +261,7 @@ def seed_table(a, folders):
                          and r[split]["rows"].get(row, {}).get("rates", {}).get(k) is not None]
                     sd = statistics.stdev(v) if len(v) > 1 else 0.0
                     cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}" if v else "-")
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -73,6 +73,18 @@ def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path):
     def args(out):
         return ["--world-args", "--preset small", "--tasks", "oeqa", "--methods", "craft", "grait", "--jobs", "2", "--out", str(out)]
     sh("pipeline.py", *args(tmp_path / "a"))
+    # the world's 0-shot OEQA probe (pipeline.py WORLD_OEQA_SHOTS) tracks what M0 knows, in every
+    # relation: sampled correctness is higher where M0 answers greedily right than where it does not
+    w = tmp_path / "a" / "world" / "oeqa"
+    items = {json.loads(x)["id"]: json.loads(x) for x in open(w / "train.jsonl")}
+    mu = {}
+    for x in open(w / "s0" / "probe_init.jsonl"):
+        s = json.loads(x)
+        it = items[s["id"]]
+        mu.setdefault((it["subject"], it["meta"]["m0_greedy_correct"]), []).append(s["mu"])
+    for rel in {r for r, _ in mu}:
+        known, unknown = (sum(v) / len(v) for v in (mu[rel, True], mu[rel, False]))
+        assert known > unknown + 0.2, (rel, known, unknown)
     b = tmp_path / "b"
     kill_when(args(b), "[world] pre-training", 2.0)
     assert not (b / "world" / "model").exists()
