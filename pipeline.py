@@ -234,9 +234,12 @@ def in_parallel(a, units, times):
         futures = [pool.submit(f, *args) for f, args in units]
         for fut in futures:
             times += fut.result()
-    except BaseException:       # a failure or Ctrl-C: stop the running stages now, not after them
+    except BaseException as e:  # a failure or Ctrl-C: stop the running stages now, not after them
         for proc in (pool._processes or {}).values():   # Python 3.14: pool.terminate_workers()
             proc.terminate()
+        if isinstance(e, cf.BrokenExecutor):
+            sys.exit("[pipeline] a worker process died (killed, or out of memory: try a smaller "
+                     "--jobs); rerun `make all` to resume")
         raise
     finally:
         pool.shutdown(cancel_futures=True)

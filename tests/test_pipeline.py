@@ -1,6 +1,7 @@
 """pipeline.py in the paper setting (`make all MODEL=... DATA=paper`), as a dry run: a tiny random
-Llama with a real tokenizer and chat template on a few real MMLU -> ARC items from ../shared/data.
-TriviaQA is not in ../shared/data, so the OEQA half of the paper setting is not exercised here."""
+Llama with a real tokenizer and chat template on a few real MMLU -> ARC and NQ items from
+../shared/data. TriviaQA is not there: its pool is real NQ questions written in TriviaQA's file
+format and converted by data.py's TriviaQA path. And `make all` on the world, interrupted."""
 import json
 import os
 import signal
@@ -11,6 +12,9 @@ import time
 import pytest
 
 from conftest import ROOT, SHARED_DATA
+
+sys.path.insert(0, ROOT)
+import data as data_mod  # noqa: E402
 
 METHODS = ["van", "craft", "grait"]   # the others differ only in construct.py (tested there)
 
@@ -24,21 +28,37 @@ def sh(*args):
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data absent")
 def test_paper_setting_dry_run_writes_a_report(tmp_path, tiny_chat_llama):
     data = tmp_path / "data"
+    nq = os.path.join(SHARED_DATA, "nq", "dev.csv")
     sh("data.py", "mmlu", "--src", os.path.join(SHARED_DATA, "mmlu"), "--out", str(data))
     sh("data.py", "arc", "--src", os.path.join(SHARED_DATA, "arc"), "--out", str(data))
+    sh("data.py", "nq", "--src", nq, "--out", str(data))
+    tq = tmp_path / "triviaqa"
+    tq.mkdir()
+    rows = [{"QuestionId": f"tq_{it['id']}", "Question": it["question"],
+             "Answer": {"Value": it["answer"], "NormalizedValue": it["answer"].lower(),
+                        "Aliases": it["aliases"], "NormalizedAliases": []}}
+            for it in data_mod.nq_items(nq)[-60:]]
+    for name, part in (("train", rows[:40]), ("dev", rows[40:])):
+        (tq / f"unfiltered-web-{name}.json").write_text(json.dumps({"Data": part}))
+    sh("data.py", "triviaqa", "--src", str(tq), "--out", str(data))
     out = tmp_path / "runs"
     args = ["pipeline.py", "--model", tiny_chat_llama, "--data", "paper", "--data-dir", str(data),
-            "--tasks", "mcqa", "--limit", "16", "--out", str(out), "--methods", *METHODS,
+            "--limit", "16", "--out", str(out), "--methods", *METHODS,
             "--eval-args", "--max-new-tokens 6"]
     sh(*args)
     runs = [d for d in out.iterdir() if d.name != "world"]
     assert len(runs) == 1
+    for task in ("mcqa", "oeqa"):
+        R = runs[0] / task / "s0"
+        res = json.loads((R / "results.json").read_text())
+        rows = set(res["id"]["rows"]) & set(res["ood"]["rows"])
+        assert rows == {"init_basic", "init_refuse", *METHODS}
+        report = (R / "report.md").read_text()
+        assert "Init-Basic" in report and (R / "ths.svg").exists()
+    # OEQA: sampled, 3-shot with the TriviaQA dev shots (SPEC 2.2) that data.py wrote
+    cfg = json.loads((runs[0] / "oeqa" / "s0" / "probe_init.jsonl.config.json").read_text())
+    assert cfg["args"]["n_shots"] == 3 and cfg["args"]["shots"].endswith("oeqa/shots.jsonl")
     R = runs[0] / "mcqa" / "s0"
-    res = json.loads((R / "results.json").read_text())
-    rows = set(res["id"]["rows"]) & set(res["ood"]["rows"])
-    assert rows == {"init_basic", "init_refuse", *METHODS}
-    report = (R / "report.md").read_text()
-    assert "Init-Basic" in report and (R / "ths.svg").exists()
     # the letter reader ran on the 5-shot prompt, and every method wrote its adapter
     cfg = json.loads((R / "probe_init.jsonl.config.json").read_text())
     assert cfg["args"]["mcqa_reader"] == "letter" and cfg["args"]["n_shots"] == 5
