@@ -45,6 +45,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """The `--preset small` world, built once per session by world.py as `make world` would."""
+    import subprocess
+    out = tmp_path_factory.mktemp("small_world")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--preset", "small",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def real_tokenizer():
     """The MiniLM WordPiece tokenizer (a real tokenizer that ships with the install), given
     BOS/EOS and a Llama-2 chat template."""

@@ -4,6 +4,7 @@ Llama with a real tokenizer and chat template on a few real MMLU -> ARC and NQ i
 format and converted by data.py's TriviaQA path. And `make all` on the world, interrupted."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,14 +86,16 @@ def kill_when(args, trigger, delay, sig=signal.SIGKILL):
     return p.wait(), rest
 
 
-def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path):
+def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path, small_world):
     """Issue 8: interrupting `make all` at any point and running it again finishes with the same
     report. Killed (SIGKILL, workers included) during pre-training and during the evaluations,
     Ctrl-C (SIGINT) during a fine-tune; the reruns reuse what was finished and match an
     uninterrupted run."""
     def args(out):
         return ["--world-args", "--preset small", "--tasks", "oeqa", "--methods", "craft", "grait", "--jobs", "2", "--out", str(out)]
-    sh("pipeline.py", *args(tmp_path / "a"))
+    shutil.copytree(small_world, tmp_path / "a" / "world")     # the same world, built once
+    r = sh("pipeline.py", *args(tmp_path / "a"))
+    assert "cached world" in r.stderr
     # the world's 0-shot OEQA probe (pipeline.py WORLD_OEQA_SHOTS) tracks what M0 knows, in every
     # relation: sampled correctness is higher where M0 answers greedily right than where it does not
     w = tmp_path / "a" / "world" / "oeqa"

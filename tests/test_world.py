@@ -20,14 +20,6 @@ def build(out, *extra):
                            "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    r = build(out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
-
-
 def read_bytes(p):
     with open(p, "rb") as f:
         return f.read()
