@@ -74,7 +74,8 @@ def file_key(path):
 
 def run(cmd, out, inputs, times, label):
     """Run one stage unless `out` exists with the same command and inputs; record wall time."""
-    key = hashlib.sha256(json.dumps([cmd, [file_key(i) for i in inputs]]).encode()).hexdigest()
+    # the key leaves out the interpreter's path (cmd[0]): a moved checkout or venv reuses its runs
+    key = hashlib.sha256(json.dumps([cmd[1:], [file_key(i) for i in inputs]]).encode()).hexdigest()
     marker = out.rstrip("/") + ".stage.json"
     if os.path.exists(out) and os.path.exists(marker):
         with open(marker) as f:
