@@ -160,18 +160,16 @@ def generate(model, tok, prompts, max_new, stops, line_ids=()):
     With line_ids (line-break tokens) a row also stops at a line break that follows content."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
-    enc = [common.encode(tok, p) for p in prompts]
-    L = max(map(len, enc))
-    ids = torch.full((len(enc), L), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(enc), L), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, L - len(e):], mask[i, L - len(e):] = torch.tensor(e), 1
+    from kernels.lm import left_pad
+    ids, mask, _ = left_pad([common.encode(tok, p) for p in prompts], tok.pad_token_id,
+                            model.device)   # generate() derives positions from the mask
+    L = ids.shape[1]
     nl = torch.tensor(sorted(line_ids), dtype=torch.long, device=model.device)
 
     class LineEnd(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
             return line_done(input_ids[:, L:], nl)
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+    out = model.generate(input_ids=ids, attention_mask=mask,
                          do_sample=False, max_new_tokens=max_new, eos_token_id=stops,
                          pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
                          stopping_criteria=StoppingCriteriaList([LineEnd()] if line_ids else []))

@@ -135,10 +135,11 @@ def task_dir(a, task, seed):
     return os.path.join(a.out, slug(a.model), task, f"s{seed}")
 
 
-def prepare(a, task, seed):
-    """Probe M0 on the pool (SPEC 2), then rehearse and measure knowledge flow (SPEC 3)."""
+def prepare(a, task, seed, files):
+    """Probe M0 on the pool (SPEC 2), then rehearse and measure knowledge flow (SPEC 3).
+    files: task_inputs(a, task), as for method() and report()."""
     times = []
-    model, pool, shots, _, _, reader = task_inputs(a, task)
+    model, pool, shots, _, _, reader = files
     R, tag, world = task_dir(a, task, seed), f"{task}/s{seed}", a.model == "world"
     state = f"{R}/probe_init.jsonl"
     cmd = [PY, "probe.py", "--model", model, "--items", pool, "--task", task, "--out", state,
@@ -163,11 +164,11 @@ def prepare(a, task, seed):
     return times
 
 
-def method(a, task, seed, m):
+def method(a, task, seed, files, m):
     """Construct one method's RAIT set (SPEC 4-5), fine-tune on it (SPEC 6), evaluate (SPEC 7).
     m = init_basic / init_refuse: evaluate M0 with the BASIC / REFUSE prompt."""
     times = []
-    model, pool, _, test_id, test_ood, reader = task_inputs(a, task)
+    model, pool, _, test_id, test_ood, reader = files
     R, tag, world = task_dir(a, task, seed), f"{task}/s{seed}", a.model == "world"
     state, flow, adapter = f"{R}/probe_init.jsonl", f"{R}/rehearsal/flow.jsonl", None
     if not m.startswith("init_"):
@@ -197,10 +198,10 @@ def method(a, task, seed, m):
     return times
 
 
-def report(a, task, seed):
+def report(a, task, seed, files):
     """report.md, results.json and ths.svg of one task and seed (evaluate.py --report)."""
     times = []
-    _, _, _, test_id, test_ood, _ = task_inputs(a, task)
+    _, _, _, test_id, test_ood, _ = files
     R = task_dir(a, task, seed)
     rows = ["init_basic", "init_refuse"] + a.methods
     run([PY, "evaluate.py", "--report", R, "--items-id", test_id, "--items-ood", test_ood,
@@ -307,17 +308,17 @@ def main():
         t0 = time.time()
         world.main(argv)        # cached when its configuration is unchanged
         times.append(("world", time.time() - t0, "ran"))
-    cells = [(task, seed) for task in a.tasks for seed in a.seeds]
-    for task, _ in cells:       # fail early on missing data; write --limit subsamples once, here
-        task_inputs(a, task)
+    # once, here: fail early on missing data, write the --limit subsamples, hand the paths to units
+    files = {task: task_inputs(a, task) for task in a.tasks}
+    cells = [(a, t, s, files[t]) for t in a.tasks for s in a.seeds]
     # The stages of a task and seed depend on each other only through probe -> rehearse -> the
     # methods -> the report: run each of these three waves across tasks, seeds and methods at once.
-    in_parallel(a, [(prepare, (a, t, s)) for t, s in cells], times)
+    in_parallel(a, [(prepare, cell) for cell in cells], times)
     if a.until not in ("probe", "rehearse"):
         rows = a.methods + (["init_basic", "init_refuse"] if a.until == "all" else [])
-        in_parallel(a, [(method, (a, t, s, m)) for t, s in cells for m in rows], times)
+        in_parallel(a, [(method, (*cell, m)) for cell in cells for m in rows], times)
     if a.until == "all":
-        in_parallel(a, [(report, (a, t, s)) for t, s in cells], times)
+        in_parallel(a, [(report, cell) for cell in cells], times)
     wall = time.time() - t_start
     root = os.path.join(a.out, slug(a.model))
     md = ["# Wall time per stage", "", f"{a.jobs} job(s) at once; wall time {wall:.1f} s.", "",

@@ -44,13 +44,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def build_small_world(out, *extra):
+    """Run world.py --preset small into `out` in a subprocess, as `make world` would."""
+    import subprocess
+    return subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--preset", "small",
+                           "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT)
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
-    """The `--preset small` world, built once per session by world.py as `make world` would."""
-    import subprocess
+    """The `--preset small` world, built once per session."""
     out = tmp_path_factory.mktemp("small_world")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--preset", "small",
-                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    r = build_small_world(out)
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

@@ -1,23 +1,17 @@
 """world.py: determinism, caching, item contracts, tokenizer coverage, Auto loading, learning."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, build_small_world as build
 
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import world  # noqa: E402
 
 SPLITS = ("train", "test_id", "test_ood", "shots")
-
-
-def build(out, *extra):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--preset", "small",
-                           "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT)
 
 
 def read_bytes(p):
