@@ -6,8 +6,13 @@ PYTHON  := $(VENV)/bin/python
 # MODEL: `world` = the embedded default; or a hub id / local model folder
 MODEL   ?= world
 TASKS   ?= mcqa oeqa
-METHODS ?= van cor corcer wocer craft grait
-SEED    ?= 0
+# METHODS: default van cor corcer wocer craft grait, plus the oracle row on the world
+METHODS ?=
+# WORLDS: world seeds (embedded world only): `make all WORLDS="0 1 2"` builds three worlds and
+# reports mean ± std over them ($(OUT)/worlds.md); SEEDS: run seeds (default: each world's own
+# seed, 0 for a real model)
+WORLDS  ?= 0
+SEED    ?=
 SEEDS   ?= $(SEED)
 # DATA: `world` (embedded) or `paper` (MMLU->ARC, TriviaQA->NQ items under $(OUT)/data; see `make data`)
 # LIMIT: use at most this many items per file (seeded subsample) for smaller budgets; 0 = all
@@ -44,8 +49,9 @@ world: $(VENV)/.installed
 # The whole pipeline (pipeline.py): world -> probe -> rehearse -> construct -> finetune -> evaluate
 # -> report, per task and seed; unchanged stages are skipped, interrupted ones resume.
 PIPELINE = $(PYTHON) pipeline.py --model $(MODEL) --data $(DATA) --data-dir $(OUT)/data \
-	--tasks $(TASKS) --methods $(METHODS) --seeds $(SEEDS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)" \
-	$(if $(JOBS),--jobs $(JOBS))
+	--tasks $(TASKS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)" \
+	$(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+	$(if $(filter world,$(MODEL)),--worlds $(WORLDS)) $(if $(JOBS),--jobs $(JOBS))
 
 all: $(VENV)/.installed
 	$(PIPELINE)

@@ -7,6 +7,9 @@ Methods (SPEC 4 table; paper names in brackets):
   wocer   [CRaFT w/o Cer]: the flow filter on idk candidates, then random draws as cor.
   craft   CRaFT (Alg. 1): the flow filter on idk candidates, then certainty ranking as corcer.
   grait   GRAIT (SPEC 5): correctness-ranked van, gradient-greedy idk, adaptive weights.
+  oracle  Oracle-RAIT, a diagnostic only the world allows (issue 13): van = the facts M0 answers
+          correctly (greedy, BASIC prompt: the items' meta.m0_greedy_correct), idk = the rest,
+          random draws as cor. The ground truth the other methods estimate from mu and sigma.
 
     python construct.py --method craft --items pool.jsonl --state probe_init.jsonl \\
         --flow rehearsal/flow.jsonl --out craft/train.jsonl
@@ -30,7 +33,7 @@ THRESHOLDS = {"mcqa": (TAU, TAU), "oeqa": (0.51, 0.49)}        # (van if mu >=, 
 PAPER_COUNTS = {"mcqa": (4000, 1000), "oeqa": (8000, 2000)}     # (N_van, N_idk)
 PAPER_POOL = {"mcqa": 14042, "oeqa": 87622}                     # MMLU test, TriviaQA train
 SCALED_IDK_SHARE = 0.1   # smaller pools (the world, --limit): N_idk = 10% of the pool, N_van = 4x
-METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait")
+METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait", "oracle")
 GRAIT_T = 0.05          # SPEC 5.5: softmax temperature of the adaptive weights
 
 
@@ -42,6 +45,11 @@ def correctness_split(states, task, tau=TAU):
         return [s for s in states if s["mu"] >= tau], [s for s in states if s["mu"] < tau]
     van_min, idk_max = THRESHOLDS["oeqa"]
     return [s for s in states if s["mu"] >= van_min], [s for s in states if s["mu"] <= idk_max]
+
+
+def oracle_split(states):
+    """Oracle-RAIT pools (world only): (van, idk) by whether M0 answers the fact correctly."""
+    return [s for s in states if s["m0_known"]], [s for s in states if not s["m0_known"]]
 
 
 def flow_filter(idk, rule="le0"):
@@ -79,10 +87,10 @@ def select(method, states, task, n_van, n_idk, rng, flow_rule="le0", with_replac
     """Rows chosen as van (answer kept) and idk (answer replaced by IdK) for a method (SPEC 4)."""
     if method == "van":
         return draw(states, n_van + n_idk, rng, with_replacement), []
-    van, idk = correctness_split(states, task)
+    van, idk = oracle_split(states) if method == "oracle" else correctness_split(states, task)
     if method in ("wocer", "craft"):
         idk = flow_filter(idk, flow_rule)
-    if method in ("cor", "wocer"):
+    if method in ("cor", "wocer", "oracle"):
         return draw(van, n_van, rng, with_replacement), draw(idk, n_idk, rng, with_replacement)
     if method in ("corcer", "craft"):
         return (fill_short(by_certainty(van, n_van, True), n_van, rng, with_replacement),
@@ -316,6 +324,15 @@ def main(argv=None):
     items_by_id = {it["id"]: it for it in items}
     rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft") or
                        (a.method == "grait" and a.flow is not None))
+    if a.method == "oracle":
+        no_meta = [it["id"] for it in items if not isinstance(
+            (it.get("meta") or {}).get("m0_greedy_correct"), bool)]
+        if no_meta:
+            raise common.InputError(f"{a.items}: --method oracle needs meta.m0_greedy_correct (the "
+                                    f"world's items have it); missing for {len(no_meta)} items, "
+                                    f"e.g. {no_meta[0]!r}")
+        for r in rows:
+            r["m0_known"] = items_by_id[r["id"]]["meta"]["m0_greedy_correct"]
     d_van, d_idk = default_counts(task, len(items))
     n_van = d_van if a.n_van is None else a.n_van
     n_idk = d_idk if a.n_idk is None else a.n_idk

@@ -2,9 +2,10 @@
 
     python pipeline.py                                         # the embedded world, seed 0
     python pipeline.py --seeds 0 1 2                           # mean and std per report cell
+    python pipeline.py --worlds 0 1 2                          # 3 worlds, each with its own seed
     python pipeline.py --model meta-llama/Llama-2-7b-chat-hf --data paper     # on a GPU machine
 
-Per task and seed, in runs/<model-slug>/<task>/s<seed>/:
+Per task and seed, in runs/<model-slug>/<task>/s<seed>/ (world seed w > 0: runs/world-w<w>/):
   probe.py -> probe_init.jsonl; rehearse.py -> rehearsal/; construct.py -> <method>/train.jsonl;
   finetune.py -> <method>/adapter/; evaluate.py -> {init_basic,init_refuse,<method>}/pred_{id,ood}
   .jsonl; evaluate.py --report -> report.md, results.json, ths.svg.
@@ -14,7 +15,8 @@ once per process. Independent stages (tasks, seeds, methods) run at once in --jo
 processes of one torch thread each. A stage whose command and input files are unchanged since
 its last success is skipped (the key is recorded in `<output>.stage.json`); an interrupted
 stage resumes from its own partial files. Wall times per stage go to runs/<model-slug>/times.md; with several seeds,
-runs/<model-slug>/report.md gives the mean and standard deviation of every cell.
+runs/<model-slug>/report.md gives the mean and standard deviation of every cell; with several
+worlds, runs/worlds.md does so over the worlds (each world's own M0, items and run seed).
 """
 import argparse
 import hashlib
@@ -35,15 +37,14 @@ PY = sys.executable
 # effective batch 64, 3 epochs) makes only a handful of steps there, so the world run uses more,
 # smaller steps, and rank 16 (r 64 exceeds half the world's hidden size of 128 and doubles the
 # cost of a step). Real models get the SPEC 9 #12 defaults of finetune.py untouched.
-# Refusal is learnt late, after several hundred steps at lr 3e-3; measured with CRaFT on the
-# default world (ID test, seed 0, batch 8, 468 examples): OEQA refuses 0% after 5 epochs (295
-# steps), 5.4% with lr 5e-3, 25.8% after 10 epochs (Pc 42.1, Pw 32.1: THS +13.5). MCQA refuses
-# ~0% after 5 and after 10 epochs (Pc 42.5 -> 37.5), so it keeps 5 (the paper's recipes differ by
-# task too).
+# Epochs per task, measured with Cor-RAIT on the default world (seed 0, ID test, batch 8, lr 3e-3):
+# OEQA refuses 36% after 5 epochs and 32% after 10; MCQA 25% after 3 and 35% after 5 epochs (with
+# fewer unparsed answers). Before the world's corpus used the refusal's words (issue 13), OEQA
+# needed 10 epochs and MCQA never refused: the refusal tokens had untrained embeddings.
 WORLD_REHEARSAL = ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3",
                    "--lora-r", "16"]                                     # brief, as SPEC 3 wants
 WORLD_FINETUNE = ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16"]
-WORLD_EPOCHS = {"mcqa": 5, "oeqa": 10}
+WORLD_EPOCHS = {"mcqa": 5, "oeqa": 5}
 # WORLD_OEQA_SHOTS: the world's OEQA knowledge query is 0-shot, not SPEC 2.2's 3-shot (as its MCQA
 # is 0-shot, SPEC 10). The 1M-parameter model cannot use in-context shots: measured on the
 # default world, after the 3 shots (birth city, job, colour) it expected a new question for the
@@ -52,6 +53,7 @@ WORLD_EPOCHS = {"mcqa": 5, "oeqa": 10}
 # instrument questions and nothing else. 0-shot: mean mu 0.75 where M0 answers correctly
 # (greedy), 0.06 where it does not, 0.36-0.46 per relation. Pre-training on 4-turn QA text did
 # not help: the model then answered from the shots' famous people ("jeweler", p = 0.98).
+METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait")   # the papers' rows
 REHEARSAL_SHARE = 0.1   # rehearsal set: 10% of a small pool, at most SPEC 3's 1,000 (of 14k)
 
 
@@ -100,10 +102,16 @@ def slug(model):
     return "world" if model == "world" else re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/"))
 
 
-def task_inputs(a, task):
-    """(model, pool, shots, test_id, test_ood, mcqa reader) for a task."""
+def world_dir(out, w):
+    """The folder of the world built with seed w (and of its runs): runs/world for seed 0."""
+    return os.path.join(out, "world" if w == 0 else f"world-w{w}")
+
+
+def task_inputs(a, root, task):
+    """(model, pool, shots, test_id, test_ood, mcqa reader) for a task; root: the run folder of
+    the model (for the world: the world's own folder, which holds its model and items)."""
     if a.model == "world":
-        w = os.path.join(a.out, "world")
+        w = root
         d = os.path.join(w, task)
         return (os.path.join(w, "model"), f"{d}/train.jsonl", f"{d}/shots.jsonl",
                 f"{d}/test_id.jsonl", f"{d}/test_ood.jsonl", "option")
@@ -114,7 +122,7 @@ def task_inputs(a, task):
         raise common.InputError(f"{missing[0]}: missing; convert the benchmarks first "
                                 "(make data DATA=paper, see data.py --help)")
     if a.limit:
-        files = [limited(f, a.limit, os.path.join(a.out, slug(a.model), task, "items"))
+        files = [limited(f, a.limit, os.path.join(root, task, "items"))
                  if os.path.isfile(f) and "shots" not in f else f for f in files]
     return (a.model, *files, "letter")
 
@@ -131,16 +139,16 @@ def limited(path, n, folder):
     return out
 
 
-def task_dir(a, task, seed):
-    return os.path.join(a.out, slug(a.model), task, f"s{seed}")
+def task_dir(root, task, seed):
+    return os.path.join(root, task, f"s{seed}")
 
 
-def prepare(a, task, seed, files):
+def prepare(a, root, task, seed, files):
     """Probe M0 on the pool (SPEC 2), then rehearse and measure knowledge flow (SPEC 3).
     files: task_inputs(a, task), as for method() and report()."""
     times = []
     model, pool, shots, _, _, reader = files
-    R, tag, world = task_dir(a, task, seed), f"{task}/s{seed}", a.model == "world"
+    R, tag, world = task_dir(root, task, seed), f"{os.path.basename(root)}/{task}/s{seed}", a.model == "world"
     state = f"{R}/probe_init.jsonl"
     cmd = [PY, "probe.py", "--model", model, "--items", pool, "--task", task, "--out", state,
            "--seed", str(seed)]
@@ -164,12 +172,12 @@ def prepare(a, task, seed, files):
     return times
 
 
-def method(a, task, seed, files, m):
+def method(a, root, task, seed, files, m):
     """Construct one method's RAIT set (SPEC 4-5), fine-tune on it (SPEC 6), evaluate (SPEC 7).
     m = init_basic / init_refuse: evaluate M0 with the BASIC / REFUSE prompt."""
     times = []
     model, pool, _, test_id, test_ood, reader = files
-    R, tag, world = task_dir(a, task, seed), f"{task}/s{seed}", a.model == "world"
+    R, tag, world = task_dir(root, task, seed), f"{os.path.basename(root)}/{task}/s{seed}", a.model == "world"
     state, flow, adapter = f"{R}/probe_init.jsonl", f"{R}/rehearsal/flow.jsonl", None
     if not m.startswith("init_"):
         train, adapter = f"{R}/{m}/train.jsonl", f"{R}/{m}/adapter"
@@ -198,16 +206,16 @@ def method(a, task, seed, files, m):
     return times
 
 
-def report(a, task, seed, files):
+def report(a, root, task, seed, files):
     """report.md, results.json and ths.svg of one task and seed (evaluate.py --report)."""
     times = []
     _, _, _, test_id, test_ood, _ = files
-    R = task_dir(a, task, seed)
+    R = task_dir(root, task, seed)
     rows = ["init_basic", "init_refuse"] + a.methods
     run([PY, "evaluate.py", "--report", R, "--items-id", test_id, "--items-ood", test_ood,
          "--seed", str(seed)], f"{R}/report.md",
         [f"{R}/{n}/pred_{s}.jsonl" for n in rows for s in ("id", "ood")], times,
-        f"{task}/s{seed} report")
+        f"{os.path.basename(root)}/{task}/s{seed} report")
     return times
 
 
@@ -247,25 +255,47 @@ def in_parallel(a, units, times):
         pool.shutdown(cancel_futures=True)
 
 
-def seed_table(a, folders):
-    """Mean and standard deviation over seeds of every cell of the per-seed results.json."""
+def mean_sd(v):
+    """`mean ± sample std` of the values (std 0 for one), or `-` for none."""
+    if not v:
+        return "-"
+    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"
+
+
+def seed_table(title, what_varies, folders):
+    """Mean and standard deviation over runs (seeds, or worlds) of every cell of the per-run
+    results.json, then each RAIT set's static conflicts and each model's quadrants (ID test)."""
     from evaluate import ROW_NAMES
-    lines = [f"# {slug(a.model)}: mean ± std over seeds {' '.join(map(str, a.seeds))}", "",
-             "Rates in % of all test items; ± is the sample standard deviation over the seeds. "
-             "The seed drives the probe's sampling, the rehearsal draw, the fine-tuning order and "
-             "dropout, and GRAIT's projection; the model M0 and the items stay the same.", ""]
+    lines = [f"# {title}", "", "Rates in % of all test items; ± is the sample standard deviation "
+             f"over the runs. {what_varies}", ""]
     for task, dirs in folders.items():
         res = [json.load(open(os.path.join(d, "results.json"))) for d in dirs]
+        rows = list((res[0]["id"] or res[0]["ood"])["rows"])
         lines += [f"## {task}", "", "| method | ID Pc | ID Pw | ID Pr | ID THS | OOD Pc | OOD Pw | "
                   "OOD Pr | OOD THS |", "|---|" + "---|" * 8]
-        for row in (res[0]["id"] or res[0]["ood"])["rows"]:
-            cells = []
-            for split in ("id", "ood"):
-                for k in ("pc", "pw", "pr", "ths"):
-                    v = [r[split]["rows"][row]["rates"][k] for r in res if r.get(split)
-                         and r[split]["rows"].get(row, {}).get("rates", {}).get(k) is not None]
-                    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                    cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}" if v else "-")
+        for row in rows:
+            cells = [mean_sd([r[split]["rows"][row]["rates"][k] for r in res if r.get(split)
+                              and r[split]["rows"].get(row, {}).get("rates", {}).get(k) is not None])
+                     for split in ("id", "ood") for k in ("pc", "pw", "pr", "ths")]
+            lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+        # CRaFT's static conflicts (IdK examples whose fact M0 answers correctly, greedy BASIC) and
+        # the ID quadrants against Init-Basic's answers (evaluate.py)
+        lines += ["", "| method | IdK set: M0 knows | ID over-refusal | ID hallucination | "
+                  "ID refusal precision |", "|---|---|---|---|---|"]
+        for row in rows:
+            if row.startswith("init_"):
+                continue
+            known = []
+            for d in dirs:
+                p = os.path.join(d, row, "train.jsonl.summary.json")
+                if os.path.isfile(p):
+                    share = json.load(open(p))["idk"].get("m0_greedy_correct_share")
+                    if share is not None:
+                        known.append(100 * share)
+            q = [r["id"]["rows"][row].get("quadrants_init", {}) for r in res
+                 if r.get("id") and row in r["id"]["rows"]]
+            cells = [mean_sd(known)] + [mean_sd([x[k] for x in q if x.get(k) is not None])
+                                        for k in ("over_refusal", "hallucination", "refusal_precision")]
             lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -279,9 +309,15 @@ def main():
                    help="`paper`: MMLU->ARC (MCQA) and TriviaQA->NQ (OEQA) items from --data-dir")
     p.add_argument("--data-dir", default="runs/data", help="data.py item root (--data paper)")
     p.add_argument("--tasks", nargs="+", default=list(common.TASKS), help="mcqa and/or oeqa")
-    p.add_argument("--methods", nargs="+", default=["van", "cor", "corcer", "wocer", "craft", "grait"],
-                   help="RAIT methods to construct, train and evaluate")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="pipeline seeds")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="RAIT methods to construct, train and evaluate (default: van cor corcer "
+                        "wocer craft grait, and on the world the oracle row)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="pipeline seeds (default: the world's own seed; 0 for a real model)")
+    p.add_argument("--worlds", nargs="+", type=int, default=None,
+                   help="world seeds (default 0): one world each, built by world.py --seed, in "
+                        "runs/world (seed 0) and runs/world-w<seed>; with several, runs/worlds.md "
+                        "has mean ± std over them")
     p.add_argument("--out", default="runs", help="run root")
     p.add_argument("--limit", type=int, default=0,
                    help="--data paper: at most this many items per file (seeded subsample; 0 = all)")
@@ -296,21 +332,27 @@ def main():
     a = p.parse_args()
     if a.model == "world" and a.data != "world":
         raise common.InputError("--data paper needs --model (a chat model hub id or folder)")
+    if a.methods is None:
+        a.methods = list(METHODS) + (["oracle"] if a.model == "world" else [])
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:
         raise common.InputError(f"--jobs {a.jobs}: must be at least 1")
+    if a.worlds is None:
+        a.worlds = [0]
+    elif a.model != "world":
+        raise common.InputError("--worlds applies to the embedded world only (--model world)")
     t_start, times = time.time(), []
-    if a.model == "world":
-        import world
-        argv = ["--out", os.path.join(a.out, "world")] + shlex.split(a.world_args)
-        print(f"[pipeline] world: {shlex.join([PY, 'world.py', *argv])}", file=sys.stderr)
-        t0 = time.time()
-        world.main(argv)        # cached when its configuration is unchanged
-        times.append(("world", time.time() - t0, "ran"))
+    roots = ([world_dir(a.out, w) for w in a.worlds] if a.model == "world"
+             else [os.path.join(a.out, slug(a.model))])
+    if a.model == "world":      # cached when a world's configuration is unchanged
+        builds = [(build_world, (r, w, a.world_args)) for r, w in zip(roots, a.worlds)]
+        in_parallel(a, builds, times)
+    # run seeds: --seeds for every world, else each world's own seed (world 0: seed 0)
+    seeds = {r: a.seeds or ([w] if a.model == "world" else [0]) for r, w in zip(roots, a.worlds)}
     # once, here: fail early on missing data, write the --limit subsamples, hand the paths to units
-    files = {task: task_inputs(a, task) for task in a.tasks}
-    cells = [(a, t, s, files[t]) for t in a.tasks for s in a.seeds]
+    files = {(r, task): task_inputs(a, r, task) for r in roots for task in a.tasks}
+    cells = [(a, r, t, s, files[r, t]) for r in roots for t in a.tasks for s in seeds[r]]
     # The stages of a task and seed depend on each other only through probe -> rehearse -> the
     # methods -> the report: run each of these three waves across tasks, seeds and methods at once.
     in_parallel(a, [(prepare, cell) for cell in cells], times)
@@ -320,23 +362,48 @@ def main():
     if a.until == "all":
         in_parallel(a, [(report, cell) for cell in cells], times)
     wall = time.time() - t_start
-    root = os.path.join(a.out, slug(a.model))
     md = ["# Wall time per stage", "", f"{a.jobs} job(s) at once; wall time {wall:.1f} s.", "",
           "| stage | seconds | |", "|---|---|---|"]
     md += [f"| {label} | {t:.1f} | {how} |" for label, t, how in times]
     md += [f"| **sum of stages** | **{sum(t for _, t, _ in times):.1f}** | |",
            f"| **wall** | **{wall:.1f}** | |", ""]
-    common.atomic_write_text(os.path.join(root, "times.md"), "\n".join(md))
+    common.atomic_write_text(os.path.join(roots[0] if len(roots) == 1 else a.out, "times.md"),
+                             "\n".join(md))
     print("\n".join(md), file=sys.stderr)
     if a.until != "all":
         return
-    folders = {t: [task_dir(a, t, s) for s in a.seeds] for t in a.tasks}
-    if len(a.seeds) > 1:
-        common.atomic_write_text(os.path.join(root, "report.md"), seed_table(a, folders))
-    for dirs in folders.values():
-        print(open(os.path.join(dirs[0], "report.md")).read())
-    if len(a.seeds) > 1:
-        print(open(os.path.join(root, "report.md")).read())
+    for r in roots:
+        folders = {t: [task_dir(r, t, s) for s in seeds[r]] for t in a.tasks}
+        if len(seeds[r]) > 1:
+            common.atomic_write_text(os.path.join(r, "report.md"), seed_table(
+                f"{os.path.basename(r)}: mean ± std over seeds {' '.join(map(str, seeds[r]))}",
+                "The seed drives the probe's sampling, the rehearsal draw, the fine-tuning order "
+                "and dropout, and GRAIT's projection; the model M0 and the items stay the same.",
+                folders))
+        for dirs in folders.values():
+            print(open(os.path.join(dirs[0], "report.md")).read())
+        if len(seeds[r]) > 1:
+            print(open(os.path.join(r, "report.md")).read())
+    if len(roots) > 1:
+        folders = {t: [task_dir(r, t, s) for r in roots for s in seeds[r]] for t in a.tasks}
+        text = seed_table(
+            f"world: mean ± std over worlds {' '.join(map(str, a.worlds))}",
+            "Each world is built with its own seed (people, facts, exposures, corpus, M0's "
+            "initialisation and pre-training order) and runs the pipeline with "
+            + ("that seed" if not a.seeds else f"seeds {' '.join(map(str, a.seeds))}") + ".",
+            folders)
+        common.atomic_write_text(os.path.join(a.out, "worlds.md"), text)
+        print(text)
+
+
+def build_world(folder, seed, world_args):
+    """world.py --out <folder> --seed <seed> [world args]: one embedded world (cached)."""
+    import world
+    argv = ["--out", folder, "--seed", str(seed)] + shlex.split(world_args)
+    print(f"[pipeline] world: {shlex.join([PY, 'world.py', *argv])}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    world.main(argv)
+    return [(f"world {folder}", time.time() - t0, "ran")]
 
 
 if __name__ == "__main__":

@@ -117,9 +117,16 @@ def print_flow_summary(s):
                   f"{v['mean_flow_all']:>9.3f}", file=sys.stderr)
 
 
+# probe.py arguments that name where the query runs, not what it asks (the re-probe swaps them)
+PROBE_PLACE_ARGS = ("model", "items", "adapter", "out")
+
+
 def probe_argv(state_path, model, items, adapter, out):
     """The initial probe's own arguments (from <state>.config.json) with the adapter and output
-    swapped in, so the re-probe repeats exactly the same knowledge query (SPEC 3 re-query)."""
+    swapped in, so the re-probe repeats exactly the same knowledge query (SPEC 3 re-query).
+    Every recorded value is passed on, 0, 0.0 and "" included (a dropped `--n-shots 0` once made
+    the world's re-probe 3-shot); only None (the flag's default) and False (a switch left off)
+    are left out."""
     cfg_path = f"{state_path}.config.json"
     if not os.path.isfile(cfg_path):
         raise common.InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
@@ -131,9 +138,23 @@ def probe_argv(state_path, model, items, adapter, out):
         flag = "--" + k.replace("_", "-")
         if v is True:
             argv.append(flag)
-        elif v not in (None, False):
+        elif v is not None and v is not False:
             argv += [flag, str(v)]
     return argv
+
+
+def check_same_query(state0, state1):
+    """The premise of knowledge flow: M~ was asked exactly what M0 was asked. Compares the two
+    probes' recorded arguments, all but PROBE_PLACE_ARGS; stops with the differences otherwise."""
+    def query(path):
+        with open(f"{path}.config.json") as f:
+            return {k: v for k, v in json.load(f)["args"].items() if k not in PROBE_PLACE_ARGS}
+    a0, a1 = query(state0), query(state1)
+    diff = sorted(k for k in set(a0) | set(a1) if a0.get(k) != a1.get(k))
+    if diff:
+        raise common.InputError(
+            f"{state1}: the re-probe did not repeat the initial query ({state0}): " +
+            ", ".join(f"{k} {a0.get(k)!r} -> {a1.get(k)!r}" for k in diff))
 
 
 def parse_args(argv=None):
@@ -187,6 +208,7 @@ def main(argv=None):
     finetune.train(a, examples, os.path.join(a.out, "adapter"))
     # step 3: the same knowledge query on M~ (probe.py with the adapter; resumes on rerun)
     probe.main(argv_probe)
+    check_same_query(a.state, os.path.join(a.out, "probe.jsonl"))
     # step 4: knowledge flow per item
     s1 = {s["id"]: s for s in common.read_jsonl(os.path.join(a.out, "probe.jsonl"),
                                                 check=common.check_state)}

@@ -6,10 +6,16 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
 - fictional people, each with one value for each of 6 relations (4 in-distribution, 2 held out
   for the OOD test), stated by 4 paraphrase templates per relation;
 - each fact appears k ~ Poisson(popularity) times per epoch, popularity log-uniform over
-  2^[-2, 7], so some facts are never seen, some a few times, some often (`meta.exposure` = k);
+  2^[-2, 6], so some facts are never seen, some a few times, some often (`meta.exposure` = k);
 - about 15% of the text is question answering about a disjoint set of well-known people, in the
   exact prompt formats of SPEC 2.3, which teaches the question formats;
+- about 4% is everyday text (short scenes and sayings about the well-known people) that uses every
+  word of the prompts and refusals in ordinary sentences ("I don't know," said Zorvan.), so each
+  word gets an embedding of its own and fine-tuning can teach the refusal. It never pairs a
+  question about a fact with a refusal: M0 answers, it does not refuse (checked in knowledge.md);
 - a WordLevel tokenizer over every word the corpus, the items and the SPEC 2.3 prompts use;
+  world.py stops if a word of a prompt or refusal occurs fewer than MIN_WORD_USES times in the
+  corpus, or if the longest prompt and answer do not fit in a pre-training window;
 - LlamaForCausalLM (hidden 128, 4 layers, 4 heads, intermediate 512, tied embeddings) pre-trained
   with AdamW on CPU, saved with save_pretrained, so stages load it like any hub model.
 
@@ -69,17 +75,42 @@ VALUES = [
 ONSETS = "b d f g k l m n p r s t v z br dr gr kr st tr sh ch"
 NUCLEI = "a e i o u ai ei ou"
 CODAS = " n r l s th x m"           # the first coda is empty
+# Everyday text: ordinary sentences about well-known people {a}, {b} and a city {c} that use every
+# word of the SPEC 2.3 prompts and refusals (issue 13: without them "I", "don't", "know", ...
+# never occur in pre-training, their tied embeddings stay where initialisation put them, and a
+# fine-tuned model emits "know know know ."). None of them asks about a person's facts.
+EVERYDAY = [
+    '{a} asked {b}: "Do you know the way to {c}?" {b} said: "I don\'t know."',
+    '{a} asked {b}: "Do you know the way to {c}?" {b} said: "I know the way."',
+    '"If you know the answer, please reply," said {a}.',
+    '"I don\'t know," said {a}, "but {b} may know."',
+    "{a} said 'I don't know' and asked {b}.",
+    "{a} does not know {b}, and {b} does not know {a}.",
+    "If you do not know the way to {c}, please ask {a}.",
+    "{a} gave the correct answer and {b} did not.",
+    "{a} likes to respond directly and only with a few words.",
+    "Please reply to {a} with a letter from {c}.",
+    "{a} will respond with a song if you ask.",
+    "{a} did not reply, and {b} went to {c}.",
+    "I know {a} and I know {b}.",
+    "Only {a} and {b} know the way to {c}.",
+    "If {a} is in {c}, {b} is not.",
+    "Sorry, I don't know where {a} is.",
+]
+MIN_WORD_USES = 20      # each word of a prompt or refusal occurs at least this often in the corpus
 
 # Knob defaults per preset; flags override. Measured (2-core CPU): memorising facts needs many
 # small optimizer steps: batch 8 x 64 tokens at lr 2e-3 reaches open-QA accuracy 0.99 for facts
-# seen 32+ times per epoch, where batch 64 at lr 3e-3 (DESIGN's first recipe) reached 0.25.
+# seen 32+ times per epoch, where batch 64 at lr 3e-3 (DESIGN's first recipe) reached 0.25. = {
+# Windows are 128 tokens (the MCQA REFUSE prompt is about 82), 4 per step: the same 512 tokens
+# per step as the measured 8 x 64.
 PRESETS = {
-    "default": dict(people=300, famous=40, values=24, epochs=3, seq_len=64, batch=8, lr=2e-3,
-                    hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
-                    qa_share=0.15, test_frac=0.2),
-    "small": dict(people=40, famous=12, values=8, epochs=12, seq_len=64, batch=8, lr=5e-3,
-                  hidden=64, layers=2, heads=4, inter=128, pop_lo=1.0, pop_hi=6.0,
-                  qa_share=0.15, test_frac=0.25),
+    "default": dict(people=300, famous=40, values=24, epochs=3, seq_len=128, batch=4, lr=2e-3,
+                    hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=6.0,
+                    qa_share=0.15, everyday_share=0.04, test_frac=0.2),
+    "small": dict(people=60, famous=12, values=8, epochs=12, seq_len=128, batch=4, lr=5e-3,
+                  hidden=64, layers=2, heads=4, inter=128, pop_lo=-2.0, pop_hi=6.0,
+                  qa_share=0.15, everyday_share=0.08, test_frac=0.25),
 }
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
 FAMOUS_LOG2_POP = 5     # well-known people: 32 exposures per fact and epoch (learned for sure)
@@ -101,6 +132,8 @@ def parse_args(argv=None):
     g.add_argument("--pop-lo", type=float, help="log2 of the lowest popularity (exposures/epoch)")
     g.add_argument("--pop-hi", type=float, help="log2 of the highest popularity")
     g.add_argument("--qa-share", type=float, help="share of documents that are QA text")
+    g.add_argument("--everyday-share", type=float,
+                   help="share of documents that are everyday text (the prompts' words in use)")
     g.add_argument("--test-frac", type=float, help="share of people held out for the test sets")
     g = p.add_argument_group("model and pre-training")
     g.add_argument("--hidden", type=int, help="hidden size")
@@ -123,8 +156,10 @@ def check_settings(a):
     if a.values < N_CHOICES:
         raise common.InputError(f"--values {a.values}: need at least {N_CHOICES} values per "
                                 f"relation to build {N_CHOICES}-choice questions")
-    if not 0 < a.test_frac < 1 or not 0 <= a.qa_share < 1:
-        raise common.InputError("--test-frac must lie in (0, 1) and --qa-share in [0, 1)")
+    if not 0 < a.test_frac < 1 or not 0 <= a.qa_share or not 0 <= a.everyday_share or \
+            a.qa_share + a.everyday_share >= 1:
+        raise common.InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
+                                "be >= 0 with a sum below 1")
     if a.people < 4 or a.famous < 3:
         raise common.InputError("need at least 4 --people and 3 --famous (the 3 KQ shots)")
     if a.hidden % a.heads:
@@ -245,9 +280,24 @@ def make_corpus(people, values, a):
         docs.append(" ".join(RELATIONS[r][2][rng.randrange(4)].format(
             n=p["name"], v=p["facts"][r]["value"]) for p, r in mentions[i:i + k]))
         i += k
-    n_qa = round(len(docs) * a.qa_share / (1 - a.qa_share))
-    docs += [qa_text(rng, people, values) for _ in range(n_qa)]
+    facts = len(docs) / (1 - a.qa_share - a.everyday_share)     # shares of the whole corpus
+    docs += [qa_text(rng, people, values) for _ in range(round(facts * a.qa_share))]
+    docs += everyday_text(random.Random(a.seed + 3), people, values,
+                          round(facts * a.everyday_share))
     rng.shuffle(docs)
+    return docs
+
+
+def everyday_text(rng, people, values, n):
+    """n documents of 1-3 EVERYDAY sentences about well-known people and cities."""
+    fam = [p["name"] for p in people if p["famous"]]
+    docs = []
+    for _ in range(n):
+        lines = []
+        for _ in range(rng.choice((1, 2, 3))):
+            a, b = rng.sample(fam, 2)
+            lines.append(rng.choice(EVERYDAY).format(a=a, b=b, c=rng.choice(values[0])))
+        docs.append(" ".join(lines))
     return docs
 
 
@@ -261,7 +311,8 @@ def pre_tokenizer():
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[ \t]+"), "removed"),           # spaces separate words
         pre_tokenizers.Split("\n", "isolated"),                       # newline kept as a token
-        pre_tokenizers.Split(Regex(r"[^\w\s']"), "isolated")])        # punctuation on its own
+        # punctuation on its own; an apostrophe inside a word stays (don't), a quote mark not ('I)
+        pre_tokenizers.Split(Regex(r"[^\w\s']|(?<!\w)'|'(?!\w)"), "isolated")])
 
 
 def prompt_strings(values):
@@ -270,6 +321,60 @@ def prompt_strings(values):
          *common.IDK.values(), "Sorry, I don't know.", "A. B. C. D. Question: Answer:"]
     return [x.format(subject=" ".join(r[0] for r in RELATIONS) + " " + common.ARC_SUBJECT, q="?")
             for x in s]
+
+
+def stage_prompts(items):
+    """Every prompt the stages render for the world's items (BASIC and REFUSE, MCQA with each
+    relation's subject; OEQA BASIC1, BASIC2 of the knowledge query, REFUSE1) and every target."""
+    prompts, targets = [], set(common.IDK.values())
+    for it in items:
+        prompts += [common.user_prompt(it, "basic"), common.user_prompt(it, "refuse")]
+        if it["task"] == "oeqa":
+            prompts.append(common.OEQA_BASIC2.format(q=it["question"]))
+            targets.add(it["answer"])
+        else:
+            targets.update(it["choices"])
+    return prompts, sorted(targets)
+
+
+def prompt_words():
+    """The words of the prompts and refusals around an item's question: the SPEC 2.3 templates
+    with each relation as subject, the relation questions without the person, the refusals. (The
+    people and values inside are the facts themselves: how often they occur is the experiment.)"""
+    shell = {"task": "mcqa", "question": "", "choices": ["x"] * N_CHOICES}
+    texts = [common.user_prompt(dict(shell, subject=rel), style)
+             for rel, _, _ in RELATIONS for style in ("basic", "refuse")]
+    texts += [common.user_prompt({"task": "oeqa", "question": ""}, "refuse"),
+              common.OEQA_BASIC2.format(q=""), *common.IDK.values()]
+    texts += [question.format(n="") for _, question, _ in RELATIONS]
+    pt = pre_tokenizer()
+    return sorted({w for t in texts for w, _ in pt.pre_tokenize_str(t) if w != "x"})
+
+
+def check_premises(tok, docs, items, seq_len):
+    """Stop unless (1) every word of the prompts and refusals occurs at least MIN_WORD_USES times
+    in the corpus, and (2) the longest rendered prompt plus the longest answer and EOS fits in
+    one pre-training window (the model has seen every position a stage will use)."""
+    pt = pre_tokenizer()
+    counts = {}
+    for d in docs:
+        for w, _ in pt.pre_tokenize_str(d):
+            counts[w] = counts.get(w, 0) + 1
+    rare = [w for w in prompt_words() if counts.get(w, 0) < MIN_WORD_USES]
+    if rare:
+        raise common.InputError(
+            f"world corpus: {len(rare)} word(s) of the prompts or refusals occur fewer than "
+            f"{MIN_WORD_USES} times in pre-training ({', '.join(map(repr, rare[:8]))}); their "
+            "embeddings would stay untrained: add them to EVERYDAY or raise --everyday-share")
+    prompts, targets = stage_prompts(items)
+    longest = max(len(common.encode(tok, common.render(tok, p))) for p in prompts)
+    answer = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in targets) + 1
+    if longest + answer > seq_len:
+        raise common.InputError(
+            f"--seq-len {seq_len}: the longest prompt is {longest} tokens and the longest answer "
+            f"{answer} with EOS; pre-training windows must cover both (use --seq-len "
+            f"{longest + answer} or more)")
+    return longest + answer
 
 
 def build_tokenizer(texts):
@@ -347,6 +452,7 @@ def knowledge(model, tok, items):
     The world's answers are single tokens, so greedy decoding = argmax of the next token, and an
     option's log-likelihood is that of its one token (the option reader of SPEC 10)."""
     rows = {}
+    refusal_start = tok.convert_tokens_to_ids(tok.tokenize(common.IDK["oeqa"])[0])     # "I"
     for split in ("train", "test_id", "test_ood", "shots"):
         oe, mc = items["oeqa", split], items["mcqa", split]
         po = next_token_probs(model, tok, [common.render(tok, common.user_prompt(it, "basic"))
@@ -363,7 +469,10 @@ def knowledge(model, tok, items):
             rows.setdefault(split, []).append({
                 "exposure": it["meta"]["exposure"], "p_gold": float(p[gold]),
                 "oeqa": int(int(torch.argmax(p)) == gold),
-                "mcqa": int(common.LETTERS[mc_pick] == im["answer"])})
+                "mcqa": int(common.LETTERS[mc_pick] == im["answer"]),
+                # M0 must answer, not refuse, under BASIC: a greedy answer starting like the refusal
+                "refuses": int(int(torch.argmax(p)) == refusal_start) + int(
+                    int(torch.argmax(q)) == refusal_start)})
     report = {}
     for split, rs in rows.items():
         by = {}
@@ -377,6 +486,7 @@ def knowledge(model, tok, items):
         report[split]["p_gold_hist"] = [sum(lo <= p < lo + 0.1 or (lo >= 0.9 and p == 1.0)
                                             for p in ps) for lo in [i / 10 for i in range(10)]]
         report[split]["middle_band"] = sum(0.1 <= p <= 0.9 for p in ps) / len(ps)
+        report[split]["basic_refusal_start"] = sum(r["refuses"] for r in rs) / (2 * len(rs))
     return report
 
 
@@ -392,7 +502,9 @@ def knowledge_md(report, seconds):
         lines += [f"| {b} | {v['n']} | {v['oeqa_acc']:.2f} | {v['mcqa_acc']:.2f} | "
                   f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in common.BIN_ORDER]
         lines += ["", f"p(gold) at temperature 1, histogram over [0,0.1),...,[0.9,1]: "
-                      f"{r['p_gold_hist']}; middle band (0.1 <= p <= 0.9): {r['middle_band']:.0%}", ""]
+                      f"{r['p_gold_hist']}; middle band (0.1 <= p <= 0.9): {r['middle_band']:.0%}; "
+                      f"greedy BASIC answers that start like the refusal: "
+                      f"{r['basic_refusal_start']:.1%}", ""]
     return "\n".join(lines)
 
 
@@ -419,6 +531,7 @@ def main(argv=None):
     docs = make_corpus(people, values, a)
     texts = docs + prompt_strings(values) + [it["question"] for v in items.values() for it in v]
     tok = build_tokenizer(texts)
+    check_premises(tok, docs, [it for v in items.values() for it in v], a.seq_len)
     model, seconds, n_tokens = pretrain(a, tok, docs)
     model.save_pretrained(os.path.join(a.out, "model"))
     tok.save_pretrained(os.path.join(a.out, "model"))

@@ -83,6 +83,28 @@ def test_methods_end_to_end_on_a_hand_made_pool():
     assert len(van) == 6 and idk == []
 
 
+def test_oracle_splits_by_what_m0_answers_not_by_mu():
+    # the oracle ignores mu and sigma: a known fact with mu 0.1 is van, an unknown one with 0.9 idk
+    st = [dict(S("k1", 0.1, 0), m0_known=True), dict(S("k2", 0.9, 0), m0_known=True),
+          dict(S("u1", 0.9, 0), m0_known=False), dict(S("u2", 0.2, 0), m0_known=False)]
+    van, idk = C.oracle_split(st)
+    assert ids(van) == ["k1", "k2"] and ids(idk) == ["u1", "u2"]
+    van, idk = C.select("oracle", st, "oeqa", 2, 2, random.Random(0))
+    assert sorted(ids(van)) == ["k1", "k2"] and sorted(ids(idk)) == ["u1", "u2"]
+
+
+def test_oracle_needs_the_worlds_ground_truth(pool):
+    items, state, flow, d = pool
+    rows = [dict(json.loads(l), meta={}) for l in open(items)]
+    r = run("--method", "oracle", "--items", write(d / "nometa.jsonl", rows), "--state", state,
+            "--out", str(d / "o" / "train.jsonl"))
+    assert r.returncode == 2 and "needs meta.m0_greedy_correct" in r.stderr
+    r = run("--method", "oracle", "--items", items, "--state", state, "--out", str(d / "o" / "train.jsonl"))
+    assert r.returncode == 0, r.stderr
+    summ = json.load(open(d / "o" / "train.jsonl.summary.json"))
+    assert summ["idk"]["m0_greedy_correct_share"] == 0 and summ["van"]["m0_greedy_correct_share"] == 1
+
+
 def test_idk_replaces_the_answer_and_van_keeps_it():
     items = {"m": {"id": "m", "task": "mcqa", "question": "q?", "answer": "C",
                    "choices": ["w", "x", "y", "z"], "subject": "s"},

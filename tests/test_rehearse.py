@@ -75,11 +75,33 @@ def test_modal_target_is_the_most_frequent_correct_sample():
 
 def test_reprobe_repeats_the_initial_probe_arguments(tmp_path):
     state = tmp_path / "probe_init.jsonl"
-    cfg = {"args": {"model": "M0", "items": "pool", "task": "mcqa", "out": str(state),
+    cfg = {"args": {"model": "M0", "items": "pool", "task": "oeqa", "out": str(state),
                     "adapter": None, "mcqa_reader": "option", "strict_refusal": False,
-                    "top_k": 50, "round_certainty": None}}
+                    "top_k": 0, "n_shots": 0, "temperature": 0.5, "shots": "",
+                    "round_certainty": None, "trust_remote_code": True}}
     (tmp_path / "probe_init.jsonl.config.json").write_text(json.dumps(cfg))
     argv = R.probe_argv(str(state), "M0", "pool", "reh/adapter", "reh/probe.jsonl")
-    assert argv == ["--model", "M0", "--items", "pool", "--task", "mcqa", "--out",
+    # 0 and "" are values, passed on (a dropped --n-shots 0 made the world's re-probe
+    # 3-shot); None (the default) and False (a switch left off) are left out
+    assert argv == ["--model", "M0", "--items", "pool", "--task", "oeqa", "--out",
                     "reh/probe.jsonl", "--adapter", "reh/adapter", "--mcqa-reader", "option",
-                    "--top-k", "50"]
+                    "--top-k", "0", "--n-shots", "0", "--temperature", "0.5", "--shots", "",
+                    "--trust-remote-code"]
+    # and they parse back to the very same query
+    import probe
+    back = vars(probe.parse_args(argv[:-1]))
+    for k in ("n_shots", "top_k", "shots", "mcqa_reader", "strict_refusal", "round_certainty"):
+        assert back[k] == cfg["args"][k], k
+
+
+def test_check_same_query_names_every_difference(tmp_path):
+    import pytest
+    import common
+    base = {"model": "M0", "items": "pool", "out": "a", "adapter": None, "n_shots": 0, "seed": 0}
+    (tmp_path / "a.config.json").write_text(json.dumps({"args": base}))
+    (tmp_path / "b.config.json").write_text(json.dumps(
+        {"args": dict(base, out="b", adapter="reh/adapter", model="M0b")}))
+    R.check_same_query(str(tmp_path / "a"), str(tmp_path / "b"))      # only the place differs
+    (tmp_path / "b.config.json").write_text(json.dumps({"args": dict(base, n_shots=3)}))
+    with pytest.raises(common.InputError, match="n_shots 0 -> 3"):
+        R.check_same_query(str(tmp_path / "a"), str(tmp_path / "b"))

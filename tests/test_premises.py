@@ -1,0 +1,142 @@
+"""The premises the experiment rests on, checked on the small world as `make all` runs it (issue 13).
+
+Formulas can be right while the experiment is wrong: these tests fail when
+(a) the model cannot learn to emit the refusal (a Cor-RAIT model must answer its own IdK training
+    prompts with the exact refusal string, greedy, and never with a garbled "know know"),
+(b) the knowledge state does not track what the model knows (Spearman of mu with the world's
+    exposure oracle over the train pool),
+(c) the re-probe does not ask what the probe asked (same recorded query for every flag, 0, False
+    and empty values included; with an identity adapter, zero LoRA B, every flow is exactly 0).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+# (b): thresholds of issue 13 (measured before the fix on the default world: OEQA 0.70, MCQA 0.25)
+MIN_SPEARMAN = {"oeqa": 0.6, "mcqa": 0.4}
+MIN_EXACT_REFUSALS = 0.7      # (a): share of IdK training prompts answered with the exact refusal
+
+
+def run(*argv):
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, f"{argv[0]} failed:\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_world):
+    """pipeline.py on the small world up to the Cor-RAIT adapters, both tasks (what `make all`
+    runs, with the small preset)."""
+    out = tmp_path_factory.mktemp("premises")
+    shutil.copytree(small_world, out / "world")       # cached: the same configuration
+    # the small world's pool is 8x smaller than the default's: 15 epochs make about as many
+    # optimizer steps as the default world's recipe (pipeline.py WORLD_EPOCHS)
+    run("pipeline.py", "--out", str(out), "--world-args", "--preset small", "--methods", "cor",
+        "--until", "finetune", "--jobs", "2", "--stage-args", "--epochs 15")
+    return out
+
+
+def task_dir(runs, task):
+    return runs / "world" / task / "s0"
+
+
+def spearman(x, y):
+    """Spearman's rho with average ranks for ties (no scipy in the runtime packages)."""
+    import numpy as np
+
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for u in np.unique(v):                      # ties share their mean rank
+            r[v == u] = r[v == u].mean()
+        return r
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
+def test_spearman_helper_against_a_hand_computation():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x: 1, 2.5, 2.5, 4; y: 1, 2, 3, 4 -> Pearson of the ranks by hand: 0.9487
+    assert spearman([0, 1, 1, 2], [0, 1, 2, 3]) == pytest.approx(0.9486833, abs=1e-6)
+
+
+@pytest.mark.parametrize("task", common.TASKS)
+def test_a_cor_rait_model_emits_the_exact_refusal_on_its_idk_prompts(runs, task):
+    R = task_dir(runs, task)
+    pool = {it["id"]: it for it in common.read_jsonl(str(runs / "world" / task / "train.jsonl"))}
+    idk = [e["id"] for e in common.read_jsonl(str(R / "cor" / "train.jsonl")) if e["kind"] == "idk"]
+    assert len(idk) >= 8, "too few IdK examples to test"
+    items = R / "idk_items.jsonl"
+    common.write_jsonl(str(items), [pool[i] for i in idk])
+    reader = ["--mcqa-reader", "option"] if task == "mcqa" else []
+    run("evaluate.py", "--model", str(runs / "world" / "model"), "--adapter", str(R / "cor" / "adapter"),
+        "--items", str(items), "--prompt", "refuse", "--out", str(R / "idk_pred.jsonl"), *reader)
+    preds = common.read_jsonl(str(R / "idk_pred.jsonl"))
+    # exact at the token level: the world's word-level tokenizer decodes "know." as "know ."
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(runs / "world" / "model"))
+    ids = lambda text: tok(text.strip(), add_special_tokens=False)["input_ids"]  # noqa: E731
+    exact = [ids(p["response"]) == ids(common.IDK[task]) for p in preds]
+    garbled = [p["response"] for p in preds if "know know" in p["response"]]
+    assert not garbled, f"garbled refusals, e.g. {garbled[:3]}"
+    assert sum(exact) / len(exact) >= MIN_EXACT_REFUSALS, (
+        f"{task}: only {sum(exact)} of {len(exact)} IdK training prompts are answered with the exact "
+        f"refusal {common.IDK[task]!r}; e.g. {[p['response'] for p in preds][:5]}")
+
+
+@pytest.mark.parametrize("task", common.TASKS)
+def test_b_knowledge_state_tracks_the_exposure_oracle(runs, task):
+    pool = {it["id"]: it for it in common.read_jsonl(str(runs / "world" / task / "train.jsonl"))}
+    states = common.read_jsonl(str(task_dir(runs, task) / "probe_init.jsonl"))
+    rho = spearman([s["mu"] for s in states], [pool[s["id"]]["meta"]["exposure"] for s in states])
+    assert rho >= MIN_SPEARMAN[task], (
+        f"{task}: Spearman(mu, exposure) = {rho:.2f} over {len(states)} pool items, below "
+        f"{MIN_SPEARMAN[task]}: the knowledge state does not track what the model knows")
+
+
+@pytest.mark.parametrize("task", common.TASKS)
+def test_c_reprobe_asks_exactly_what_the_probe_asked(runs, task):
+    R = task_dir(runs, task)
+    load = lambda p: json.loads(p.read_text())["args"]  # noqa: E731
+    a0, a1 = load(R / "probe_init.jsonl.config.json"), load(R / "rehearsal" / "probe.jsonl.config.json")
+    assert a0.keys() == a1.keys()
+    for k in a0:
+        if k not in ("model", "items", "adapter", "out"):
+            assert a1[k] == a0[k], f"{task}: re-probe {k} = {a1[k]!r}, initial probe {a0[k]!r}"
+    assert a1["adapter"] == str(R / "rehearsal" / "adapter")
+
+
+@pytest.mark.parametrize("task", common.TASKS)
+def test_c_identity_adapter_gives_zero_flow(runs, task, tmp_path):
+    """Rehearse again with the trained adapter's LoRA B set to zero (M~ = M0): every item's
+    re-probed mu equals its initial mu, so the flow is exactly 0."""
+    from safetensors.torch import load_file, save_file
+    R = task_dir(runs, task)
+    stage = json.loads((R / "rehearsal" / "flow.jsonl.stage.json").read_text())
+    reh = tmp_path / "rehearsal"
+    shutil.copytree(R / "rehearsal", reh, ignore=shutil.ignore_patterns("probe.jsonl*", "flow*"))
+    f = reh / "adapter" / "adapter_model.safetensors"
+    w = load_file(str(f))
+    assert any("lora_B" in k for k in w)
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in w.items()}, str(f))
+    cmd = list(stage["cmd"][1:])
+    cmd[cmd.index("--out") + 1] = str(reh)
+    r = run(*cmd)
+    assert "already trained" in r.stderr        # the zeroed adapter is used as it is
+    flows = common.read_jsonl(str(reh / "flow.jsonl"))
+    moved = [f for f in flows if f["flow"] != 0]
+    assert not moved, f"{task}: {len(moved)} of {len(flows)} items moved with an identity adapter, e.g. {moved[:2]}"
+    s0 = {s["id"]: s for s in common.read_jsonl(str(R / "probe_init.jsonl"))}
+    s1 = common.read_jsonl(str(reh / "probe.jsonl"))
+    assert all(s["mu"] == s0[s["id"]]["mu"] and s["sigma"] == s0[s["id"]]["sigma"] for s in s1)
