@@ -6,7 +6,7 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
 - fictional people, each with one value for each of 6 relations (4 in-distribution, 2 held out
   for the OOD test), stated by 4 paraphrase templates per relation;
 - each fact appears k ~ Poisson(popularity) times per epoch, popularity log-uniform over
-  2^[-2, 6], so some facts are never seen, some a few times, some often (`meta.exposure` = k);
+  2^[-2, 7], so some facts are never seen, some a few times, some often (`meta.exposure` = k);
 - about 15% of the text is question answering about a disjoint set of well-known people, in the
   exact prompt formats of SPEC 2.3, which teaches the question formats;
 - about 4% is everyday text (short scenes and sayings about the well-known people) that uses every
@@ -105,8 +105,8 @@ MIN_WORD_USES = 20      # each word of a prompt or refusal occurs at least this 
 # Windows are 128 tokens (the MCQA REFUSE prompt is about 82), 4 per step: the same 512 tokens
 # per step as the measured 8 x 64.
 PRESETS = {
-    "default": dict(people=300, famous=40, values=24, epochs=3, seq_len=128, batch=4, lr=2e-3,
-                    hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=6.0,
+    "default": dict(people=270, famous=40, values=24, epochs=3, seq_len=128, batch=4, lr=2e-3,
+                    hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
                     qa_share=0.15, everyday_share=0.04, test_frac=0.2),
     "small": dict(people=60, famous=12, values=8, epochs=12, seq_len=128, batch=4, lr=5e-3,
                   hidden=64, layers=2, heads=4, inter=128, pop_lo=-2.0, pop_hi=6.0,
