@@ -98,6 +98,10 @@ EVERYDAY = [
     "Sorry, I don't know where {a} is.",
 ]
 MIN_WORD_USES = 20      # each word of a prompt or refusal occurs at least this often in the corpus
+# QA text formats, MCQA twice as often as each open format: measured on the default world (seed 0),
+# the Spearman correlation of M0's MCQA option-reader mu with the fact's exposure rose from 0.32
+# (equal shares) to 0.52, and of OEQA p(gold) from 0.78 to 0.83 (issue 13, premise b)
+QA_FORMATS = ("basic1", "basic2", "mcqa", "mcqa")
 
 # Knob defaults per preset; flags override. Measured (2-core CPU): memorising facts needs many
 # small optimizer steps: batch 8 x 64 tokens at lr 2e-3 reaches open-QA accuracy 0.99 for facts
@@ -249,7 +253,7 @@ def qa_text(rng, people, values):
     """One QA document about famous people in a SPEC 2.3 format, rendered as plain prompts are
     (common.render without a chat template): BASIC1, 1-3 shot BASIC2, or MCQA with option text."""
     fam = [p for p in people if p["famous"]]
-    fmt = rng.choice(("basic1", "basic2", "mcqa"))
+    fmt = rng.choice(QA_FORMATS)
     turns = []
     for _ in range(rng.choice((1, 2, 3)) if fmt == "basic2" else 1):
         p = rng.choice(fam)

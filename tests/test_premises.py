@@ -135,8 +135,13 @@ def test_c_identity_adapter_gives_zero_flow(runs, task, tmp_path):
     r = run(*cmd)
     assert "already trained" in r.stderr        # the zeroed adapter is used as it is
     flows = common.read_jsonl(str(reh / "flow.jsonl"))
-    moved = [f for f in flows if f["flow"] != 0]
+    # OEQA's mu is a count of sampled answers: exactly 0. MCQA's is a float32 softmax, and the
+    # LoRA-wrapped model hands lm_head the same values in another memory layout, which moves the
+    # last bits (measured: <= 6e-6 in log-probabilities); a changed query moves it by ~0.1.
+    tol = 0.0 if task == "oeqa" else 1e-5
+    moved = [f for f in flows if abs(f["flow"]) > tol]
     assert not moved, f"{task}: {len(moved)} of {len(flows)} items moved with an identity adapter, e.g. {moved[:2]}"
     s0 = {s["id"]: s for s in common.read_jsonl(str(R / "probe_init.jsonl"))}
     s1 = common.read_jsonl(str(reh / "probe.jsonl"))
-    assert all(s["mu"] == s0[s["id"]]["mu"] and s["sigma"] == s0[s["id"]]["sigma"] for s in s1)
+    assert all(abs(s["mu"] - s0[s["id"]]["mu"]) <= tol and abs(s["sigma"] - s0[s["id"]]["sigma"]) <= 10 * tol
+               for s in s1)
