@@ -403,7 +403,7 @@ def build_world(folder, seed, world_args):
     print(f"[pipeline] world: {shlex.join([PY, 'world.py', *argv])}", file=sys.stderr, flush=True)
     t0 = time.time()
     world.main(argv)
-    return [(f"world {folder}", time.time() - t0, "ran")]
+    return [(os.path.basename(folder), time.time() - t0, "ran")]
 
 
 if __name__ == "__main__":

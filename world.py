@@ -112,8 +112,8 @@ PRESETS = {
     "default": dict(people=270, famous=40, values=24, epochs=3, seq_len=128, batch=4, lr=2e-3,
                     hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
                     qa_share=0.15, everyday_share=0.04, test_frac=0.2),
-    "small": dict(people=60, famous=12, values=8, epochs=12, seq_len=128, batch=4, lr=5e-3,
-                  hidden=64, layers=2, heads=4, inter=128, pop_lo=-2.0, pop_hi=6.0,
+    "small": dict(people=60, famous=12, values=8, epochs=12, seq_len=128, batch=4, lr=3e-3,
+                  hidden=128, layers=2, heads=4, inter=256, pop_lo=-2.0, pop_hi=6.0,
                   qa_share=0.15, everyday_share=0.08, test_frac=0.25),
 }
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)

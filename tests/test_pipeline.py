@@ -116,7 +116,7 @@ def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path, sma
     assert (b / "world" / "oeqa" / "s0" / "probe_init.jsonl.stage.json").exists()
     kill_when(args(b), "oeqa/s0 evaluate", 0.3)
     r = sh("pipeline.py", *args(b))
-    assert "skip oeqa/s0 probe: unchanged" in r.stderr
+    assert "skip world/oeqa/s0 probe: unchanged" in r.stderr
     ra, rb = ((d / "world" / "oeqa" / "s0" / "report.md").read_text() for d in (tmp_path / "a", b))
     assert rb.replace(str(b), str(tmp_path / "a")) == ra
     times = (b / "world" / "times.md").read_text()

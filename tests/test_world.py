@@ -19,25 +19,26 @@ def read_bytes(p):
         return f.read()
 
 
-def test_same_seed_same_world_and_cache(small_world, tmp_path):
-    r = build(tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_same_seed_same_world_and_cache(tmp_path):
+    # two builds of one configuration (1 epoch, to keep the suite short) are byte-identical
+    for d in ("a", "b"):
+        r = build(tmp_path / d, "--epochs", "1")
+        assert r.returncode == 0, r.stderr[-2000:]
     for task in common.TASKS:
         for split in SPLITS:
-            a, b = small_world / task / f"{split}.jsonl", tmp_path / task / f"{split}.jsonl"
+            a, b = (tmp_path / d / task / f"{split}.jsonl" for d in ("a", "b"))
             assert read_bytes(a) == read_bytes(b), f"{task}/{split} differs between two builds"
     from safetensors.torch import load_file
-    wa = load_file(str(small_world / "model" / "model.safetensors"))
-    wb = load_file(str(tmp_path / "model" / "model.safetensors"))
+    wa, wb = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("a", "b"))
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
     # same configuration: reused without retraining; changed configuration: rebuilt
-    mtime = os.path.getmtime(tmp_path / "model" / "model.safetensors")
-    r = build(tmp_path)
-    assert "cached world" in r.stderr and os.path.getmtime(
-        tmp_path / "model" / "model.safetensors") == mtime
-    r = build(tmp_path, "--seed", "1", "--epochs", "1")
+    b = tmp_path / "b"
+    mtime = os.path.getmtime(b / "model" / "model.safetensors")
+    r = build(b, "--epochs", "1")
+    assert "cached world" in r.stderr and os.path.getmtime(b / "model" / "model.safetensors") == mtime
+    r = build(b, "--seed", "1", "--epochs", "1")
     assert r.returncode == 0 and "configuration changed" in r.stderr
-    assert read_bytes(small_world / "oeqa" / "train.jsonl") != read_bytes(tmp_path / "oeqa" / "train.jsonl")
+    assert read_bytes(tmp_path / "a" / "oeqa" / "train.jsonl") != read_bytes(b / "oeqa" / "train.jsonl")
 
 
 def test_items_follow_the_contract(small_world):
@@ -91,6 +92,8 @@ def test_loads_with_auto_classes_and_prompts_have_no_unknown_words(small_world):
 
 def test_small_world_learns_its_frequent_facts(small_world):
     rep = json.loads((small_world / "knowledge.json").read_text())["train"]
+    # M0 answers, it does not refuse, under BASIC (the everyday text does not pre-teach refusal)
+    assert rep["basic_refusal_start"] == 0.0
     frequent = [v for b, v in rep.items() if b in ("16-31", "32-63", "64-127", "128+")]
     rare = [v for b, v in rep.items() if b in ("0", "1")]
     acc = lambda bins: sum(v["oeqa_acc"] * v["n"] for v in bins) / sum(v["n"] for v in bins)  # noqa: E731
@@ -100,7 +103,11 @@ def test_small_world_learns_its_frequent_facts(small_world):
 
 
 @pytest.mark.parametrize("flags,msg", [(["--values", "3"], "at least 4 values"),
-                                       (["--hidden", "30", "--heads", "4"], "not divisible")])
+                                       (["--hidden", "30", "--heads", "4"], "not divisible"),
+                                       # issue 13 premises: windows shorter than the MCQA REFUSE
+                                       # prompt; refusal words too rare in pre-training
+                                       (["--seq-len", "64"], "pre-training windows must cover"),
+                                       (["--everyday-share", "0"], "occur fewer than 20 times")])
 def test_impossible_settings_fail_in_one_line(tmp_path, flags, msg):
     r = build(tmp_path / "w", *flags)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
