@@ -39,12 +39,12 @@ PY = sys.executable
 # cost of a step). Real models get the SPEC 9 #12 defaults of finetune.py untouched.
 # Epochs per task, measured with Cor-RAIT on the default world (seed 0, ID test, batch 8, lr 3e-3):
 # OEQA refuses 36% after 5 epochs and 32% after 10; MCQA 25% after 3 and 35% after 5 epochs (with
-# fewer unparsed answers), so 4 (time: `make all` must stay under 10 minutes). Before the world's corpus used the refusal's words (issue 13), OEQA
+# fewer unparsed answers), so 3: `make all` must stay under 10 minutes (DESIGN budgets). Before the world's corpus used the refusal's words (issue 13), OEQA
 # needed 10 epochs and MCQA never refused: the refusal tokens had untrained embeddings.
 WORLD_REHEARSAL = ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3",
                    "--lora-r", "16"]                                     # brief, as SPEC 3 wants
 WORLD_FINETUNE = ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16"]
-WORLD_EPOCHS = {"mcqa": 4, "oeqa": 5}
+WORLD_EPOCHS = {"mcqa": 3, "oeqa": 5}
 # WORLD_OEQA_SHOTS: the world's OEQA knowledge query is 0-shot, not SPEC 2.2's 3-shot (as its MCQA
 # is 0-shot, SPEC 10). The 1M-parameter model cannot use in-context shots: measured on the
 # default world, after the 3 shots (birth city, job, colour) it expected a new question for the

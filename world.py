@@ -109,7 +109,7 @@ QA_FORMATS = ("basic1", "basic2", "mcqa", "mcqa")
 # Windows are 128 tokens (the MCQA REFUSE prompt is about 82), 4 per step: the same 512 tokens
 # per step as the measured 8 x 64.
 PRESETS = {
-    "default": dict(people=270, famous=40, values=24, epochs=3, seq_len=128, batch=4, lr=2e-3,
+    "default": dict(people=250, famous=40, values=24, epochs=3, seq_len=128, batch=4, lr=2e-3,
                     hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
                     qa_share=0.15, everyday_share=0.04, test_frac=0.2),
     "small": dict(people=60, famous=12, values=8, epochs=12, seq_len=128, batch=4, lr=3e-3,
