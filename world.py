@@ -19,8 +19,8 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
 - LlamaForCausalLM (hidden 128, 4 layers, 4 heads, intermediate 512, tied embeddings) pre-trained
   with AdamW on CPU, saved with save_pretrained, so stages load it like any hub model.
 
-    python world.py --out runs/world                 # the default world (about 2 minutes)
-    python world.py --out /tmp/w --preset small      # seconds, for tests
+    python world.py --out runs/world                 # the default world (about 4 minutes)
+    python world.py --out /tmp/w --preset small      # about a minute, for tests
 
 Outputs in --out: model/ (model + tokenizer), {mcqa,oeqa}/{train,test_id,test_ood,shots}.jsonl,
 knowledge.{md,json} (what the model learned, by exposure bin), world.config.json (its cache key).
