@@ -116,9 +116,11 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, env):
     r = Runs(tmp_path_factory.mktemp("reliability"), env)
-    # the small preset with 4 of its 12 pre-training epochs: these tests need the mechanics of
-    # every stage, not a model that knows much (14 s instead of 31 s of CPU)
-    r.run([PY, script("world"), "--preset", "small", "--epochs", "4", "--out", r.W])
+    # the small preset with 4 of its 12 pre-training epochs, 40 people and hidden 64: these tests
+    # need the mechanics of every stage, not a model that knows much (a 120-item pool; the
+    # adapter_wrong_shape case names the hidden size)
+    r.run([PY, script("world"), "--preset", "small", "--epochs", "4", "--people", "40",
+           "--hidden", "64", "--inter", "128", "--out", r.W])
     r.world_tree = tree(r.W)
     r.A = str(r.root / "A")
     r.chain(r.A)
