@@ -33,7 +33,8 @@ THRESHOLDS = {"mcqa": (TAU, TAU), "oeqa": (0.51, 0.49)}        # (van if mu >=, 
 PAPER_COUNTS = {"mcqa": (4000, 1000), "oeqa": (8000, 2000)}     # (N_van, N_idk)
 PAPER_POOL = {"mcqa": 14042, "oeqa": 87622}                     # MMLU test, TriviaQA train
 SCALED_IDK_SHARE = 0.1   # smaller pools (the world, --limit): N_idk = 10% of the pool, N_van = 4x
-METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait", "oracle")
+PAPER_METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait")   # the papers' rows
+METHODS = PAPER_METHODS + ("oracle",)                                # + the world's diagnostic
 GRAIT_T = 0.05          # SPEC 5.5: softmax temperature of the adaptive weights
 
 

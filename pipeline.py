@@ -14,9 +14,10 @@ Each stage runs through its script's main(argv) with exactly the arguments a use
 once per process. Independent stages (tasks, seeds, methods) run at once in --jobs worker
 processes of one torch thread each. A stage whose command and input files are unchanged since
 its last success is skipped (the key is recorded in `<output>.stage.json`); an interrupted
-stage resumes from its own partial files. Wall times per stage go to runs/<model-slug>/times.md; with several seeds,
-runs/<model-slug>/report.md gives the mean and standard deviation of every cell; with several
-worlds, runs/worlds.md does so over the worlds (each world's own M0, items and run seed).
+stage resumes from its own partial files. Wall times per stage go to runs/<model-slug>/times.md
+(runs/times.md with several worlds); with several seeds, runs/<model-slug>/report.md gives the
+mean and standard deviation of every cell; with several worlds, runs/worlds.md does so over the
+worlds (each world's own M0, items and run seed).
 """
 import argparse
 import hashlib
@@ -31,6 +32,7 @@ import sys
 import time
 
 import common
+from construct import PAPER_METHODS
 
 PY = sys.executable
 # The world is tiny and its RAIT sets are small (hundreds of examples): the SPEC 6 recipe (lr 2e-4,
@@ -39,8 +41,9 @@ PY = sys.executable
 # cost of a step). Real models get the SPEC 9 #12 defaults of finetune.py untouched.
 # Epochs per task, measured with Cor-RAIT on the default world (seed 0, ID test, batch 8, lr 3e-3):
 # OEQA refuses 36% after 5 epochs and 32% after 10; MCQA 25% after 3 and 35% after 5 epochs (with
-# fewer unparsed answers), so 3: `make all` must stay under 10 minutes (DESIGN budgets). Before the world's corpus used the refusal's words (issue 13), OEQA
-# needed 10 epochs and MCQA never refused: the refusal tokens had untrained embeddings.
+# fewer unparsed answers), so 3: `make all` must stay under 10 minutes (DESIGN budgets). Before
+# the world's corpus used the refusal's words (issue 13), OEQA needed 10 epochs and MCQA never
+# refused: the refusal tokens had untrained embeddings.
 WORLD_REHEARSAL = ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3",
                    "--lora-r", "16"]                                     # brief, as SPEC 3 wants
 WORLD_FINETUNE = ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16"]
@@ -53,7 +56,6 @@ WORLD_EPOCHS = {"mcqa": 3, "oeqa": 5}
 # instrument questions and nothing else. 0-shot: mean mu 0.75 where M0 answers correctly
 # (greedy), 0.06 where it does not, 0.36-0.46 per relation. Pre-training on 4-turn QA text did
 # not help: the model then answered from the shots' famous people ("jeweler", p = 0.98).
-METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait")   # the papers' rows
 REHEARSAL_SHARE = 0.1   # rehearsal set: 10% of a small pool, at most SPEC 3's 1,000 (of 14k)
 
 
@@ -143,12 +145,17 @@ def task_dir(root, task, seed):
     return os.path.join(root, task, f"s{seed}")
 
 
+def unit_label(root, task, seed):
+    """How the stage log and times.md name a task and seed: `world-w1/oeqa/s1`."""
+    return f"{os.path.basename(root)}/{task}/s{seed}"
+
+
 def prepare(a, root, task, seed, files):
     """Probe M0 on the pool (SPEC 2), then rehearse and measure knowledge flow (SPEC 3).
-    files: task_inputs(a, task), as for method() and report()."""
+    files: task_inputs(a, root, task), as for method() and report()."""
     times = []
     model, pool, shots, _, _, reader = files
-    R, tag, world = task_dir(root, task, seed), f"{os.path.basename(root)}/{task}/s{seed}", a.model == "world"
+    R, tag, world = task_dir(root, task, seed), unit_label(root, task, seed), a.model == "world"
     state = f"{R}/probe_init.jsonl"
     cmd = [PY, "probe.py", "--model", model, "--items", pool, "--task", task, "--out", state,
            "--seed", str(seed)]
@@ -177,7 +184,7 @@ def method(a, root, task, seed, files, m):
     m = init_basic / init_refuse: evaluate M0 with the BASIC / REFUSE prompt."""
     times = []
     model, pool, _, test_id, test_ood, reader = files
-    R, tag, world = task_dir(root, task, seed), f"{os.path.basename(root)}/{task}/s{seed}", a.model == "world"
+    R, tag, world = task_dir(root, task, seed), unit_label(root, task, seed), a.model == "world"
     state, flow, adapter = f"{R}/probe_init.jsonl", f"{R}/rehearsal/flow.jsonl", None
     if not m.startswith("init_"):
         train, adapter = f"{R}/{m}/train.jsonl", f"{R}/{m}/adapter"
@@ -215,7 +222,7 @@ def report(a, root, task, seed, files):
     run([PY, "evaluate.py", "--report", R, "--items-id", test_id, "--items-ood", test_ood,
          "--seed", str(seed)], f"{R}/report.md",
         [f"{R}/{n}/pred_{s}.jsonl" for n in rows for s in ("id", "ood")], times,
-        f"{os.path.basename(root)}/{task}/s{seed} report")
+        f"{unit_label(root, task, seed)} report")
     return times
 
 
@@ -333,7 +340,7 @@ def main():
     if a.model == "world" and a.data != "world":
         raise common.InputError("--data paper needs --model (a chat model hub id or folder)")
     if a.methods is None:
-        a.methods = list(METHODS) + (["oracle"] if a.model == "world" else [])
+        a.methods = list(PAPER_METHODS) + (["oracle"] if a.model == "world" else [])
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:

@@ -105,7 +105,7 @@ QA_FORMATS = ("basic1", "basic2", "mcqa", "mcqa")
 
 # Knob defaults per preset; flags override. Measured (2-core CPU): memorising facts needs many
 # small optimizer steps: batch 8 x 64 tokens at lr 2e-3 reaches open-QA accuracy 0.99 for facts
-# seen 32+ times per epoch, where batch 64 at lr 3e-3 (DESIGN's first recipe) reached 0.25. = {
+# seen 32+ times per epoch, where batch 64 at lr 3e-3 (DESIGN's first recipe) reached 0.25.
 # Windows are 128 tokens (the MCQA REFUSE prompt is about 82), 4 per step: the same 512 tokens
 # per step as the measured 8 x 64.
 PRESETS = {
@@ -378,7 +378,6 @@ def check_premises(tok, docs, items, seq_len):
             f"--seq-len {seq_len}: the longest prompt is {longest} tokens and the longest answer "
             f"{answer} with EOS; pre-training windows must cover both (use --seq-len "
             f"{longest + answer} or more)")
-    return longest + answer
 
 
 def build_tokenizer(texts):
