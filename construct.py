@@ -19,11 +19,12 @@ craft, wocer). GRAIT also needs the model and the rehearsal adapter with its Ada
 Output: training examples (id, prompt, target, weight, kind, method) and `<out>.summary.json`.
 """
 import argparse
-import os
 import random
 import sys
 
-import common
+from rait import files
+from rait import models
+from rait import runs
 
 # SPEC 4: correctness thresholds. MCQA [C-C]: van mu >= 0.5, idk mu < 0.5. OEQA [C-C]: van
 # mu >= 0.51, idk mu <= 0.49 (mu lives on a 0.1 grid, so mu = 0.5 is dropped).
@@ -122,23 +123,23 @@ def grait_select(a, items_by_id, rows, task, n_van, n_idk):
     from kernels import lora, persample as ps
     ik_all, idk_all = grait_split(rows, task)
     if not idk_all:
-        raise common.InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
+        raise files.InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
     if not ik_all:   # a model that knows nothing (e.g. a random dry-run model): say it loudly
         print(f"[construct] WARNING: no known items (mu > {TAU}): no van set, and the IdK "
               "selection and weights use idk-idk influences only", file=sys.stderr)
     van = by_correctness(ik_all, n_van)
     if not a.model or not a.warmup:
-        raise common.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
+        raise files.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
                                 "adapter with its Adam moments, SPEC 9 #10)")
-    model, tok = common.load_model(a.model, adapter=a.warmup,
+    model, tok = models.load_model(a.model, adapter=a.warmup,
                                    trust_remote_code=a.trust_remote_code)
     moments = None if a.no_adam else lora.load_adam_moments(a.warmup)
 
     def features(rs, idk_view, desc):
-        ex = [(common.render(tok, common.user_prompt(items_by_id[s["id"]], "refuse")),
-               common.IDK[task] if idk_view else target_of(items_by_id[s["id"]], a.mcqa_reader))
+        ex = [models.encode_example(tok, models.render(tok, models.user_prompt(items_by_id[s["id"]], "refuse")),
+               models.IDK[task] if idk_view else models.target_of(items_by_id[s["id"]], a.mcqa_reader))[:2]
               for s in rs]
-        return ps.example_features(model, tok, ex, moments=moments, grad_dim=a.grad_dim,
+        return ps.example_features(model, ex, tok.pad_token_id, moments=moments, grad_dim=a.grad_dim,
                                    seed=a.seed, batch_size=a.grad_batch_size, desc=desc,
                                    projection=a.projection)
 
@@ -169,16 +170,6 @@ def grait_select(a, items_by_id, rows, task, n_van, n_idk):
     return van, idk, weights, extra
 
 
-def target_of(item, reader):
-    """The original answer as a training target: the gold letter (letter reader), the gold
-    option's text (option reader, SPEC 10) or the gold answer string (OEQA)."""
-    if item["task"] == "oeqa":
-        return item["answer"]
-    if reader == "letter":
-        return item["answer"]
-    return item["choices"][common.LETTERS.index(item["answer"])]
-
-
 def make_examples(items_by_id, van, idk, method, reader, weights=None):
     """Training examples (DESIGN contract) with the REFUSE prompt (SPEC 9 #13); repeated draws
     get ids `<id>#2`, `<id>#3`, ... so every example id stays unique."""
@@ -188,8 +179,8 @@ def make_examples(items_by_id, van, idk, method, reader, weights=None):
             it = items_by_id[s["id"]]
             seen[s["id"]] = seen.get(s["id"], 0) + 1
             eid = s["id"] if seen[s["id"]] == 1 else f"{s['id']}#{seen[s['id']]}"
-            out.append({"id": eid, "prompt": common.user_prompt(it, "refuse"),
-                        "target": target_of(it, reader) if kind == "van" else common.IDK[it["task"]],
+            out.append({"id": eid, "prompt": models.user_prompt(it, "refuse"),
+                        "target": models.target_of(it, reader) if kind == "van" else models.IDK[it["task"]],
                         "weight": 1.0 if weights is None or kind == "van" else weights[s["id"]],
                         "kind": kind, "method": method})
     return out
@@ -208,13 +199,13 @@ def default_counts(task, pool_size):
 def join_states(items, states_path, flow_path, need_flow):
     """Pool items joined with their knowledge state (and flow); ids must match exactly."""
     ids = [it["id"] for it in items]
-    states = {s["id"]: s for s in common.read_jsonl(states_path, check=common.check_state)}
+    states = {s["id"]: s for s in files.read_jsonl(states_path, check=files.check_state)}
     _same_ids(states_path, ids, states)
     rows = [{"id": i, "mu": states[i]["mu"], "sigma": states[i]["sigma"]} for i in ids]
     if need_flow:
         if not flow_path:
-            raise common.InputError("this method needs --flow (rehearse.py's flow.jsonl)")
-        flow = {f["id"]: f for f in common.read_jsonl(flow_path, check=common.check_flow)}
+            raise files.InputError("this method needs --flow (rehearse.py's flow.jsonl)")
+        flow = {f["id"]: f for f in files.read_jsonl(flow_path, check=files.check_flow)}
         _same_ids(flow_path, ids, flow)
         for r in rows:
             r["flow"] = flow[r["id"]]["flow"]
@@ -226,7 +217,7 @@ def _same_ids(path, ids, table):
     extra = set(table) - set(ids)
     if missing or extra:
         eg = (missing or sorted(extra))[0]
-        raise common.InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
+        raise files.InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
                                 f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
 
 
@@ -303,7 +294,7 @@ def parse_args(argv=None):
                    help="paper: N softmax(-delta/T); code: N/2 softmax(+delta/T); uniform: 1")
     g.add_argument("--grait-temperature", type=float, default=GRAIT_T, help="T of the weights")
     g.add_argument("--grad-batch-size", type=int, default=16, help="examples per gradient batch")
-    g.add_argument("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
+    g.add_argument("--trust-remote-code", action="store_true", help=models.TRUST_HELP)
     a = p.parse_args(argv)
     for flag, v in (("--grad-dim", a.grad_dim), ("--grad-batch-size", a.grad_batch_size),
                     ("--grait-temperature", a.grait_temperature)):
@@ -315,12 +306,12 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     if a.method not in METHODS:
-        raise common.InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
-    common.check_output(a.out)
-    items = common.read_jsonl(a.items, check=common.check_item)
+        raise files.InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
+    files.check_output(a.out)
+    items = files.read_jsonl(a.items, check=files.check_item)
     tasks = {it["task"] for it in items}
     if len(tasks) != 1:
-        raise common.InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
+        raise files.InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
     task = tasks.pop()
     items_by_id = {it["id"]: it for it in items}
     rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft") or
@@ -329,7 +320,7 @@ def main(argv=None):
         no_meta = [it["id"] for it in items if not isinstance(
             (it.get("meta") or {}).get("m0_greedy_correct"), bool)]
         if no_meta:
-            raise common.InputError(f"{a.items}: --method oracle needs meta.m0_greedy_correct (the "
+            raise files.InputError(f"{a.items}: --method oracle needs meta.m0_greedy_correct (the "
                                     f"world's items have it); missing for {len(no_meta)} items, "
                                     f"e.g. {no_meta[0]!r}")
         for r in rows:
@@ -338,9 +329,9 @@ def main(argv=None):
     n_van = d_van if a.n_van is None else a.n_van
     n_idk = d_idk if a.n_idk is None else a.n_idk
     if n_van < 0 or n_idk < 0:
-        raise common.InputError("--n-van and --n-idk must be >= 0")
+        raise files.InputError("--n-van and --n-idk must be >= 0")
     if n_van + n_idk > len(items) and not a.with_replacement:
-        raise common.InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
+        raise files.InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
                                 f"{len(items)} items ({a.items}); lower them or pass "
                                 "--with-replacement")
     rng = random.Random(a.seed)
@@ -356,11 +347,11 @@ def main(argv=None):
     examples = make_examples(items_by_id, van, idk, a.method, a.mcqa_reader, weights)
     random.Random(a.seed).shuffle(examples)       # a stable order; finetune shuffles anyway
     summary = summarize(a.method, van, idk, items_by_id, n_van, n_idk, extra)
-    common.write_jsonl(a.out, examples)
-    common.write_json(f"{a.out}.summary.json", summary)
-    common.write_config(a.out, a)
+    files.write_jsonl(a.out, examples)
+    files.write_json(f"{a.out}.summary.json", summary)
+    files.write_config(a.out, a)
     print_summary(summary)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

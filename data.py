@@ -44,8 +44,10 @@ import urllib.error
 import urllib.request
 import zipfile
 
-import common
-from common import InputError
+from rait import files
+from rait import models
+from rait import runs
+from rait.files import InputError
 
 # Canonical public sources: (base URL, file name); file URL = base + "/" + name
 SOURCES = {
@@ -100,7 +102,7 @@ def holdout(items, share, seed):
     out = set()
     for s, ids in by.items():
         k = max(1, round(share * len(ids)))
-        out |= set(random.Random(common.stable_hash(seed, s)).sample(ids, k))
+        out |= set(random.Random(files.stable_hash(seed, s)).sample(ids, k))
     return [it for it in items if it["id"] not in out], [it for it in items if it["id"] in out]
 
 
@@ -108,7 +110,7 @@ def arc_items(path, released=False):
     """ARC JSONL -> items (SPEC 1 quirks, SPEC 9 #15); returns (items, counts of the quirks)."""
     items, counts = [], {"digit_labels": 0, "three_options": 0, "five_options": 0,
                          "never_correct_if_released": 0}
-    for n, o in enumerate(common.read_jsonl(path), 1):
+    for n, o in enumerate(files.read_jsonl(path), 1):
         try:
             q, key = o["question"], str(o["answerKey"])
             texts, labels = [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]]
@@ -128,8 +130,8 @@ def arc_items(path, released=False):
                 meta.update(unscorable=True, released_answer=key)
             pos = min(pos, 3)
         items.append({"id": o["id"], "task": "mcqa", "question": q["stem"],
-                      "answer": common.LETTERS[pos], "choices": texts,
-                      "subject": common.ARC_SUBJECT, "meta": meta})
+                      "answer": files.LETTERS[pos], "choices": texts,
+                      "subject": models.ARC_SUBJECT, "meta": meta})
     return items, counts
 
 
@@ -166,7 +168,7 @@ def nq_items(path):
                     raise InputError(f"{path}:{n}: expected qid, question and an answers "
                                      "list") from None
     else:
-        for n, o in enumerate(common.read_jsonl(path, unique_ids=False)):
+        for n, o in enumerate(files.read_jsonl(path, unique_ids=False)):
             rows.append((o.get("id", f"nq_dev_{n}"), o.get("question"), o.get("answer")))
     items = []
     for n, (qid, q, answers) in enumerate(rows, 1):
@@ -211,7 +213,7 @@ def download(url, dest, expected=None):
                   file=sys.stderr)
         size = int(resp.headers.get("Content-Length") or 0) + (have if resumed else 0)
         with resp, open(part, "ab" if resumed else "wb") as f, \
-                common.progress(total=size or None, desc=os.path.basename(dest)) as bar:
+                runs.progress(total=size or None, desc=os.path.basename(dest)) as bar:
             bar.update(have if resumed else 0)
             for block in iter(lambda: resp.read(CHUNK), b""):
                 f.write(block)
@@ -252,7 +254,7 @@ def fetch(name, cache, base=None, sha256=None):
         digest = download(f"{base}/{fname}", dest, expected)
     if rel not in sums:
         sums[rel] = digest
-        common.atomic_write_text(sums_path, "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
+        files.atomic_write_text(sums_path, "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
         print(f"[download] recorded sha256 {digest} of {rel} in {sums_path}", file=sys.stderr)
     if not fname.endswith((".tar", ".tar.gz", ".zip")):
         return dest
@@ -267,7 +269,7 @@ def fetch(name, cache, base=None, sha256=None):
         else:
             with tarfile.open(dest) as t:
                 t.extractall(out, filter="data")           # refuses links/paths outside `out`
-        common.atomic_write_text(os.path.join(out, ".done"), digest + "\n")
+        files.atomic_write_text(os.path.join(out, ".done"), digest + "\n")
     return out
 
 
@@ -320,7 +322,7 @@ def convert(args):
         if not items:
             raise InputError(f"{src}: no {args.dataset} items for {split}")
         for n, it in enumerate(items, 1):
-            err = common.check_item(it)
+            err = files.check_item(it)
             if err:
                 raise InputError(f"{src}: {split} item {n} ({it.get('id')}): {err}")
     return out, notes
@@ -362,8 +364,8 @@ def main(argv=None):
     folder = os.path.join(args.out, TASK[args.dataset])
     for split, items in out.items():
         path = os.path.join(folder, f"{split}.jsonl")
-        common.write_jsonl(path, items)
-        common.write_config(path, args, source=os.path.abspath(args.src), n_items=len(items),
+        files.write_jsonl(path, items)
+        files.write_config(path, args, source=os.path.abspath(args.src), n_items=len(items),
                             **notes)
         subjects = len({it.get("subject") for it in items})
         print(f"[data] {path}: {len(items)} items" + (f", {subjects} subjects"
@@ -371,4 +373,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

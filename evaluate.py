@@ -48,8 +48,10 @@ import sys
 
 import numpy as np
 
-import common
-from common import InputError
+from rait import files
+from rait import models
+from rait import runs
+from rait.files import InputError
 from kernels.ths import BOOTSTRAP, bootstrap_ci, quadrants, rates, summarize, ths_svg
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
@@ -97,7 +99,7 @@ ARTICLE_VERBS = {"is", "was", "seems", "would", "should", "could", "must", "migh
 
 def extract_letter(text, choices):
     """The chosen letter of an MCQA response (letter reader, SPEC 7 cascade), or None."""
-    t, C = fold(text), f"[{common.LETTERS[:len(choices)]}]"
+    t, C = fold(text), f"[{files.LETTERS[:len(choices)]}]"
     end = r"(?![A-Za-z0-9'])"
     explicit = (rf"(?i:answer)(?:\s+(?i:to\s+(?:the|this)\s+question))?\s*(?i:is|would\s+be|"
                 rf"will\s+be|should\s+be|:)\s*(?i:option|choice|letter)?\s*[\(\[]?\s*({C}){end}",
@@ -120,7 +122,7 @@ def extract_letter(text, choices):
             continue                                                       # "A lesion ..."
         return m.group(1)
     i = match_option(t, choices)                                           # 7: an option's text
-    return None if i is None else common.LETTERS[i]
+    return None if i is None else files.LETTERS[i]
 
 
 def other_refusal(text):
@@ -131,15 +133,15 @@ def other_refusal(text):
 
 def label_response(item, response, reader="letter", strict=False):
     """(label, parsed letter or None) of one response (SPEC 7)."""
-    if common.is_refusal(response, strict):
+    if models.is_refusal(response, strict):
         return "refuse", None
     if item["task"] == "oeqa":
-        return ("correct" if common.alias_match(response, item["aliases"]) else "wrong"), None
+        return ("correct" if models.alias_match(response, item["aliases"]) else "wrong"), None
     if reader == "letter":
         letter = extract_letter(response, item["choices"])
     else:
         i = match_option(response, item["choices"])
-        letter = None if i is None else common.LETTERS[i]
+        letter = None if i is None else files.LETTERS[i]
     if letter is None:
         return "unparsed", None
     if (item.get("meta") or {}).get("unscorable"):     # data.py --arc-released: never correct
@@ -161,7 +163,7 @@ def generate(model, tok, prompts, max_new, stops, line_ids=()):
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
     from kernels.lm import left_pad
-    ids, mask, _ = left_pad([common.encode(tok, p) for p in prompts], tok.pad_token_id,
+    ids, mask, _ = left_pad([models.encode(tok, p) for p in prompts], tok.pad_token_id,
                             model.device)   # generate() derives positions from the mask
     L = ids.shape[1]
     nl = torch.tensor(sorted(line_ids), dtype=torch.long, device=model.device)
@@ -195,23 +197,23 @@ def first_line(text):
 def answer(args):
     """Mode 1: predictions for one (model, adapter, items, prompt), resumable."""
     import torch
-    items = common.read_jsonl(args.items, common.check_item)
+    items = files.read_jsonl(args.items, files.check_item)
     tasks = {it["task"] for it in items}
     if len(tasks) != 1:
         raise InputError(f"{args.items}: mixes tasks {sorted(tasks)}")
     task = tasks.pop()
     max_new = args.max_new_tokens or MAX_NEW[task]
-    common.check_output(args.out)
-    rank, _ = common.dist_init()
-    dev, dt = common.device_and_dtype()
-    model, tok = common.load_model(args.model, args.adapter,
+    files.check_output(args.out)
+    rank, _ = runs.dist_init()
+    dev, dt = models.device_and_dtype()
+    model, tok = models.load_model(args.model, args.adapter,
                                    trust_remote_code=args.trust_remote_code)   # adapter checked against the base
     tok.padding_side = "left"
-    stops = common.stop_token_ids(model, tok)
-    chat = common.has_chat_template(tok)
+    stops = models.stop_token_ids(model, tok)
+    chat = models.has_chat_template(tok)
     newline = args.newline_stop == "on" or (args.newline_stop == "auto" and not chat)
     line_ids = newline_ids(tok) if newline else ()   # render()'s plain format: `user answer\n`
-    prompts = {it["id"]: common.render(tok, common.user_prompt(it, args.prompt)) for it in items}
+    prompts = {it["id"]: models.render(tok, models.user_prompt(it, args.prompt)) for it in items}
     if rank == 0:
         how = "chat template" if chat else "raw prompt (no chat template)"
         print(f"[evaluate] {len(items)} {task} items, prompt {args.prompt}, {how}, {dev} "
@@ -230,20 +232,20 @@ def answer(args):
             rows.append({"id": it["id"], "response": text, "label": lab, "parsed": letter,
                          "other_refusal": other_refusal(text) if lab != "refuse" else None})
         return rows
-    key = common.stable_hash(args.model, args.adapter, file_sha(args.items), args.prompt,
+    key = files.stable_hash(args.model, args.adapter, file_sha(args.items), args.prompt,
                              args.mcqa_reader, max_new, args.strict_refusal, args.batch_size,
                              newline)
-    rows = common.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key)
+    rows = runs.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key)
     if rows is None:
         return
     by_id = {r["id"]: r for r in rows}
     rows = [by_id[it["id"]] for it in items]                          # back to item order
-    common.write_jsonl(args.out, rows)
+    files.write_jsonl(args.out, rows)
     counts = np.array([[sum(r["label"] == lab for r in rows) for lab in LABELS]])
     r = rates(counts)[0]
     summary = dict(zip(("pc", "pw", "pr", "unparsed"), map(float, r)))
     summary["other_refusal"] = sum(r["other_refusal"] is not None for r in rows)
-    common.write_config(args.out, args, task=task, items_path=os.path.abspath(args.items),
+    files.write_config(args.out, args, task=task, items_path=os.path.abspath(args.items),
                         device=str(dev), summary=summary)
     print(f"[evaluate] {args.out}: Pc {r[0]:.1f}  Pw {r[1]:.1f}  Pr {r[2]:.1f}  unparsed "
           f"{r[3]:.1f} (micro, %); other refusal phrasings in {summary['other_refusal']} "
@@ -273,7 +275,7 @@ def items_for(d, split, given):
 
 def row_labels(path, ids):
     """Labels and responses of a pred file, aligned to the item ids; every id covered once."""
-    preds = {p["id"]: p for p in common.read_jsonl(path, common.check_prediction)}
+    preds = {p["id"]: p for p in files.read_jsonl(path, files.check_prediction)}
     extra = [i for i in preds if i not in ids]
     if extra:
         raise InputError(f"{path}: {len(extra)} predictions for ids not in the items "
@@ -293,7 +295,7 @@ def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP):
         return None
     if not items_path:
         raise InputError(f"{d}: cannot find the items of pred_{split}.jsonl (pass --items-{split})")
-    items = common.read_jsonl(items_path, common.check_item)
+    items = files.read_jsonl(items_path, files.check_item)
     ids = [it["id"] for it in items]
     subjects = sorted({it.get("subject") or "" for it in items})
     s_idx = np.array([subjects.index(it.get("subject") or "") for it in items])
@@ -403,14 +405,14 @@ def report(args):
                             args.bootstrap) for s in SPLITS}
     if not any(res.values()):
         raise InputError(f"{d}: no <method>/pred_{{id,ood}}.jsonl files")
-    common.write_json(os.path.join(d, "results.json"), res)
-    common.atomic_write_text(os.path.join(d, "report.md"), report_md(d, res))
+    files.write_json(os.path.join(d, "results.json"), res)
+    files.atomic_write_text(os.path.join(d, "report.md"), report_md(d, res))
     points = [(ROW_NAMES.get(r, r), s, e["rates"]["pc"], e["rates"]["pw"])
               for s in SPLITS if res[s] for r, e in res[s]["rows"].items()]
     refs = {s: (res[s]["rows"]["init_basic"]["rates"]["pc"],
                 res[s]["rows"]["init_basic"]["rates"]["pw"])
             for s in SPLITS if res[s] and "init_basic" in res[s]["rows"]}
-    common.atomic_write_text(os.path.join(d, "ths.svg"),
+    files.atomic_write_text(os.path.join(d, "ths.svg"),
                              ths_svg(points, refs, f"THS plane: {os.path.abspath(d)}"))
     print(report_md(d, res))
 
@@ -421,7 +423,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("answer a test set (mode 1)")
     g.add_argument("--model", help="hub id or local model folder (safetensors)")
     g.add_argument("--adapter", help="LoRA adapter folder (peft format) applied on load")
-    g.add_argument("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
+    g.add_argument("--trust-remote-code", action="store_true", help=models.TRUST_HELP)
     g.add_argument("--items", help="test items JSONL (DESIGN Item contract)")
     g.add_argument("--prompt", choices=("basic", "refuse"),
                    help="BASIC/BASIC1 or REFUSE/REFUSE1 prompt of SPEC 2.3 (SPEC 9 #13)")
@@ -433,7 +435,7 @@ def parse_args(argv=None):
     g.add_argument("--newline-stop", choices=("auto", "on", "off"), default="auto",
                    help="the answer is the first non-empty line (generation stops after it); "
                    "auto = on for models without a chat template, whose plain prompt format "
-                   "is `user answer\\n` (common.render)")
+                   "is `user answer\\n` (models.render)")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     g.add_argument("--strict-refusal", action="store_true",
                    help="refusal = ASCII \"i don't know\" only, curly apostrophes not folded "
@@ -467,4 +469,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

@@ -11,7 +11,7 @@ fine-tunes every weight (the OEQA recipe).
     torchrun --nproc_per_node 2 finetune.py --model ... --train ... --out ...   # DDP: gloo/NCCL
 
 Input: training examples JSONL (DESIGN: id, prompt, target, weight, kind, method); the prompt goes
-through common.render (chat template or plain prompt) and the loss covers target tokens + EOS only.
+through models.render (chat template or plain prompt) and the loss covers target tokens + EOS only.
 Output (--out DIR): adapter_config.json + adapter_model.safetensors in peft's format (`--full`: a
 safetensors model folder instead), trainer_state.safetensors (Adam moments keyed like the weights,
 step, RNG, data order; for resuming and for GRAIT's Adam preconditioning), train_log.jsonl, and
@@ -38,9 +38,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-import common
+from rait import files
+from rait import models
+from rait import runs
 from kernels import lora
-from kernels.checkpoint import LOG, gather_rng, open_log, resume, save_state, write_checkpoint
+from rait.checkpoint import LOG, gather_rng, open_log, resume, save_state, write_checkpoint
 
 # Defaults: SPEC 9 #12 = the released MCQA recipe (SPEC 6) without 4-bit quantisation
 LR = 2e-4               # SPEC 6 MCQA RAIT
@@ -83,7 +85,7 @@ def add_train_args(parser, **defaults):
     a("--no-group-by-length", action="store_true",
       help="plain seeded shuffle instead of length-grouped batches (more padding)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
-    a("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
+    a("--trust-remote-code", action="store_true", help=models.TRUST_HELP)
     a("--seed", type=int, default=0, help="seed for the LoRA init, data order and dropout")
     a("--save-steps", type=int, default=100, help="checkpoint every N optimizer steps (0: never)")
     a("--log-steps", type=int, default=1, help="log every N optimizer steps")
@@ -127,8 +129,8 @@ def run_key(args, examples, world):
     """Identifies a training run: its model, training arguments, data and process count."""
     dests = {x.dest for x in add_train_args(argparse.ArgumentParser())._actions} - NOT_IN_KEY
     cfg = {k: getattr(args, k) for k in sorted(dests) if k != "help"}
-    data = "".join(common.dumps(e) for e in examples)
-    return str(common.stable_hash(args.model, json.dumps(cfg, sort_keys=True), data, world))
+    data = "".join(files.dumps(e) for e in examples)
+    return str(files.stable_hash(args.model, json.dumps(cfg, sort_keys=True), data, world))
 
 
 def lr_at(step, total, lr, warmup_ratio, warmup_start=WARMUP_START):
@@ -144,7 +146,7 @@ def epoch_order(lengths, global_batch, seed, epoch, grouped=True):
     """The epoch's example order; each consecutive `global_batch` slice is one optimizer step.
     SPEC 9 #11: shuffle, sort windows of MEGABATCH global batches by length (descending), cut
     into global batches, shuffle the full batches; the one short batch stays last."""
-    g = torch.Generator().manual_seed(common.stable_hash(seed, "order", epoch))
+    g = torch.Generator().manual_seed(files.stable_hash(seed, "order", epoch))
     perm = torch.randperm(len(lengths), generator=g).tolist()
     if not grouped:
         return perm
@@ -162,10 +164,10 @@ def encode_all(tok, examples, max_len):
     """(ids, labels) per example, prompt rendered as at evaluation; count of left-cut prompts."""
     enc, n_cut = [], 0
     for e in examples:
-        ids, labels, cut = common.encode_example(tok, common.render(tok, e["prompt"]),
+        ids, labels, cut = models.encode_example(tok, models.render(tok, e["prompt"]),
                                                  e["target"], max_len)
         if len(ids) > max_len:
-            raise common.InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
+            raise files.InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
                                     f"with EOS, more than --max-len {max_len}")
         n_cut += cut > 0
         enc.append((ids, labels))
@@ -211,8 +213,8 @@ def example_losses(model, b):
 
 def build_model(args, device=None):
     """Load args.model; LoRA: freeze it and wrap the target layers (seeded init, fp32 weights)."""
-    dev, dtype = common.device_and_dtype(device)
-    model, tok = common.load_model(args.model, device=dev,
+    dev, dtype = models.device_and_dtype(device)
+    model, tok = models.load_model(args.model, device=dev,
                                    dtype=torch.float32 if args.full else dtype,
                                    trust_remote_code=getattr(args, "trust_remote_code", False))
     if not args.full:
@@ -222,7 +224,7 @@ def build_model(args, device=None):
         try:
             lora.inject_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
         except ValueError as e:
-            raise common.InputError(f"{args.model}: {e} (--target-modules {t})") from None
+            raise files.InputError(f"{args.model}: {e} (--target-modules {t})") from None
         for _, m in lora.lora_modules(model):
             m.lora_A.float(), m.lora_B.float()   # fp32 trainable weights, bf16 autocast on GPU
     if args.gradient_checkpointing:
@@ -272,12 +274,12 @@ def train(args, examples, out_dir):
     """Fine-tune args.model on `examples` (dicts of the training-example contract); write the final
     adapter (or model, --full) and trainer state to out_dir; resume from out_dir/checkpoint."""
     for n, e in enumerate(examples):
-        err = common.check_example(e)
+        err = files.check_example(e)
         if err:
-            raise common.InputError(f"training example {n} ({e.get('id')!r}): {err}")
+            raise files.InputError(f"training example {n} ({e.get('id')!r}): {err}")
     if not examples:
-        raise common.InputError("no training examples")
-    rank, world = common.dist_init()
+        raise files.InputError("no training examples")
+    rank, world = runs.dist_init()
     key = run_key(args, examples, world)
     final = os.path.join(out_dir, lora.TRAINER_STATE)
     if os.path.isfile(final) and lora.load_trainer_state(final)[1].get("run_key") == key:
@@ -287,11 +289,11 @@ def train(args, examples, out_dir):
             print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
         return out_dir
     created = not os.path.exists(out_dir)
-    common.check_output(os.path.join(out_dir, LOG))    # fail before loading anything
+    files.check_output(os.path.join(out_dir, LOG))    # fail before loading anything
     try:
         model, tok = build_model(args)
         enc, n_cut = encode_all(tok, examples, args.max_len)
-    except common.InputError:
+    except files.InputError:
         if created and rank == 0 and not os.listdir(out_dir):
             os.rmdir(out_dir)
         raise
@@ -323,7 +325,7 @@ def train(args, examples, out_dir):
                   "prompt cut from the left", file=sys.stderr)
     start, orders = resume(out_dir, key, args, model, opt, params, rank)
     if start == 0:
-        torch.manual_seed(common.stable_hash(args.seed, "dropout", rank))
+        torch.manual_seed(files.stable_hash(args.seed, "dropout", rank))
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -344,7 +346,7 @@ def train(args, examples, out_dir):
         return model, tok, opt, params, args, step, extra, meta
 
     log = open_log(out_dir, start) if rank == 0 else None
-    bar = common.progress(total=total, desc="finetune")
+    bar = runs.progress(total=total, desc="finetune")
     bar.update(start)
     stop = min(total, start + args.stop_after_steps) if args.stop_after_steps else total
     win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}   # log window
@@ -372,7 +374,7 @@ def train(args, examples, out_dir):
                 row = {"step": done, "epoch": round(done / per_epoch, 4),
                        "loss": win["loss"] / win["steps"], "lr": lr, "grad_norm": norm,
                        "tokens_per_s": round(win["tokens"] / (time.perf_counter() - win["t0"]), 1)}
-                log.write(common.dumps(row) + "\n")
+                log.write(files.dumps(row) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
                 win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
@@ -380,7 +382,7 @@ def train(args, examples, out_dir):
                 st = state(done)
                 if rank == 0:
                     write_checkpoint(out_dir, *st)
-                common.barrier()
+                runs.barrier()
     bar.close()
     if stop < total:
         if rank == 0:
@@ -390,9 +392,9 @@ def train(args, examples, out_dir):
         return out_dir
     st = state(total)
     if rank == 0:   # config and log first: the trainer state written last marks completion
-        common.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc),
+        files.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc),
                             cut=n_cut, effective_batch=G, steps=total, processes=world)
-        log.write(common.dumps({"done": True, "steps": total, "tokens": n_tok,
+        log.write(files.dumps({"done": True, "steps": total, "tokens": n_tok,
                                 "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
                                 "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
         log.close()
@@ -401,7 +403,7 @@ def train(args, examples, out_dir):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
         print(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)",
               file=sys.stderr)
-    common.barrier()
+    runs.barrier()
     return out_dir
 
 
@@ -415,9 +417,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if train_args_error(args):
         ap.error(train_args_error(args))
-    examples = common.read_jsonl(args.train, check=common.check_example)
+    examples = files.read_jsonl(args.train, check=files.check_example)
     train(args, examples, args.out)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

@@ -31,7 +31,8 @@ import statistics
 import sys
 import time
 
-import common
+from rait import files
+from rait import runs
 from construct import PAPER_METHODS
 
 PY = sys.executable
@@ -91,12 +92,12 @@ def run(cmd, out, inputs, times, label):
     t0 = time.time()
     stage = importlib.import_module(os.path.basename(cmd[1])[:-len(".py")])
     try:    # in-process: the same main(argv) and error handling as the command line
-        common.cli(lambda: stage.main(cmd[2:]))
+        runs.cli(lambda: stage.main(cmd[2:]))
     except SystemExit as e:
         if e.code:
             sys.exit(f"[pipeline] {label} failed (exit {e.code}); rerun `make all` to resume")
     dt = time.time() - t0
-    common.write_json(marker, {"key": key, "seconds": round(dt, 1), "cmd": cmd})
+    files.write_json(marker, {"key": key, "seconds": round(dt, 1), "cmd": cmd})
     times.append((label, dt, "ran"))
 
 
@@ -118,26 +119,26 @@ def task_inputs(a, root, task):
         return (os.path.join(w, "model"), f"{d}/train.jsonl", f"{d}/shots.jsonl",
                 f"{d}/test_id.jsonl", f"{d}/test_ood.jsonl", "option")
     d = os.path.join(a.data_dir, task)
-    files = [f"{d}/{s}.jsonl" for s in ("train", "shots", "test_id", "test_ood")]
-    missing = [f for f in files if not os.path.isfile(f) and "shots" not in f]
+    paths = [f"{d}/{s}.jsonl" for s in ("train", "shots", "test_id", "test_ood")]
+    missing = [f for f in paths if not os.path.isfile(f) and "shots" not in f]
     if missing:
-        raise common.InputError(f"{missing[0]}: missing; convert the benchmarks first "
+        raise files.InputError(f"{missing[0]}: missing; convert the benchmarks first "
                                 "(make data DATA=paper, see data.py --help)")
     if a.limit:
-        files = [limited(f, a.limit, os.path.join(root, task, "items"))
-                 if os.path.isfile(f) and "shots" not in f else f for f in files]
-    return (a.model, *files, "letter")
+        paths = [limited(f, a.limit, os.path.join(root, task, "items"))
+                 if os.path.isfile(f) and "shots" not in f else f for f in paths]
+    return (a.model, *paths, "letter")
 
 
 def limited(path, n, folder):
     """A seeded subsample of at most n items of `path` (same order), for smaller budgets."""
-    rows = common.read_jsonl(path, check=common.check_item)
+    rows = files.read_jsonl(path, check=files.check_item)
     out = os.path.join(folder, os.path.basename(path))
     if len(rows) > n:
         keep = sorted(random.Random(0).sample(range(len(rows)), n))
         rows = [rows[i] for i in keep]
-    if not os.path.exists(out) or common.read_jsonl(out) != rows:
-        common.write_jsonl(out, rows)
+    if not os.path.exists(out) or files.read_jsonl(out) != rows:
+        files.write_jsonl(out, rows)
     return out
 
 
@@ -150,11 +151,11 @@ def unit_label(root, task, seed):
     return f"{os.path.basename(root)}/{task}/s{seed}"
 
 
-def prepare(a, root, task, seed, files):
+def prepare(a, root, task, seed, paths):
     """Probe M0 on the pool (SPEC 2), then rehearse and measure knowledge flow (SPEC 3).
-    files: task_inputs(a, root, task), as for method() and report()."""
+    paths: task_inputs(a, root, task), as for method() and report()."""
     times = []
-    model, pool, shots, _, _, reader = files
+    model, pool, shots, _, _, reader = paths
     R, tag, world = task_dir(root, task, seed), unit_label(root, task, seed), a.model == "world"
     state = f"{R}/probe_init.jsonl"
     cmd = [PY, "probe.py", "--model", model, "--items", pool, "--task", task, "--out", state,
@@ -179,11 +180,11 @@ def prepare(a, root, task, seed, files):
     return times
 
 
-def method(a, root, task, seed, files, m):
+def method(a, root, task, seed, paths, m):
     """Construct one method's RAIT set (SPEC 4-5), fine-tune on it (SPEC 6), evaluate (SPEC 7).
     m = init_basic / init_refuse: evaluate M0 with the BASIC / REFUSE prompt."""
     times = []
-    model, pool, _, test_id, test_ood, reader = files
+    model, pool, _, test_id, test_ood, reader = paths
     R, tag, world = task_dir(root, task, seed), unit_label(root, task, seed), a.model == "world"
     state, flow, adapter = f"{R}/probe_init.jsonl", f"{R}/rehearsal/flow.jsonl", None
     if not m.startswith("init_"):
@@ -213,10 +214,10 @@ def method(a, root, task, seed, files, m):
     return times
 
 
-def report(a, root, task, seed, files):
+def report(a, root, task, seed, paths):
     """report.md, results.json and ths.svg of one task and seed (evaluate.py --report)."""
     times = []
-    _, _, _, test_id, test_ood, _ = files
+    _, _, _, test_id, test_ood, _ = paths
     R = task_dir(root, task, seed)
     rows = ["init_basic", "init_refuse"] + a.methods
     run([PY, "evaluate.py", "--report", R, "--items-id", test_id, "--items-ood", test_ood,
@@ -315,7 +316,7 @@ def main():
     p.add_argument("--data", choices=("world", "paper"), default="world",
                    help="`paper`: MMLU->ARC (MCQA) and TriviaQA->NQ (OEQA) items from --data-dir")
     p.add_argument("--data-dir", default="runs/data", help="data.py item root (--data paper)")
-    p.add_argument("--tasks", nargs="+", default=list(common.TASKS), help="mcqa and/or oeqa")
+    p.add_argument("--tasks", nargs="+", default=list(files.TASKS), help="mcqa and/or oeqa")
     p.add_argument("--methods", nargs="+", default=None,
                    help="RAIT methods to construct, train and evaluate (default: van cor corcer "
                         "wocer craft grait, and on the world the oracle row)")
@@ -338,17 +339,17 @@ def main():
                    "stages share one accelerator)")
     a = p.parse_args()
     if a.model == "world" and a.data != "world":
-        raise common.InputError("--data paper needs --model (a chat model hub id or folder)")
+        raise files.InputError("--data paper needs --model (a chat model hub id or folder)")
     if a.methods is None:
         a.methods = list(PAPER_METHODS) + (["oracle"] if a.model == "world" else [])
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:
-        raise common.InputError(f"--jobs {a.jobs}: must be at least 1")
+        raise files.InputError(f"--jobs {a.jobs}: must be at least 1")
     if a.worlds is None:
         a.worlds = [0]
     elif a.model != "world":
-        raise common.InputError("--worlds applies to the embedded world only (--model world)")
+        raise files.InputError("--worlds applies to the embedded world only (--model world)")
     t_start, times = time.time(), []
     roots = ([world_dir(a.out, w) for w in a.worlds] if a.model == "world"
              else [os.path.join(a.out, slug(a.model))])
@@ -358,8 +359,8 @@ def main():
     # run seeds: --seeds for every world, else each world's own seed (world 0: seed 0)
     seeds = {r: a.seeds or ([w] if a.model == "world" else [0]) for r, w in zip(roots, a.worlds)}
     # once, here: fail early on missing data, write the --limit subsamples, hand the paths to units
-    files = {(r, task): task_inputs(a, r, task) for r in roots for task in a.tasks}
-    cells = [(a, r, t, s, files[r, t]) for r in roots for t in a.tasks for s in seeds[r]]
+    paths = {(r, task): task_inputs(a, r, task) for r in roots for task in a.tasks}
+    cells = [(a, r, t, s, paths[r, t]) for r in roots for t in a.tasks for s in seeds[r]]
     # The stages of a task and seed depend on each other only through probe -> rehearse -> the
     # methods -> the report: run each of these three waves across tasks, seeds and methods at once.
     in_parallel(a, [(prepare, cell) for cell in cells], times)
@@ -374,7 +375,7 @@ def main():
     md += [f"| {label} | {t:.1f} | {how} |" for label, t, how in times]
     md += [f"| **sum of stages** | **{sum(t for _, t, _ in times):.1f}** | |",
            f"| **wall** | **{wall:.1f}** | |", ""]
-    common.atomic_write_text(os.path.join(roots[0] if len(roots) == 1 else a.out, "times.md"),
+    files.atomic_write_text(os.path.join(roots[0] if len(roots) == 1 else a.out, "times.md"),
                              "\n".join(md))
     print("\n".join(md), file=sys.stderr)
     if a.until != "all":
@@ -382,7 +383,7 @@ def main():
     for r in roots:
         folders = {t: [task_dir(r, t, s) for s in seeds[r]] for t in a.tasks}
         if len(seeds[r]) > 1:
-            common.atomic_write_text(os.path.join(r, "report.md"), seed_table(
+            files.atomic_write_text(os.path.join(r, "report.md"), seed_table(
                 f"{os.path.basename(r)}: mean ± std over seeds {' '.join(map(str, seeds[r]))}",
                 "The seed drives the probe's sampling, the rehearsal draw, the fine-tuning order "
                 "and dropout, and GRAIT's projection; the model M0 and the items stay the same.",
@@ -399,7 +400,7 @@ def main():
             "initialisation and pre-training order) and runs the pipeline with "
             + ("that seed" if not a.seeds else f"seeds {' '.join(map(str, a.seeds))}") + ".",
             folders)
-        common.atomic_write_text(os.path.join(a.out, "worlds.md"), text)
+        files.atomic_write_text(os.path.join(a.out, "worlds.md"), text)
         print(text)
 
 
@@ -414,4 +415,4 @@ def build_world(folder, seed, world_args):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

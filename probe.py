@@ -23,13 +23,14 @@ carry meta.exposure (the world), end the log.
 import argparse
 import json
 import math
-import os
 import sys
 
 import torch
 
-import common
-from common import InputError, LETTERS
+from rait import files
+from rait import models
+from rait import runs
+from rait.files import InputError, LETTERS
 from kernels.embed import DEFAULT_EMBEDDER, Embedder
 from kernels.lm import continuation_logliks, last_logprobs, sample
 
@@ -41,7 +42,7 @@ TRIVIAQA_SHOTS = [
      "answer": "Sinclair Lewis"},
     {"question": "Where in England was Dame Judi Dench born?", "answer": "York"},
 ]
-HINT_CUT = common.OEQA_BASIC2[:40]   # SPEC 2.2: cut at the first 40 characters of the hint
+HINT_CUT = models.OEQA_BASIC2[:40]   # SPEC 2.2: cut at the first 40 characters of the hint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,9 +88,9 @@ def cut_at_hint(text):
 def label_sample(text, aliases, strict=False):
     """SPEC 2.2: `refuse` if it says "i don't know" (SPEC 9 #14), else `correct` if any alias is
     a case-insensitive substring (containment, not exact match), else `wrong`."""
-    if common.is_refusal(text, strict=strict):
+    if models.is_refusal(text, strict=strict):
         return "refuse"
-    return "correct" if common.alias_match(text, aliases) else "wrong"
+    return "correct" if models.alias_match(text, aliases) else "wrong"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,23 +98,23 @@ def label_sample(text, aliases, strict=False):
 def question_block(item):
     """`Question: {q}\\nA. {A}\\n...Answer:` (SPEC 2.1), the shared MCQA body without hint and
     without the trailing space."""
-    return common.mcqa_body("", item["question"], item["choices"])[1:-1]
+    return models.mcqa_body("", item["question"], item["choices"])[1:-1]
 
 
 def letter_prompt(item, shots):
     """SPEC 2.1: H + S1 + ... + Sk + question block; BASIC hint with no separator; raw LM text."""
-    subject = (item.get("subject") or common.ARC_SUBJECT).replace("_", " ")
-    hint = common.MCQA_BASIC_HINT.format(subject=subject)
+    subject = (item.get("subject") or models.ARC_SUBJECT).replace("_", " ")
+    hint = models.MCQA_BASIC_HINT.format(subject=subject)
     return hint + "".join(f"{question_block(s)} {s['answer']}\n" for s in shots) + \
         question_block(item)
 
 
 def oeqa_prompt(tok, item, shots):
-    """SPEC 2.2: BASIC2 turns, shots as earlier user/assistant turns, via common.render. The
+    """SPEC 2.2: BASIC2 turns, shots as earlier user/assistant turns, via models.render. The
     assistant turn is `{gold}\\n` in a chat template; plain rendering adds the newline itself."""
-    nl = "\n" if common.has_chat_template(tok) else ""
-    hist = [(common.OEQA_BASIC2.format(q=s["question"]), s["answer"] + nl) for s in shots]
-    return common.render(tok, common.OEQA_BASIC2.format(q=item["question"]), hist)
+    nl = "\n" if models.has_chat_template(tok) else ""
+    hist = [(models.OEQA_BASIC2.format(q=s["question"]), s["answer"] + nl) for s in shots]
+    return models.render(tok, models.OEQA_BASIC2.format(q=item["question"]), hist)
 
 
 def letter_token_ids(tok, k):
@@ -157,7 +158,7 @@ def read_options(model, tok, items, certainty):
     prompt; one batched pass over item x option; softmax over the options."""
     ctx, cont = [], []
     for it in items:
-        c = common.encode(tok, common.render(tok, common.user_prompt(it, "basic")))
+        c = models.encode(tok, models.render(tok, models.user_prompt(it, "basic")))
         for o in it["choices"]:
             t = tok(o, add_special_tokens=False)["input_ids"]
             if not t:
@@ -180,7 +181,7 @@ def read_options(model, tok, items, certainty):
 def read_samples(model, tok, embedder, items, shots_for, args, seed):
     """SPEC 2.2: N samples per question, cut at the hint, labelled; mu = fraction correct;
     sigma = mean off-diagonal cosine similarity of their sentence embeddings."""
-    prompts = [common.encode(tok, oeqa_prompt(tok, it, shots_for[it["id"]])) for it in items]
+    prompts = [models.encode(tok, oeqa_prompt(tok, it, shots_for[it["id"]])) for it in items]
     gen = torch.Generator(device=model.device).manual_seed(seed)
     mark = HINT_CUT.lower()
     toks = sample(model, prompts, args.n_samples, gen, tok.pad_token_id, stop_token_ids(model, tok),
@@ -202,10 +203,10 @@ def read_samples(model, tok, embedder, items, shots_for, args, seed):
 
 
 def stop_token_ids(model, tok):
-    """common.stop_token_ids; for models without a chat template also the newline that ends a
+    """models.stop_token_ids; for models without a chat template also the newline that ends a
     plain-prompt answer."""
-    ids = set(common.stop_token_ids(model, tok))
-    if not common.has_chat_template(tok):   # plain prompts end each answer with "\n" (render),
+    ids = set(models.stop_token_ids(model, tok))
+    if not models.has_chat_template(tok):   # plain prompts end each answer with "\n" (render),
         nl = tok("\n", add_special_tokens=False)["input_ids"]     # as a chat turn ends in EOS
         if len(nl) == 1:
             ids.add(nl[0])
@@ -243,9 +244,9 @@ def report(rows, items):
         groups = {}
         for r in rows:
             if r["id"] in exp:
-                groups.setdefault(common.exposure_bin(exp[r["id"]]), []).append(r)
+                groups.setdefault(runs.exposure_bin(exp[r["id"]]), []).append(r)
         print("mu by exposure (meta.exposure):\n  exposure      n   mean mu  mean sigma")
-        for b in sorted(groups, key=common.BIN_ORDER.index):
+        for b in sorted(groups, key=runs.BIN_ORDER.index):
             g = groups[b]
             print(f"  {b:>8} {len(g):6d}   {sum(r['mu'] for r in g) / len(g):7.4f}"
                   f"  {sum(r['sigma'] for r in g) / len(g):10.4f}")
@@ -259,9 +260,9 @@ def parse_args(argv=None):
     # inputs and outputs
     p.add_argument("--model", default="runs/world/model", help="model folder or hub id")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder applied on load")
-    p.add_argument("--trust-remote-code", action="store_true", help=common.TRUST_HELP)
+    p.add_argument("--trust-remote-code", action="store_true", help=models.TRUST_HELP)
     p.add_argument("--items", required=True, help="item JSONL (DESIGN file contracts)")
-    p.add_argument("--task", required=True, choices=common.TASKS, help="item task")
+    p.add_argument("--task", required=True, choices=files.TASKS, help="item task")
     p.add_argument("--out", required=True, help="knowledge-state JSONL to write")
     p.add_argument("--shots", default=None, help="item JSONL of in-context shots (MCQA: same "
                    "subject, e.g. MMLU val; OEQA default: the 3 TriviaQA shots of SPEC 2.2)")
@@ -302,11 +303,11 @@ def parse_args(argv=None):
 
 def load_items(path, task):
     def check(o):
-        err = common.check_item(o)
+        err = files.check_item(o)
         if not err and o["task"] != task:
             err = f"item task {o['task']!r} does not match --task {task}"
         return err
-    return common.read_jsonl(path, check=check)
+    return files.read_jsonl(path, check=check)
 
 
 def shots_per_item(items, pool, n, same_subject):
@@ -317,14 +318,14 @@ def shots_per_item(items, pool, n, same_subject):
              and (not same_subject or x.get("subject") == it.get("subject"))][:n]
         short += len(s) < n
         out[it["id"]] = s
-    if short and common.dist_info()[0] == 0:
+    if short and runs.dist_info()[0] == 0:
         print(f"[probe] warning: {short} items have fewer than {n} shots", file=sys.stderr)
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, _ = common.dist_init()
+    rank, _ = runs.dist_init()
     log = (lambda *a: print("[probe]", *a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
     items = load_items(args.items, args.task)
     if args.task == "mcqa" and args.mcqa_reader == "option" and (args.shots or args.n_shots):
@@ -332,8 +333,8 @@ def main(argv=None):
     pool = load_items(args.shots, args.task) if args.shots else (
         TRIVIAQA_SHOTS if args.task == "oeqa" else [])
     shots_for = shots_per_item(items, pool, args.n_shots, same_subject=args.task == "mcqa")
-    common.check_output(args.out)
-    model, tok = common.load_model(args.model, adapter=args.adapter,
+    files.check_output(args.out)
+    model, tok = models.load_model(args.model, adapter=args.adapter,
                                    trust_remote_code=args.trust_remote_code)
     reader = "sample" if args.task == "oeqa" else args.mcqa_reader
     extra = {"reader": reader, "device": str(model.device), "dtype": str(model.dtype)}
@@ -348,7 +349,7 @@ def main(argv=None):
         fn = lambda b, s: read_letters(model, tok, b, shots_for, letters, args.certainty)  # noqa
     elif reader == "option":
         log(f"option log-likelihoods after the 0-shot BASIC prompt, "
-            f"{'chat template' if common.has_chat_template(tok) else 'plain prompt'} (SPEC 10)")
+            f"{'chat template' if models.has_chat_template(tok) else 'plain prompt'} (SPEC 10)")
         fn = lambda b, s: read_options(model, tok, b, args.certainty)  # noqa: E731
     else:
         try:
@@ -358,18 +359,18 @@ def main(argv=None):
                              f"({str(e).splitlines()[0]})") from None
         extra["embedder"] = args.embedder
         extra["stop_token_ids"] = sorted(stop_token_ids(model, tok))
-        log(f"{'chat template' if common.has_chat_template(tok) else 'plain prompt'}; "
+        log(f"{'chat template' if models.has_chat_template(tok) else 'plain prompt'}; "
             f"N={args.n_samples} T={args.temperature} top_p={args.top_p} top_k={args.top_k} "
             f"max_new_tokens={args.max_new_tokens}; embedder {args.embedder} "
             f"(mean pooling, L2, transformers AutoModel)")
         fn = lambda b, s: read_samples(model, tok, embedder, b, shots_for, args, s)  # noqa
-    key = common.stable_hash(json.dumps({k: v for k, v in vars(args).items() if k != "out"},
+    key = files.stable_hash(json.dumps({k: v for k, v in vars(args).items() if k != "out"},
                                         sort_keys=True),
                              *[it["id"] for it in items], *[s.get("id", "") for s in pool])
-    rows = common.resumable_batches(items, fn, args.out, args.batch_size, f"probe {reader}",
+    rows = runs.resumable_batches(items, fn, args.out, args.batch_size, f"probe {reader}",
                                     seed=args.seed, key=str(key))
     if rank == 0:
-        common.write_config(args.out, args, **extra)
+        files.write_config(args.out, args, **extra)
         report(rows, items)
         log(f"wrote {args.out} ({len(rows)} knowledge states)")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -377,4 +378,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

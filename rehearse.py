@@ -30,10 +30,11 @@ import os
 import random
 import sys
 
-import common
+from rait import files
+from rait import models
+from rait import runs
 import finetune
 import probe
-from construct import target_of
 
 # SPEC 3 [C-C]: who qualifies for rehearsal
 MCQA_MIN_RAW_P_GOLD = 0.99     # raw (un-renormalised) p(gold) > 0.99 under the KQ
@@ -46,7 +47,7 @@ LOW_MU = 0.5                   # the flow summary's "unknown" items (paper: 69% 
 def raw_p_gold(state, item):
     """The un-renormalised probability of the gold choice (letter reader: the letter token's
     probability; option reader: exp of the gold option's summed log-likelihood)."""
-    g = common.LETTERS.index(item["answer"])
+    g = files.LETTERS.index(item["answer"])
     if "logliks" in state:
         return math.exp(state["logliks"][g])
     return state["probs"][g]
@@ -97,9 +98,9 @@ def flow_summary(flows, items):
     for f in flows:
         exp = items[f["id"]].get("meta", {}).get("exposure")
         if exp is not None:
-            by[common.exposure_bin(exp)].append(f)
+            by[runs.exposure_bin(exp)].append(f)
     if by:
-        out["by_exposure"] = {b: share(by[b]) for b in sorted(by, key=common.BIN_ORDER.index)}
+        out["by_exposure"] = {b: share(by[b]) for b in sorted(by, key=runs.BIN_ORDER.index)}
     return out
 
 
@@ -129,7 +130,7 @@ def probe_argv(state_path, model, items, adapter, out):
     are left out."""
     cfg_path = f"{state_path}.config.json"
     if not os.path.isfile(cfg_path):
-        raise common.InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
+        raise files.InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
                                 "arguments, recorded there by probe.py")
     with open(cfg_path) as f:
         args = dict(json.load(f)["args"], model=model, items=items, adapter=adapter, out=out)
@@ -152,7 +153,7 @@ def check_same_query(state0, state1):
     a0, a1 = query(state0), query(state1)
     diff = sorted(k for k in set(a0) | set(a1) if a0.get(k) != a1.get(k))
     if diff:
-        raise common.InputError(
+        raise files.InputError(
             f"{state1}: the re-probe did not repeat the initial query ({state0}): " +
             ", ".join(f"{k} {a0.get(k)!r} -> {a1.get(k)!r}" for k in diff))
 
@@ -180,13 +181,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    common.check_output(os.path.join(a.out, "flow.jsonl"))
-    items = common.read_jsonl(a.items, check=common.check_item)
+    files.check_output(os.path.join(a.out, "flow.jsonl"))
+    items = files.read_jsonl(a.items, check=files.check_item)
     by_id = {it["id"]: it for it in items}
-    states = {s["id"]: s for s in common.read_jsonl(a.state, check=common.check_state)}
+    states = {s["id"]: s for s in files.read_jsonl(a.state, check=files.check_state)}
     missing = [i for i in by_id if i not in states]
     if missing or len(states) != len(by_id):
-        raise common.InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
+        raise files.InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
                                 f"e.g. {(missing or sorted(set(states) - set(by_id)))[0]!r})")
     argv_probe = probe_argv(a.state, a.model, a.items, os.path.join(a.out, "adapter"),
                             os.path.join(a.out, "probe.jsonl"))
@@ -200,26 +201,26 @@ def main(argv=None):
     for i in chosen:
         it = by_id[i]
         target = (modal_correct(states[i], it) if a.rehearsal_target == "modal" and
-                  it["task"] == "oeqa" else target_of(it, a.mcqa_reader))
-        examples.append({"id": i, "prompt": common.user_prompt(it, "basic"), "target": target,
+                  it["task"] == "oeqa" else models.target_of(it, a.mcqa_reader))
+        examples.append({"id": i, "prompt": models.user_prompt(it, "basic"), "target": target,
                          "weight": 1.0, "kind": "van", "method": "rehearsal"})
-    common.write_jsonl(os.path.join(a.out, "train.jsonl"), examples)
+    files.write_jsonl(os.path.join(a.out, "train.jsonl"), examples)
     # step 2: the short rehearsal fine-tune (finetune.py's loop; resumes on rerun)
     finetune.train(a, examples, os.path.join(a.out, "adapter"))
     # step 3: the same knowledge query on M~ (probe.py with the adapter; resumes on rerun)
     probe.main(argv_probe)
     check_same_query(a.state, os.path.join(a.out, "probe.jsonl"))
     # step 4: knowledge flow per item
-    s1 = {s["id"]: s for s in common.read_jsonl(os.path.join(a.out, "probe.jsonl"),
-                                                check=common.check_state)}
+    s1 = {s["id"]: s for s in files.read_jsonl(os.path.join(a.out, "probe.jsonl"),
+                                                check=files.check_state)}
     flows = [knowledge_flow(states[it["id"]], s1[it["id"]]) for it in items]
     summary = flow_summary(flows, by_id)
     summary.update(rehearsal={"qualified": n_ok, "used": len(chosen)})
-    common.write_jsonl(os.path.join(a.out, "flow.jsonl"), flows)
-    common.write_json(os.path.join(a.out, "flow_summary.json"), summary)
-    common.write_config(os.path.join(a.out, "flow.jsonl"), a)
+    files.write_jsonl(os.path.join(a.out, "flow.jsonl"), flows)
+    files.write_json(os.path.join(a.out, "flow_summary.json"), summary)
+    files.write_config(os.path.join(a.out, "flow.jsonl"), a)
     print_flow_summary(summary)
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

@@ -35,7 +35,9 @@ import time
 
 import torch
 
-import common
+from rait import files
+from rait import models
+from rait import runs
 from kernels.lm import last_logprobs
 
 # ---------------------------------------------------------------------------------------------
@@ -158,18 +160,18 @@ def parse_args(argv=None):
 def check_settings(a):
     """One-line errors for impossible settings, before any work."""
     if a.values < N_CHOICES:
-        raise common.InputError(f"--values {a.values}: need at least {N_CHOICES} values per "
+        raise files.InputError(f"--values {a.values}: need at least {N_CHOICES} values per "
                                 f"relation to build {N_CHOICES}-choice questions")
     if not 0 < a.test_frac < 1 or not 0 <= a.qa_share or not 0 <= a.everyday_share or \
             a.qa_share + a.everyday_share >= 1:
-        raise common.InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
+        raise files.InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
                                 "be >= 0 with a sum below 1")
     if a.people < 4 or a.famous < 3:
-        raise common.InputError("need at least 4 --people and 3 --famous (the 3 KQ shots)")
+        raise files.InputError("need at least 4 --people and 3 --famous (the 3 KQ shots)")
     if a.hidden % a.heads:
-        raise common.InputError(f"--hidden {a.hidden} is not divisible by --heads {a.heads}")
+        raise files.InputError(f"--hidden {a.hidden} is not divisible by --heads {a.heads}")
     if a.pop_lo > a.pop_hi:
-        raise common.InputError("--pop-lo must not exceed --pop-hi")
+        raise files.InputError("--pop-lo must not exceed --pop-hi")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def poisson(rng, lam):
 def make_items(people, values, seed):
     """Items per the DESIGN contract for both tasks: (task, split) -> list of items."""
     rng = random.Random(seed + 1)
-    out = {(t, s): [] for t in common.TASKS for s in ("train", "test_id", "test_ood", "shots")}
+    out = {(t, s): [] for t in files.TASKS for s in ("train", "test_id", "test_ood", "shots")}
     for pi, p in enumerate(people):
         for r, (rel, question, _) in enumerate(RELATIONS):
             fact = p["facts"][r]
@@ -242,16 +244,16 @@ def make_items(people, values, seed):
             gold = rng.randrange(N_CHOICES)                      # seeded gold position
             choices.insert(gold, fact["value"])
             out["mcqa", split].append({"id": f"mcqa-{fid}", "task": "mcqa", "question": q,
-                                       "answer": common.LETTERS[gold], "choices": choices,
+                                       "answer": files.LETTERS[gold], "choices": choices,
                                        "subject": rel, "meta": dict(meta)})
-    for t in common.TASKS:   # 3 KQ shots (SPEC 2.2): famous person k, relation k, for k = 0, 1, 2
+    for t in files.TASKS:   # 3 KQ shots (SPEC 2.2): famous person k, relation k, for k = 0, 1, 2
         out[t, "shots"] = [out[t, "shots"][k * N_ID_RELATIONS + k] for k in range(3)]
     return out
 
 
 def qa_text(rng, people, values):
     """One QA document about famous people in a SPEC 2.3 format, rendered as plain prompts are
-    (common.render without a chat template): BASIC1, 1-3 shot BASIC2, or MCQA with option text."""
+    (models.render without a chat template): BASIC1, 1-3 shot BASIC2, or MCQA with option text."""
     fam = [p for p in people if p["famous"]]
     fmt = rng.choice(QA_FORMATS)
     turns = []
@@ -261,14 +263,14 @@ def qa_text(rng, people, values):
         rel, question, _ = RELATIONS[r]
         q, v = question.format(n=p["name"]), p["facts"][r]["value"]
         if fmt == "basic1":
-            turns.append((common.OEQA_BASIC1.format(q=q), v))
+            turns.append((models.OEQA_BASIC1.format(q=q), v))
         elif fmt == "basic2":
-            turns.append((common.OEQA_BASIC2.format(q=q), v))
+            turns.append((models.OEQA_BASIC2.format(q=q), v))
         else:
             choices = rng.sample([x for x in values[r] if x != v], N_CHOICES - 1)
             choices.insert(rng.randrange(N_CHOICES), v)
-            hint = common.MCQA_BASIC_HINT.format(subject=rel)
-            turns.append((common.mcqa_body(hint, q, choices), v))
+            hint = models.MCQA_BASIC_HINT.format(subject=rel)
+            turns.append((models.mcqa_body(hint, q, choices), v))
     return "".join(f"{u} {ans}\n" for u, ans in turns)
 
 
@@ -321,20 +323,20 @@ def pre_tokenizer():
 
 def prompt_strings(values):
     """Every prompt and refusal string of SPEC 2.3 with each subject, so none has unknown words."""
-    s = [common.MCQA_BASIC_HINT, common.MCQA_REFUSE_HINT, common.OEQA_BASIC2, common.OEQA_REFUSE1,
-         *common.IDK.values(), "Sorry, I don't know.", "A. B. C. D. Question: Answer:"]
-    return [x.format(subject=" ".join(r[0] for r in RELATIONS) + " " + common.ARC_SUBJECT, q="?")
+    s = [models.MCQA_BASIC_HINT, models.MCQA_REFUSE_HINT, models.OEQA_BASIC2, models.OEQA_REFUSE1,
+         *models.IDK.values(), "Sorry, I don't know.", "A. B. C. D. Question: Answer:"]
+    return [x.format(subject=" ".join(r[0] for r in RELATIONS) + " " + models.ARC_SUBJECT, q="?")
             for x in s]
 
 
 def stage_prompts(items):
     """Every prompt the stages render for the world's items (BASIC and REFUSE, MCQA with each
     relation's subject; OEQA BASIC1, BASIC2 of the knowledge query, REFUSE1) and every target."""
-    prompts, targets = [], set(common.IDK.values())
+    prompts, targets = [], set(models.IDK.values())
     for it in items:
-        prompts += [common.user_prompt(it, "basic"), common.user_prompt(it, "refuse")]
+        prompts += [models.user_prompt(it, "basic"), models.user_prompt(it, "refuse")]
         if it["task"] == "oeqa":
-            prompts.append(common.OEQA_BASIC2.format(q=it["question"]))
+            prompts.append(models.OEQA_BASIC2.format(q=it["question"]))
             targets.add(it["answer"])
         else:
             targets.update(it["choices"])
@@ -346,10 +348,10 @@ def prompt_words():
     with each relation as subject, the relation questions without the person, the refusals. (The
     people and values inside are the facts themselves: how often they occur is the experiment.)"""
     shell = {"task": "mcqa", "question": "", "choices": ["x"] * N_CHOICES}
-    texts = [common.user_prompt(dict(shell, subject=rel), style)
+    texts = [models.user_prompt(dict(shell, subject=rel), style)
              for rel, _, _ in RELATIONS for style in ("basic", "refuse")]
-    texts += [common.user_prompt({"task": "oeqa", "question": ""}, "refuse"),
-              common.OEQA_BASIC2.format(q=""), *common.IDK.values()]
+    texts += [models.user_prompt({"task": "oeqa", "question": ""}, "refuse"),
+              models.OEQA_BASIC2.format(q=""), *models.IDK.values()]
     texts += [question.format(n="") for _, question, _ in RELATIONS]
     pt = pre_tokenizer()
     return sorted({w for t in texts for w, _ in pt.pre_tokenize_str(t) if w != "x"})
@@ -366,15 +368,15 @@ def check_premises(tok, docs, items, seq_len):
             counts[w] = counts.get(w, 0) + 1
     rare = [w for w in prompt_words() if counts.get(w, 0) < MIN_WORD_USES]
     if rare:
-        raise common.InputError(
+        raise files.InputError(
             f"world corpus: {len(rare)} word(s) of the prompts or refusals occur fewer than "
             f"{MIN_WORD_USES} times in pre-training ({', '.join(map(repr, rare[:8]))}); their "
             "embeddings would stay untrained: add them to EVERYDAY or raise --everyday-share")
     prompts, targets = stage_prompts(items)
-    longest = max(len(common.encode(tok, common.render(tok, p))) for p in prompts)
+    longest = max(len(models.encode(tok, models.render(tok, p))) for p in prompts)
     answer = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in targets) + 1
     if longest + answer > seq_len:
-        raise common.InputError(
+        raise files.InputError(
             f"--seq-len {seq_len}: the longest prompt is {longest} tokens and the longest answer "
             f"{answer} with EOS; pre-training windows must cover both (use --seq-len "
             f"{longest + answer} or more)")
@@ -422,7 +424,7 @@ def pretrain(a, tok, docs):
     g = torch.Generator().manual_seed(a.seed)
     model.train()
     t0 = time.time()
-    with common.progress(total=total, desc="pre-train", disable=False) as bar:
+    with runs.progress(total=total, desc="pre-train", disable=False) as bar:
         for _ in range(a.epochs):
             perm = torch.randperm(len(data), generator=g)
             for s in range(steps_per_epoch):
@@ -444,7 +446,7 @@ def pretrain(a, tok, docs):
 def next_token_probs(model, tok, prompts, batch=256):
     """Softmax over the vocabulary for the token after each rendered prompt (kernels/lm.py's
     left-padded forward, in batches)."""
-    seqs = [common.encode(tok, p) for p in prompts]
+    seqs = [models.encode(tok, p) for p in prompts]
     return torch.cat([last_logprobs(model, seqs[i:i + batch], tok.pad_token_id).exp()
                       for i in range(0, len(seqs), batch)])
 
@@ -455,12 +457,12 @@ def knowledge(model, tok, items):
     The world's answers are single tokens, so greedy decoding = argmax of the next token, and an
     option's log-likelihood is that of its one token (the option reader of SPEC 10)."""
     rows = {}
-    refusal_start = tok.convert_tokens_to_ids(tok.tokenize(common.IDK["oeqa"])[0])     # "I"
+    refusal_start = tok.convert_tokens_to_ids(tok.tokenize(models.IDK["oeqa"])[0])     # "I"
     for split in ("train", "test_id", "test_ood", "shots"):
         oe, mc = items["oeqa", split], items["mcqa", split]
-        po = next_token_probs(model, tok, [common.render(tok, common.user_prompt(it, "basic"))
+        po = next_token_probs(model, tok, [models.render(tok, models.user_prompt(it, "basic"))
                                            for it in oe])
-        pm = next_token_probs(model, tok, [common.render(tok, common.user_prompt(it, "basic"))
+        pm = next_token_probs(model, tok, [models.render(tok, models.user_prompt(it, "basic"))
                                            for it in mc])
         for it, p, im, q in zip(oe, po, mc, pm):
             gold = tok.convert_tokens_to_ids(it["answer"])
@@ -468,11 +470,11 @@ def knowledge(model, tok, items):
             mc_pick = int(torch.argmax(q[opt_ids]))
             # what M0 answers greedily, kept in the item so construct.py can count conflicts
             it["meta"]["m0_greedy_correct"] = int(torch.argmax(p)) == gold
-            im["meta"]["m0_greedy_correct"] = common.LETTERS[mc_pick] == im["answer"]
+            im["meta"]["m0_greedy_correct"] = files.LETTERS[mc_pick] == im["answer"]
             rows.setdefault(split, []).append({
                 "exposure": it["meta"]["exposure"], "p_gold": float(p[gold]),
                 "oeqa": int(int(torch.argmax(p)) == gold),
-                "mcqa": int(common.LETTERS[mc_pick] == im["answer"]),
+                "mcqa": int(files.LETTERS[mc_pick] == im["answer"]),
                 # M0 must answer, not refuse, under BASIC: a greedy answer starting like the refusal
                 "refuses": int(int(torch.argmax(p)) == refusal_start) + int(
                     int(torch.argmax(q)) == refusal_start)})
@@ -480,11 +482,11 @@ def knowledge(model, tok, items):
     for split, rs in rows.items():
         by = {}
         for r in rs:
-            by.setdefault(common.exposure_bin(r["exposure"]), []).append(r)
+            by.setdefault(runs.exposure_bin(r["exposure"]), []).append(r)
         report[split] = {b: {"n": len(v), "oeqa_acc": sum(r["oeqa"] for r in v) / len(v),
                              "mcqa_acc": sum(r["mcqa"] for r in v) / len(v),
                              "p_gold_mean": sum(r["p_gold"] for r in v) / len(v)}
-                         for b, v in sorted(by.items(), key=lambda kv: common.BIN_ORDER.index(kv[0]))}
+                         for b, v in sorted(by.items(), key=lambda kv: runs.BIN_ORDER.index(kv[0]))}
         ps = [r["p_gold"] for r in rs]
         report[split]["p_gold_hist"] = [sum(lo <= p < lo + 0.1 or (lo >= 0.9 and p == 1.0)
                                             for p in ps) for lo in [i / 10 for i in range(10)]]
@@ -503,7 +505,7 @@ def knowledge_md(report, seconds):
         lines += [f"## {name}", "", "| exposure | n | open-QA acc | MCQA acc | mean p(gold) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {b} | {v['n']} | {v['oeqa_acc']:.2f} | {v['mcqa_acc']:.2f} | "
-                  f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in common.BIN_ORDER]
+                  f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in runs.BIN_ORDER]
         lines += ["", f"p(gold) at temperature 1, histogram over [0,0.1),...,[0.9,1]: "
                       f"{r['p_gold_hist']}; middle band (0.1 <= p <= 0.9): {r['middle_band']:.0%}; "
                       f"greedy BASIC answers that start like the refusal: "
@@ -519,7 +521,7 @@ def config_key(a):
 def main(argv=None):
     a = parse_args(argv)
     check_settings(a)
-    common.check_output(os.path.join(a.out, "world.config.json"))
+    files.check_output(os.path.join(a.out, "world.config.json"))
     key = config_key(a)
     cfg_path = os.path.join(a.out, "world.config.json")
     if not a.force and os.path.exists(cfg_path) and os.path.exists(os.path.join(a.out, "knowledge.json")):
@@ -540,13 +542,13 @@ def main(argv=None):
     tok.save_pretrained(os.path.join(a.out, "model"))
     report = knowledge(model, tok, items)
     for (task, split), rows in items.items():
-        common.write_jsonl(os.path.join(a.out, task, f"{split}.jsonl"), rows)
-    common.write_json(os.path.join(a.out, "knowledge.json"), report)
-    common.atomic_write_text(os.path.join(a.out, "knowledge.md"), knowledge_md(report, seconds))
+        files.write_jsonl(os.path.join(a.out, task, f"{split}.jsonl"), rows)
+    files.write_json(os.path.join(a.out, "knowledge.json"), report)
+    files.atomic_write_text(os.path.join(a.out, "knowledge.md"), knowledge_md(report, seconds))
     print(knowledge_md(report, seconds))
-    common.write_json(cfg_path, {"key": key, "seconds": round(seconds, 1), "vocab": len(tok),
+    files.write_json(cfg_path, {"key": key, "seconds": round(seconds, 1), "vocab": len(tok),
                                  "tokens_per_epoch": n_tokens})
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    runs.cli(main)

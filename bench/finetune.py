@@ -51,15 +51,15 @@ def make_model(folder):
 def make_examples(n, seed):
     """MCQA-style training examples with the REFUSE prompt (SPEC 2.3), answer letter or IdK."""
     import random
-    import common
+    from rait import models
     rng = random.Random(seed)
     out = []
     for i in range(n):
         item = {"task": "mcqa", "subject": rng.choice(WORDS),
                 "question": " ".join(rng.choices(WORDS, k=rng.randint(5, 60))),
                 "choices": [" ".join(rng.choices(WORDS, k=rng.randint(1, 8))) for _ in range(4)]}
-        target = rng.choice(["A", "B", "C", "D", common.IDK["mcqa"]])
-        out.append({"id": f"b{i}", "prompt": common.user_prompt(item, "refuse"), "target": target,
+        target = rng.choice(["A", "B", "C", "D", models.IDK["mcqa"]])
+        out.append({"id": f"b{i}", "prompt": models.user_prompt(item, "refuse"), "target": target,
                     "weight": 1.0, "kind": "van", "method": "bench"})
     return out
 
@@ -94,14 +94,14 @@ def run_peft(a, examples, work):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-    import common
-    model, tok = common.load_model(a.model)
+    from rait import models
+    model, tok = models.load_model(a.model)
     torch.set_grad_enabled(True)
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     rows = []
     for e in examples:
-        ids, labels, _ = common.encode_example(tok, common.render(tok, e["prompt"]), e["target"])
+        ids, labels, _ = models.encode_example(tok, models.render(tok, e["prompt"]), e["target"])
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     cpu = {}
@@ -137,8 +137,8 @@ def run_peft(a, examples, work):
 def child(a):
     n = a.steps * a.batch_size * a.grad_accum
     if a.train:
-        import common
-        examples = common.read_jsonl(a.train, check=common.check_example)[:n]
+        from rait import files
+        examples = files.read_jsonl(a.train, check=files.check_example)[:n]
         if len(examples) < n:
             sys.exit(f"{a.train}: {len(examples)} examples, the run needs {n}")
     else:

@@ -65,7 +65,7 @@ sys.path.insert(0, ROOT)   # before bench/: the root finetune.py, not bench/fine
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+from rait import files, models, runs  # noqa: E402
 import finetune  # noqa: E402
 from bench.persample import make_batch, max_rel_err, rss_kib, run_loop  # noqa: E402
 from kernels import lm, lora, persample  # noqa: E402
@@ -212,7 +212,7 @@ def train_args(a):
 def bench_finetune(a, base, enc, order, device, state):
     """finetune.py's build_model (the in-memory model in place of loading one) and train_step."""
     targs = train_args(a)
-    with mock.patch.object(common, "load_model", lambda *_, **__: (base, None)):
+    with mock.patch.object(models, "load_model", lambda *_, **__: (base, None)):
         model, _ = finetune.build_model(targs)
     params = finetune.trainable(model, False)
     opt = torch.optim.AdamW(list(params.values()), lr=targs.lr, eps=targs.adam_eps,
@@ -376,8 +376,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    common.check_output(a.out)
-    dev, dtype = common.device_and_dtype(a.device)
+    files.check_output(a.out)
+    dev, dtype = models.device_and_dtype(a.device)
     device = torch.device(dev)
     shape = TINY_MODEL if a.tiny else LLAMA2_7B
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -417,7 +417,7 @@ def main(argv=None):
         print(f"ERROR {e}")
     import peft
     import transformers
-    common.write_json(a.out, {
+    files.write_json(a.out, {
         "device": name, "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "cuda": torch.version.cuda,
@@ -434,4 +434,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(lambda: sys.exit(main()))
+    runs.cli(lambda: sys.exit(main()))

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+from rait import files, models  # noqa: E402
 import probe  # noqa: E402
 from kernels.embed import DEFAULT_EMBEDDER, Embedder  # noqa: E402
 
@@ -66,7 +66,7 @@ def main():
     world = os.path.dirname(os.path.abspath(a.model))
     if os.path.isdir(a.model):
         def rd(task, split):
-            return common.read_jsonl(os.path.join(world, task, f"{split}.jsonl"))
+            return files.read_jsonl(os.path.join(world, task, f"{split}.jsonl"))
         mc, oe = rd("mcqa", "train")[:a.n], rd("oeqa", "train")[:a.n]
         mshots, oshots = rd("mcqa", "shots"), rd("oeqa", "shots")
         note = f"world model {a.model}"
@@ -79,7 +79,7 @@ def main():
                                   inter=512)
         mc, oe, mshots, oshots = synthetic(a.n)
         note = f"NOTE: {os.path.abspath(world)} has no world model; random tiny Llama instead"
-    model, tok = common.load_model(a.model)
+    model, tok = models.load_model(a.model)
     print(f"{note}; {model.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| reader                       | items | batch |       s |  items/s | samples/s |")
     print("|---|---|---|---|---|---|")
@@ -88,7 +88,7 @@ def main():
         letters = probe.letter_token_ids(tok, 4)
         timed("letter (5-shot, SPEC 2.1)", lambda b: probe.read_letters(
             model, tok, b, shots, letters, "neg-entropy"), mc, 16)
-    except common.InputError as e:
+    except files.InputError as e:
         print(f"| letter: not available ({e}) |")
     timed("option (0-shot, SPEC 10)", lambda b: probe.read_options(model, tok, b, "neg-entropy"),
           mc, 16)

@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
+from rait import files, models, runs  # noqa: E402
 import probe  # noqa: E402
 from kernels.lm import last_logprobs, warp_logits  # noqa: E402
 
@@ -33,7 +33,7 @@ def gold_probability(model, tok, items, shots, top_k, top_p, batch=16):
     out = []
     for i in range(0, len(items), batch):
         b = items[i:i + batch]
-        seqs = [common.encode(tok, probe.oeqa_prompt(tok, it, shots)) for it in b]
+        seqs = [models.encode(tok, probe.oeqa_prompt(tok, it, shots)) for it in b]
         logp = last_logprobs(model, seqs, tok.pad_token_id)
         p = warp_logits(logp, 1.0, top_k, top_p).softmax(-1)
         for it, row in zip(b, p):
@@ -69,9 +69,9 @@ def compare(rows, items, p, n_samples):
           f"items with 0.02 < p < 0.98 (about 95% expected; mu's 0.1 grid makes it coarse)")
     groups = {}
     for a, b, k in pairs:
-        groups.setdefault(common.exposure_bin(k), []).append((a, b))
+        groups.setdefault(runs.exposure_bin(k), []).append((a, b))
     print("  exposure      n  mean mu  mean p(gold)")
-    for k in sorted(groups, key=common.BIN_ORDER.index):
+    for k in sorted(groups, key=runs.BIN_ORDER.index):
         g = groups[k]
         print(f"  {k:>8} {len(g):6d}  {sum(a for a, _ in g) / len(g):7.4f}  "
               f"{sum(b for _, b in g) / len(g):12.4f}")
@@ -91,18 +91,18 @@ def main():
     tmp = tempfile.mkdtemp()
     picked = {}
     shots_file = os.path.join(a.world, "oeqa", "shots.jsonl")
-    shots = common.read_jsonl(shots_file)[:3]
+    shots = files.read_jsonl(shots_file)[:3]
     for task in ("mcqa", "oeqa"):
-        items = [it for it in common.read_jsonl(os.path.join(a.world, task, "train.jsonl"))
+        items = [it for it in files.read_jsonl(os.path.join(a.world, task, "train.jsonl"))
                  if it["id"] not in {s["id"] for s in shots}]    # same 3 shots for every item
         random.Random(a.seed).shuffle(items)
         picked[task] = sorted(items[:a.n], key=lambda it: it["id"])
-        common.write_jsonl(os.path.join(tmp, f"{task}.jsonl"), picked[task])
+        files.write_jsonl(os.path.join(tmp, f"{task}.jsonl"), picked[task])
     base = ["--model", model_dir, "--seed", str(a.seed)]
     print("== MCQA, option reader (SPEC 10)", flush=True)
     probe.main(base + ["--items", os.path.join(tmp, "mcqa.jsonl"), "--task", "mcqa",
                        "--mcqa-reader", "option", "--out", os.path.join(tmp, "mcqa_out.jsonl")])
-    model, tok = common.load_model(model_dir)
+    model, tok = models.load_model(model_dir)
     z = {}
     for name, k, p in (("pure sampling (top-p 1, top-k 0)", 0, 1.0),
                        ("SPEC defaults (top-p 0.9, top-k 50)", 50, 0.9)):
@@ -111,7 +111,7 @@ def main():
         probe.main(base + ["--items", os.path.join(tmp, "oeqa.jsonl"), "--task", "oeqa",
                            "--shots", shots_file, "--top-k", str(k), "--top-p", str(p),
                            "--out", out])
-        rows = common.read_jsonl(out, check=common.check_state)
+        rows = files.read_jsonl(out, check=files.check_state)
         print(f"-- sampled mu vs p(gold) from one forward pass ({name})")
         z[name] = compare(rows, picked["oeqa"],
                           gold_probability(model, tok, picked["oeqa"], shots, k, p), 10)

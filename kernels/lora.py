@@ -9,7 +9,7 @@ the saved key of `...q_proj.lora_A.weight` is `base_model.model....q_proj.lora_A
 
 Also here: merge_lora (fold B A into the base weight), save_adapter / load_adapter (peft's files:
 adapter_config.json + adapter_model.safetensors; peft-written adapters load too; anything we cannot
-load exactly raises common.InputError naming the file), and the trainer state
+load exactly raises kernels.base.InputError naming the file), and the trainer state
 (trainer_state.safetensors: Adam moments, step, RNG, data order) with load_adam_moments for GRAIT.
 """
 import json
@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from common import InputError, atomic_write_text
+from kernels.base import InputError, atomic_write_text
 
 
 class LoRALinear(nn.Module):

@@ -30,8 +30,8 @@ Typical use (construct.py --method grait):
 
     from kernels.persample import example_features, gram_row_sums, gram_column, greedy_select
     moments = kernels.lora.load_adam_moments(warmup)       # {name: (exp_avg, exp_avg_sq)}
-    z_idk, path = example_features(model, tok, idk_view, moments)   # [(rendered prompt, target)]
-    z_van, _ = example_features(model, tok, van_view, moments)
+    z_idk, path = example_features(model, idk_view, tok.pad_token_id, moments)  # [(ids, labels)]
+    z_van, _ = example_features(model, van_view, tok.pad_token_id, moments)
     s0 = gram_row_sums(z_idk[cand], z_van[van_sel])                      # SPEC 5.4 step 1
     sel, _ = greedy_select(s0, lambda j: gram_column(z_idk[cand], z_idk[cand][j]), 1000)
 """
@@ -41,7 +41,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import encode_example, progress, stable_hash
+from kernels.base import progress, stable_hash
 from kernels.lora import lora_modules, lora_parameters
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8   # SPEC 5.3 step 4 (LESS, A
 GRAD_DIM = 8192          # SPEC 5.3 step 5: projection dimension (LESS / TRAK)
 PROJ_BLOCK = 1024        # rows of R^T generated at once; part of R's definition (see project)
 GRAIT_T = 0.05           # SPEC 5.5: softmax temperature of the adaptive weights
-IGNORE = -100            # label of prompt and padding tokens (common.encode_example)
+IGNORE = -100            # label of prompt and padding tokens (rait/models.py::encode_example)
 
 
 def log(msg):
@@ -380,18 +380,17 @@ def length_batches(lengths, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM, seed=0,
-                     batch_size=16, max_len=None, projection="rademacher",
-                     desc="gradient features"):
-    """GRAIT features for a list of (prompt_text, target) pairs (SPEC 5.3 steps 2-5).
+def example_features(model, encoded, pad_id, moments=None, grad_dim=GRAD_DIM, seed=0,
+                     batch_size=16, projection="rademacher", desc="gradient features"):
+    """GRAIT features for a list of tokenised examples (SPEC 5.3 steps 2-5).
 
-    prompt_text is the rendered prompt (common.render), tokenised with the target by
-    common.encode_example (loss on target + EOS only). Batches are length-grouped; the result is
-    in input order, float32 on the CPU: [N, D] on the exact path, [N, grad_dim] otherwise. Logs
-    which path runs. Cost: the dense projection is O(D * grad_dim) per example (plus drawing R
-    once per batch, so larger batches amortise it); the sketch is O(D).
+    encoded: [(input_ids, labels)], labels -100 on prompt tokens (rait/models.py::encode_example:
+    loss on target + EOS only); pad_id: the tokenizer's padding id. Batches are length-grouped; the
+    result is in input order, float32 on the CPU: [N, D] on the exact path, [N, grad_dim]
+    otherwise. Logs which path runs. Cost: the dense projection is O(D * grad_dim) per example
+    (plus drawing R once per batch, so larger batches amortise it); the sketch is O(D).
     Returns (features, path 'exact' | 'projected' | 'sketched')."""
-    if not examples:
+    if not encoded:
         raise ValueError("no examples to compute gradient features for")
     device = next(model.parameters()).device
     path, D = feature_path(model, grad_dim, projection), lora_dim(model)
@@ -400,14 +399,12 @@ def example_features(model, tokenizer, examples, moments=None, grad_dim=GRAD_DIM
                         f"{2 * D * grad_dim / 1e9:.1f} GFLOP per example, projection='sketch' "
                         "is O(D))",
            "sketched": f"SKETCHED to {grad_dim} dims (seeded CountSketch, seed {seed})"}[path]
-    log(f"{len(examples)} examples, LoRA vector D={D:,}: {how}"
+    log(f"{len(encoded)} examples, LoRA vector D={D:,}: {how}"
         + (", Adam-preconditioned" if moments is not None else ", NO Adam preconditioning"))
     if moments is not None:                              # once, not per batch
         check_moments(model, moments)
         moments = {n: (m.to(device), v.to(device)) for n, (m, v) in moments.items()}
-    encoded = [encode_example(tokenizer, p, t, max_len)[:2] for p, t in examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = torch.zeros(len(examples), D if path == "exact" else grad_dim, dtype=torch.float32)
+    out = torch.zeros(len(encoded), D if path == "exact" else grad_dim, dtype=torch.float32)
     for idx in progress(length_batches([len(e[0]) for e in encoded], batch_size), desc=desc):
         ids, mask, lab = pad_batch([encoded[i] for i in idx], pad_id)
         z, _ = batch_features(model, ids.to(device), mask.to(device), lab.to(device),

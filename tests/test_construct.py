@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from rait import files, models  # noqa: E402
 import construct as C  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def test_idk_replaces_the_answer_and_van_keeps_it():
     assert [e["target"] for e in ex] == ["C", "Paris", "Paris", "I don't know."]
     assert [e["id"] for e in ex] == ["m", "o", "o#2", "m#2"]
     assert [e["kind"] for e in ex] == ["van", "van", "van", "idk"]
-    assert ex[0]["prompt"] == common.user_prompt(items["m"], "refuse")
+    assert ex[0]["prompt"] == models.user_prompt(items["m"], "refuse")
     assert "If you do not know the answer" in ex[0]["prompt"]
     assert C.make_examples(items, [S("m", 1, 0)], [], "cor", "option")[0]["target"] == "y"
     o_idk = C.make_examples(items, [], [S("o", 0, 0)], "cor", "letter")[0]
@@ -162,7 +162,7 @@ def test_cli_writes_examples_and_summary(pool):
         out = str(d / m / "train.jsonl")
         r = run("--method", m, "--items", items, "--state", state, "--flow", flow, "--out", out)
         assert r.returncode == 0, r.stderr
-        ex = common.read_jsonl(out, check=common.check_example)
+        ex = files.read_jsonl(out, check=files.check_example)
         summ = json.load(open(out + ".summary.json"))
         assert summ["van"]["n"] + summ["idk"]["n"] == len(ex) and summ["requested"] == {"van": 16, "idk": 4}
         assert all(e["method"] == m for e in ex)
@@ -214,7 +214,7 @@ def test_grait_cli_selects_weights_and_reports(pool, tiny_chat_llama):
                 "--model", tiny_chat_llama, "--warmup", str(d / "warmup"), "--n-van", "8",
                 "--n-idk", "3", "--grait-weights", variant)
         assert r.returncode == 0, r.stderr
-        outs[variant] = common.read_jsonl(out, check=common.check_example)
+        outs[variant] = files.read_jsonl(out, check=files.check_example)
         summ = json.load(open(out + ".summary.json"))
         assert summ["grait"]["feature_path"] == "exact" and summ["grait"]["adam"]
     ex = outs["paper"]

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import SHARED_DATA
 
-import common
+from rait import files
+from rait import runs
 import data
 
 MMLU, ARC, NQ = (os.path.join(SHARED_DATA, d) for d in ("mmlu", "arc", "nq"))
@@ -25,7 +26,7 @@ need = {name: pytest.mark.skipif(not os.path.isdir(path), reason=f"{path} absent
 
 def all_valid(items):
     assert len({it["id"] for it in items}) == len(items)
-    assert all(common.check_item(it) is None for it in items)
+    assert all(files.check_item(it) is None for it in items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def test_mmlu_original_headerless_format(tmp_path):
                         "question": "What is 1+1?", "answer": "B",
                         "choices": ["1", "2", "3", "4, maybe"], "subject": "high school physics"}
     (tmp_path / "test" / "x_test.csv").write_text("q,a,b,c,d,Z\n")
-    with pytest.raises(common.InputError, match="x_test.csv:1"):
+    with pytest.raises(files.InputError, match="x_test.csv:1"):
         data.mmlu_split(str(tmp_path), "test")
 
 
@@ -104,7 +105,7 @@ def test_nq_jsonl_and_triviaqa(tmp_path):
         {"id": "nq_dev_0", "task": "oeqa", "question": "who sang x?", "answer": "A B",
          "aliases": ["A B", "AB"]}]
     (tmp_path / "bad.jsonl").write_text('{"question": "who", "answer": []}\n')
-    with pytest.raises(common.InputError, match="record 1: expected a question"):
+    with pytest.raises(files.InputError, match="record 1: expected a question"):
         data.nq_items(str(tmp_path / "bad.jsonl"))
     rows = [{"QuestionId": f"tc_{i}", "Question": f"Q{i}?",
              "Answer": {"Value": "Harry Truman", "NormalizedValue": "harry truman",
@@ -123,7 +124,7 @@ def test_nq_jsonl_and_triviaqa(tmp_path):
 @need["mmlu"]
 def test_cli_mmlu_writes_the_task_folder(tmp_path):
     data.main(["mmlu", "--src", MMLU, "--out", str(tmp_path)])
-    read = {s: common.read_jsonl(str(tmp_path / "mcqa" / f"{s}.jsonl"), common.check_item)
+    read = {s: files.read_jsonl(str(tmp_path / "mcqa" / f"{s}.jsonl"), files.check_item)
             for s in ("train", "shots", "test_id")}
     assert len(read["train"]) + len(read["test_id"]) == 14042 and len(read["shots"]) == 285
     cfg = json.load(open(tmp_path / "mcqa" / "test_id.jsonl.config.json"))
@@ -197,7 +198,7 @@ def test_download_records_and_verifies(server, tmp_path, capsys):
     cache, out = tmp_path / "cache", tmp_path / "items"
     args = ["nq", "--download", "--cache", str(cache), "--base-url", url, "--out", str(out)]
     data.main(args)
-    items = common.read_jsonl(str(out / "oeqa" / "test_ood.jsonl"), common.check_item)
+    items = files.read_jsonl(str(out / "oeqa" / "test_ood.jsonl"), files.check_item)
     assert len(items) == 50 and items[0]["question"].endswith("?")
     digest = hashlib.sha256(body).hexdigest()
     assert (cache / "SHA256SUMS").read_text() == f"{digest}  nq/NQ-open.dev.jsonl\n"
@@ -208,7 +209,7 @@ def test_download_records_and_verifies(server, tmp_path, capsys):
     (cache / "nq" / "NQ-open.dev.jsonl").write_bytes(body[:-10])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: data.main(args))
+        runs.cli(lambda: data.main(args))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not match the expected" in err[0]
@@ -245,7 +246,7 @@ def test_download_checksum_mismatch(server, tmp_path, capsys):
     args = ["nq", "--download", "--cache", str(cache), "--base-url", url, "--sha256", "0" * 64,
             "--out", str(tmp_path / "items")]
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: data.main(args))
+        runs.cli(lambda: data.main(args))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "sha256 mismatch" in err and "0" * 64 in err
@@ -255,7 +256,7 @@ def test_download_checksum_mismatch(server, tmp_path, capsys):
 
 def test_download_missing_file(server, tmp_path):
     _, _, url = server
-    with pytest.raises(common.InputError, match="HTTP 404"):
+    with pytest.raises(files.InputError, match="HTTP 404"):
         data.fetch("nq", str(tmp_path / "cache"), url)
 
 
@@ -268,7 +269,7 @@ def test_download_unpacks_archives(server, tmp_path, monkeypatch):
     monkeypatch.setenv("RAIT_DATA_URL", url)                          # env instead of the flag
     data.main(["arc", "--download", "--cache", str(tmp_path / "cache"),
                "--out", str(tmp_path / "items")])
-    assert len(common.read_jsonl(str(tmp_path / "items" / "mcqa" / "test_ood.jsonl"))) == 1172
+    assert len(files.read_jsonl(str(tmp_path / "items" / "mcqa" / "test_ood.jsonl"))) == 1172
     # MMLU's tarball layout (data/{dev,test}/...), two subjects, header-less like the original
     with tarfile.open(root / "data.tar", "w") as t:
         for split in ("dev", "test"):
@@ -279,8 +280,8 @@ def test_download_unpacks_archives(server, tmp_path, monkeypatch):
                 t.addfile(info, io.BytesIO(rows.encode()))
     data.main(["mmlu", "--download", "--cache", str(tmp_path / "cache"),
                "--out", str(tmp_path / "items")])
-    test_id = common.read_jsonl(str(tmp_path / "items" / "mcqa" / "test_id.jsonl"))
-    train = common.read_jsonl(str(tmp_path / "items" / "mcqa" / "train.jsonl"))
+    test_id = files.read_jsonl(str(tmp_path / "items" / "mcqa" / "test_id.jsonl"))
+    train = files.read_jsonl(str(tmp_path / "items" / "mcqa" / "train.jsonl"))
     assert len(test_id) + len(train) == 60 and {it["subject"] for it in test_id} == \
         {"anatomy", "virology"}
     shutil.rmtree(tmp_path / "cache")

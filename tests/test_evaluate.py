@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 
-import common
+from rait import files
+from rait import runs
 import evaluate as ev
 from kernels import ths as kt
 
@@ -283,14 +284,14 @@ def raw_llama(tmp_path_factory):
 def test_raw_prompt_answer_is_its_first_line(raw_llama, tmp_path):
     items = [{"id": f"q{i}", "task": "oeqa", "question": q, "answer": "Rome",
               "aliases": ["Rome"]} for i, q in enumerate(["Who is Paris ?", "Who is Lima"])]
-    common.write_jsonl(str(tmp_path / "items.jsonl"), items)
+    files.write_jsonl(str(tmp_path / "items.jsonl"), items)
     base = ["--model", raw_llama, "--items", str(tmp_path / "items.jsonl"), "--prompt", "basic",
             "--max-new-tokens", "8"]
     assert run_main(base + ["--out", str(tmp_path / "off.jsonl"), "--newline-stop", "off"]) == 0
-    off = [r["response"].split() for r in common.read_jsonl(str(tmp_path / "off.jsonl"))]
+    off = [r["response"].split() for r in files.read_jsonl(str(tmp_path / "off.jsonl"))]
     assert off == [["Paris", "Rome", "Oslo", "Oslo", "Oslo"], ["Oslo", "Oslo", "Oslo", "Oslo"]]
     assert run_main(base + ["--out", str(tmp_path / "on.jsonl")]) == 0       # auto: on here
-    on = common.read_jsonl(str(tmp_path / "on.jsonl"))
+    on = files.read_jsonl(str(tmp_path / "on.jsonl"))
     assert [r["response"].strip() for r in on] == ["Paris Rome", "Oslo"]
     assert [r["label"] for r in on] == ["correct", "wrong"]
 
@@ -316,14 +317,14 @@ def make_items(path, n_mcqa=3, n_oeqa=0):
               "subject": ["art", "math"][i % 2]} for i in range(n_mcqa)]
     items += [{"id": f"o{i}", "task": "oeqa", "question": f"Who wrote book {i}?", "answer": "bob",
                "aliases": ["bob", "robert"]} for i in range(n_oeqa)]
-    common.write_jsonl(str(path), items)
+    files.write_jsonl(str(path), items)
     return items
 
 
 def run_main(argv):
     """Run evaluate's CLI in-process; returns the exit code (0 when it returns)."""
     try:
-        common.cli(lambda: ev.main(argv))
+        runs.cli(lambda: ev.main(argv))
     except SystemExit as e:
         return e.code
     return 0
@@ -335,7 +336,7 @@ def test_answer_end_to_end(tiny_chat_llama, tmp_path):
     args = ["--model", tiny_chat_llama, "--items", str(tmp_path / "items.jsonl"),
             "--prompt", "refuse", "--max-new-tokens", "6"]
     assert run_main(args + ["--out", str(out), "--batch-size", "2"]) == 0
-    rows = common.read_jsonl(str(out), common.check_prediction)
+    rows = files.read_jsonl(str(out), files.check_prediction)
     assert [r["id"] for r in rows] == [it["id"] for it in items]      # item order
     for it, r in zip(items, rows):
         assert (r["label"], r["parsed"]) == ev.label_response(it, r["response"])
@@ -345,7 +346,7 @@ def test_answer_end_to_end(tiny_chat_llama, tmp_path):
     # left padding must not change greedy answers: batch of 5 == one at a time
     one = tmp_path / "one.jsonl"
     assert run_main(args + ["--out", str(one), "--batch-size", "1"]) == 0
-    assert [r["response"] for r in common.read_jsonl(str(one))] == [r["response"] for r in rows]
+    assert [r["response"] for r in files.read_jsonl(str(one))] == [r["response"] for r in rows]
 
 
 def test_resume_continues_partial_file(tiny_chat_llama, tmp_path, monkeypatch):
@@ -367,10 +368,10 @@ def test_resume_continues_partial_file(tiny_chat_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert run_main(argv) == 0
     assert len(calls) == 2                              # only the 2 missing batches ran
-    first = common.read_jsonl(out, common.check_prediction)
+    first = files.read_jsonl(out, files.check_prediction)
     os.remove(out)
     assert run_main(argv) == 0                          # a fresh run gives the same file
-    assert common.read_jsonl(out) == first
+    assert files.read_jsonl(out) == first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ def write_preds(folder, items, labels):
         w = "A" if it["answer"] != "A" else "B"
         rows.append({"id": it["id"], "response": resp[lab].format(a=it["answer"], w=w),
                      "label": lab})
-    common.write_jsonl(str(folder), rows)
+    files.write_jsonl(str(folder), rows)
 
 
 @pytest.fixture
@@ -394,8 +395,8 @@ def task_dir(tmp_path):
             "meta": {"exposure": k * 3}} for k in range(10)]
     ood = [{"id": f"o{k}", "task": "oeqa", "question": "q", "answer": "x", "aliases": ["x"]}
            for k in range(8)]
-    common.write_jsonl(str(tmp_path / "id.jsonl"), ids)
-    common.write_jsonl(str(tmp_path / "ood.jsonl"), ood)
+    files.write_jsonl(str(tmp_path / "id.jsonl"), ids)
+    files.write_jsonl(str(tmp_path / "ood.jsonl"), ood)
     d = tmp_path / "task"
     C, W, R, U = "correct", "wrong", "refuse", "unparsed"
     runs = {"init_basic": ([C, C, C, W, W, W, C, C, W, W], [C, C, C, W, W, W, W, W]),
@@ -442,7 +443,7 @@ def test_report(task_dir, tmp_path):
 def test_report_when_init_basic_is_never_wrong(tmp_path):
     items = [{"id": f"i{k}", "task": "oeqa", "question": "q", "answer": "x", "aliases": ["x"]}
              for k in range(4)]
-    common.write_jsonl(str(tmp_path / "id.jsonl"), items)
+    files.write_jsonl(str(tmp_path / "id.jsonl"), items)
     for m, labels in (("init_basic", ["unparsed"] * 4), ("craft", ["correct", "wrong"] * 2)):
         (tmp_path / "t" / m).mkdir(parents=True)
         write_preds(tmp_path / "t" / m / "pred_id.jsonl", items, labels)
@@ -458,7 +459,7 @@ def test_report_when_init_basic_is_never_wrong(tmp_path):
 def test_report_finds_items_through_config(task_dir, tmp_path):
     d, _, _ = task_dir
     for s, name in (("id", "id.jsonl"), ("ood", "ood.jsonl")):
-        common.write_json(str(d / "init_basic" / f"pred_{s}.jsonl.config.json"),
+        files.write_json(str(d / "init_basic" / f"pred_{s}.jsonl.config.json"),
                           {"args": {"items": str(tmp_path / name)}})
     assert run_main(["--report", str(d)]) == 0
     assert json.load(open(d / "results.json"))["ood"]["n"] == 8
@@ -492,9 +493,9 @@ def test_svg(task_dir, tmp_path):
 # Bad input: non-zero exit with one line
 def test_report_rejects_unknown_ids(task_dir, tmp_path):
     d, ids, _ = task_dir
-    rows = common.read_jsonl(str(d / "craft" / "pred_id.jsonl"))
+    rows = files.read_jsonl(str(d / "craft" / "pred_id.jsonl"))
     rows[3]["id"] = "not-an-item"
-    common.write_jsonl(str(d / "craft" / "pred_id.jsonl"), rows)
+    files.write_jsonl(str(d / "craft" / "pred_id.jsonl"), rows)
     p = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--report", str(d),
                         "--items-id", str(tmp_path / "id.jsonl")],
                        capture_output=True, text=True, timeout=60)
@@ -553,5 +554,5 @@ def test_adapter_changes_answers(tiny_chat_llama, tmp_path):
     assert run_main(base + ["--out", str(tmp_path / "a.jsonl")]) == 0
     assert run_main(base + ["--adapter", str(tmp_path / "adapter"),
                             "--out", str(tmp_path / "b.jsonl")]) == 0
-    a, b = (common.read_jsonl(str(tmp_path / f)) for f in ("a.jsonl", "b.jsonl"))
+    a, b = (files.read_jsonl(str(tmp_path / f)) for f in ("a.jsonl", "b.jsonl"))
     assert [r["response"] for r in a] != [r["response"] for r in b]

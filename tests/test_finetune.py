@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+from rait import files
+from rait import models
+from rait import runs
 import finetune
 from conftest import ROOT
 from kernels import lora
@@ -148,7 +150,7 @@ def test_two_steps_equal_hand_adamw(tiny_chat_llama, tmp_path, capsys):
     for lr in (1e-2, 1e-2 * 0.5 * (1 + math.cos(math.pi / 2))):
         loss = 0.0
         for e in ex:   # SPEC 9 #11 by hand: weight x token-mean CE, averaged over the batch
-            ids, labels, _ = common.encode_example(tok, common.render(tok, e["prompt"]),
+            ids, labels, _ = models.encode_example(tok, models.render(tok, e["prompt"]),
                                                    e["target"], 20)
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
             y = torch.tensor(labels[1:])
@@ -193,7 +195,7 @@ def test_resume_equals_uninterrupted(tiny_chat_llama, tmp_path, capsys, full):
     if full:
         from safetensors.torch import load_file
         wa, wb = (load_file(os.path.join(d, "model.safetensors")) for d in (a, b))
-        assert common.load_model(b)[0] is not None       # a model folder that loads
+        assert models.load_model(b)[0] is not None       # a model folder that loads
     else:
         wa, wb = adapter(a), adapter(b)
     assert wa.keys() == wb.keys()
@@ -213,7 +215,7 @@ def test_torchrun_two_processes_equal_double_accumulation(tiny_chat_llama, tmp_p
     """9 examples, global batch 4: the last step holds one example, so rank 1 runs a dummy."""
     ex = examples(9)
     train = tmp_path / "train.jsonl"
-    common.write_jsonl(str(train), ex)
+    files.write_jsonl(str(train), ex)
     flags = ["--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--epochs", "1",
              "--batch-size", "2", "--lr", "1e-2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -238,7 +240,7 @@ def test_torchrun_two_processes_equal_double_accumulation(tiny_chat_llama, tmp_p
 def run_main(monkeypatch, capsys, argv):
     monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
     with pytest.raises(SystemExit) as e:
-        common.cli(finetune.main)
+        runs.cli(finetune.main)
     err = [ln for ln in capsys.readouterr().err.splitlines()
            if ln.strip() and "Loading weights" not in ln]   # transformers' own loading bar
     return e.value.code, err
@@ -268,7 +270,7 @@ def test_bad_training_file(tiny_chat_llama, tmp_path, monkeypatch, capsys, case,
 
 def test_unknown_target_module(tiny_chat_llama, tmp_path, monkeypatch, capsys):
     path = tmp_path / "train.jsonl"
-    common.write_jsonl(str(path), examples(3))
+    files.write_jsonl(str(path), examples(3))
     out = tmp_path / "out"
     code, err = run_main(monkeypatch, capsys, ["--model", tiny_chat_llama, "--train", str(path),
                                                "--out", str(out),
@@ -280,10 +282,10 @@ def test_unknown_target_module(tiny_chat_llama, tmp_path, monkeypatch, capsys):
 
 def test_unwritable_output_fails_before_loading(tiny_chat_llama, tmp_path, monkeypatch, capsys):
     path = tmp_path / "train.jsonl"
-    common.write_jsonl(str(path), examples(2))
+    files.write_jsonl(str(path), examples(2))
     blocker = tmp_path / "file"
     blocker.write_text("x")                       # a file where the output folder's parent goes
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     code, err = run_main(monkeypatch, capsys, ["--model", tiny_chat_llama, "--train", str(path),
                                                "--out", str(blocker / "out")])
     assert code != 0 and len(err) == 1 and "not writable" in err[0], err
@@ -292,6 +294,6 @@ def test_unwritable_output_fails_before_loading(tiny_chat_llama, tmp_path, monke
 def test_target_longer_than_max_len(tiny_chat_llama, tmp_path):
     ex = examples(2)
     ex[1]["target"] = " ".join(WORDS)
-    with pytest.raises(common.InputError, match="'e1'.*--max-len 8"):
+    with pytest.raises(files.InputError, match="'e1'.*--max-len 8"):
         finetune.train(make_args(tiny_chat_llama, "--max-len", "8"), ex, str(tmp_path / "o"))
     assert not os.path.exists(tmp_path / "o")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import encode_example, render
+from rait.models import encode_example, render
 from kernels.lora import inject_lora, lora_parameters
 from kernels.persample import (adam_precondition, batch_features, example_features, flat_grads,
                                gram_blocks, gram_column, gram_matrix, gram_row_means,
@@ -273,27 +273,28 @@ def test_batch_features_exact_and_projected_equal_their_formulas(lora_model, rea
 
 def test_example_features_in_input_order_and_independent_of_batching(lora_model, real_tokenizer,
                                                                      capfd):
-    pairs = [(render(real_tokenizer, q), a) for q, a in QUESTIONS]
+    pairs = encoded_examples(real_tokenizer)
+    pad = real_tokenizer.pad_token_id
     moments = small_moments(lora_model, 1)
-    z4, path = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+    z4, path = example_features(lora_model, pairs, pad, moments, grad_dim=512,
                                 batch_size=4)
     assert path == "projected" and z4.shape == (4, 512) and z4.dtype == torch.float32
     assert "PROJECTED to 512 dims" in capfd.readouterr().err
-    z1, _ = example_features(lora_model, real_tokenizer, pairs[::-1], moments, grad_dim=512,
+    z1, _ = example_features(lora_model, pairs[::-1], pad, moments, grad_dim=512,
                              batch_size=1)
     assert torch.allclose(z4, z1.flip(0), atol=1e-6)             # order kept; batch-independent
-    again, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+    again, _ = example_features(lora_model, pairs, pad, moments, grad_dim=512,
                                 batch_size=4)
     assert torch.equal(z4, again)                                # deterministic for a seed
-    other, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+    other, _ = example_features(lora_model, pairs, pad, moments, grad_dim=512,
                                 batch_size=4, seed=1)
     assert not torch.allclose(z4, other, atol=1e-3)
-    ze, path = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=10 ** 7)
+    ze, path = example_features(lora_model, pairs, pad, moments, grad_dim=10 ** 7)
     assert path == "exact" and "EXACT features" in capfd.readouterr().err
-    zs4, path = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+    zs4, path = example_features(lora_model, pairs, pad, moments, grad_dim=512,
                                  batch_size=4, projection="sketch")
     assert path == "sketched" and "SKETCHED to 512 dims" in capfd.readouterr().err
-    zs1, _ = example_features(lora_model, real_tokenizer, pairs, moments, grad_dim=512,
+    zs1, _ = example_features(lora_model, pairs, pad, moments, grad_dim=512,
                               batch_size=1, projection="sketch")
     assert torch.allclose(zs4, zs1, atol=1e-6)
     assert (ze @ ze.T - zs4 @ zs4.T).abs().max() < 3 / math.sqrt(512)

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from rait import files, models  # noqa: E402
 
 # (b): thresholds of issue 13 (measured before the fix on the default world: OEQA 0.70, MCQA 0.25)
 MIN_SPEARMAN = {"oeqa": 0.6, "mcqa": 0.4}
@@ -71,41 +71,41 @@ def test_spearman_helper_against_a_hand_computation():
     assert spearman([0, 1, 1, 2], [0, 1, 2, 3]) == pytest.approx(0.9486833, abs=1e-6)
 
 
-@pytest.mark.parametrize("task", common.TASKS)
+@pytest.mark.parametrize("task", files.TASKS)
 def test_a_cor_rait_model_emits_the_exact_refusal_on_its_idk_prompts(runs, task):
     R = task_dir(runs, task)
-    pool = {it["id"]: it for it in common.read_jsonl(str(runs / "world" / task / "train.jsonl"))}
-    idk = [e["id"] for e in common.read_jsonl(str(R / "cor" / "train.jsonl")) if e["kind"] == "idk"]
+    pool = {it["id"]: it for it in files.read_jsonl(str(runs / "world" / task / "train.jsonl"))}
+    idk = [e["id"] for e in files.read_jsonl(str(R / "cor" / "train.jsonl")) if e["kind"] == "idk"]
     assert len(idk) >= 8, "too few IdK examples to test"
     items = R / "idk_items.jsonl"
-    common.write_jsonl(str(items), [pool[i] for i in idk])
+    files.write_jsonl(str(items), [pool[i] for i in idk])
     reader = ["--mcqa-reader", "option"] if task == "mcqa" else []
     run("evaluate.py", "--model", str(runs / "world" / "model"), "--adapter", str(R / "cor" / "adapter"),
         "--items", str(items), "--prompt", "refuse", "--out", str(R / "idk_pred.jsonl"), *reader)
-    preds = common.read_jsonl(str(R / "idk_pred.jsonl"))
+    preds = files.read_jsonl(str(R / "idk_pred.jsonl"))
     # exact at the token level: the world's word-level tokenizer decodes "know." as "know ."
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(runs / "world" / "model"))
     ids = lambda text: tok(text.strip(), add_special_tokens=False)["input_ids"]  # noqa: E731
-    exact = [ids(p["response"]) == ids(common.IDK[task]) for p in preds]
+    exact = [ids(p["response"]) == ids(models.IDK[task]) for p in preds]
     garbled = [p["response"] for p in preds if "know know" in p["response"]]
     assert not garbled, f"garbled refusals, e.g. {garbled[:3]}"
     assert sum(exact) / len(exact) >= MIN_EXACT_REFUSALS, (
         f"{task}: only {sum(exact)} of {len(exact)} IdK training prompts are answered with the exact "
-        f"refusal {common.IDK[task]!r}; e.g. {[p['response'] for p in preds][:5]}")
+        f"refusal {models.IDK[task]!r}; e.g. {[p['response'] for p in preds][:5]}")
 
 
-@pytest.mark.parametrize("task", common.TASKS)
+@pytest.mark.parametrize("task", files.TASKS)
 def test_b_knowledge_state_tracks_the_exposure_oracle(runs, task):
-    pool = {it["id"]: it for it in common.read_jsonl(str(runs / "world" / task / "train.jsonl"))}
-    states = common.read_jsonl(str(task_dir(runs, task) / "probe_init.jsonl"))
+    pool = {it["id"]: it for it in files.read_jsonl(str(runs / "world" / task / "train.jsonl"))}
+    states = files.read_jsonl(str(task_dir(runs, task) / "probe_init.jsonl"))
     rho = spearman([s["mu"] for s in states], [pool[s["id"]]["meta"]["exposure"] for s in states])
     assert rho >= MIN_SPEARMAN[task], (
         f"{task}: Spearman(mu, exposure) = {rho:.2f} over {len(states)} pool items, below "
         f"{MIN_SPEARMAN[task]}: the knowledge state does not track what the model knows")
 
 
-@pytest.mark.parametrize("task", common.TASKS)
+@pytest.mark.parametrize("task", files.TASKS)
 def test_c_reprobe_asks_exactly_what_the_probe_asked(runs, task):
     R = task_dir(runs, task)
     load = lambda p: json.loads(p.read_text())["args"]  # noqa: E731
@@ -117,7 +117,7 @@ def test_c_reprobe_asks_exactly_what_the_probe_asked(runs, task):
     assert a1["adapter"] == str(R / "rehearsal" / "adapter")
 
 
-@pytest.mark.parametrize("task", common.TASKS)
+@pytest.mark.parametrize("task", files.TASKS)
 def test_c_identity_adapter_gives_zero_flow(runs, task, tmp_path):
     """Rehearse again with the trained adapter's LoRA B set to zero (M~ = M0): every item's
     re-probed mu equals its initial mu, so the flow is exactly 0."""
@@ -134,14 +134,14 @@ def test_c_identity_adapter_gives_zero_flow(runs, task, tmp_path):
     cmd[cmd.index("--out") + 1] = str(reh)
     r = run(*cmd)
     assert "already trained" in r.stderr        # the zeroed adapter is used as it is
-    flows = common.read_jsonl(str(reh / "flow.jsonl"))
+    flows = files.read_jsonl(str(reh / "flow.jsonl"))
     # OEQA's mu is a count of sampled answers: exactly 0. MCQA's is a float32 softmax, and the
     # LoRA-wrapped model hands lm_head the same values in another memory layout, which moves the
     # last bits (measured: <= 6e-6 in log-probabilities); a changed query moves it by ~0.1.
     tol = 0.0 if task == "oeqa" else 1e-5
     moved = [f for f in flows if abs(f["flow"]) > tol]
     assert not moved, f"{task}: {len(moved)} of {len(flows)} items moved with an identity adapter, e.g. {moved[:2]}"
-    s0 = {s["id"]: s for s in common.read_jsonl(str(R / "probe_init.jsonl"))}
-    s1 = common.read_jsonl(str(reh / "probe.jsonl"))
+    s0 = {s["id"]: s for s in files.read_jsonl(str(R / "probe_init.jsonl"))}
+    s1 = files.read_jsonl(str(reh / "probe.jsonl"))
     assert all(abs(s["mu"] - s0[s["id"]]["mu"]) <= tol and abs(s["sigma"] - s0[s["id"]]["sigma"]) <= 10 * tol
                for s in s1)

@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-import common
+from rait import files
+from rait import models
+from rait import runs
 import probe
 from conftest import EMBEDDER, ROOT, SHARED_DATA, make_tiny_llama
 from kernels import lm
@@ -27,7 +29,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # ----------------------------------------------------------------------------------------------
 # fixtures
 def load(path):
-    model, tok = common.load_model(path)
+    model, tok = models.load_model(path)
     torch.set_grad_enabled(True)          # tests below take gradients through the loaded model
     return model, tok
 
@@ -135,7 +137,7 @@ def test_letter_token_ids(real_tokenizer):
     shared, ids = probe.letter_token_ids(tok, 5)
     assert shared == tok.convert_tokens_to_ids([" "])
     assert ids == tok.convert_tokens_to_ids(list("ABCDE"))
-    with pytest.raises(common.InputError, match="single distinct letter"):
+    with pytest.raises(files.InputError, match="single distinct letter"):
         probe.letter_token_ids(char_tokenizer("Answer: "), 4)    # every letter is <unk>
 
 
@@ -182,7 +184,7 @@ def test_option_reader_equals_logliks(which, tiny_plain_llama, tiny_chat_llama):
     items[1]["choices"] = ["red", "a much longer option text here", "blue", "green tea"]
     rows = probe.read_options(model, tok, items, "neg-entropy")
     for it, row in zip(items, rows):
-        prompt = common.encode(tok, common.render(tok, common.user_prompt(it, "basic")))
+        prompt = models.encode(tok, models.render(tok, models.user_prompt(it, "basic")))
         ll = []
         for o in it["choices"]:
             cont = tok(o, add_special_tokens=False)["input_ids"]
@@ -261,9 +263,9 @@ def test_oeqa_reader_end_to_end(tiny_chat_llama, tmp_path):
     torch.set_grad_enabled(True)
     a, b, c = (open(tmp_path / f"{x}.jsonl").read() for x in "abc")
     assert a == b and a != c
-    for ra, rd in zip(*(common.read_jsonl(str(tmp_path / f"{x}.jsonl")) for x in "ad")):
+    for ra, rd in zip(*(files.read_jsonl(str(tmp_path / f"{x}.jsonl")) for x in "ad")):
         assert rd["samples"] == ra["samples"] and rd["sigma"] == round(ra["sigma"], 2)
-    rows = common.read_jsonl(str(tmp_path / "a.jsonl"), check=common.check_state)
+    rows = files.read_jsonl(str(tmp_path / "a.jsonl"), check=files.check_state)
     emb = Embedder(EMBEDDER)
     for r in rows:
         assert r["reader"] == "sample" and len(r["samples"]) == 4
@@ -312,7 +314,7 @@ def test_bad_input(case, tmp_path, capsys):
         write(path, [mc(0) if task == "mcqa" else oe(0), item])
     out = tmp_path / "out.jsonl"
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: probe.main(["--model", "/nonexistent", "--items", str(path),
+        runs.cli(lambda: probe.main(["--model", "/nonexistent", "--items", str(path),
                                        "--task", task, "--out", str(out)]))
     err = capsys.readouterr().err.strip()
     assert e.value.code != 0 and len(err.splitlines()) == 1
@@ -387,7 +389,7 @@ def test_mmlu_50_items_end_to_end(tiny_chat_llama, tmp_path):
     probe.main(["--model", tiny_chat_llama, "--items", items, "--task", "mcqa", "--shots", shots,
                 "--out", out])
     torch.set_grad_enabled(True)
-    rows = common.read_jsonl(out, check=common.check_state)
+    rows = files.read_jsonl(out, check=files.check_state)
     assert len(rows) == 50 and [r["id"] for r in rows] == [
         json.loads(x)["id"] for x in open(items)]
     for r in rows:
@@ -409,7 +411,7 @@ def test_world_option_mu_rises_with_exposure():
     if not os.path.isdir(os.path.join(WORLD, "model")):
         pytest.skip("runs/world/model absent (make world)")
     model, tok = load(os.path.join(WORLD, "model"))
-    items = common.read_jsonl(os.path.join(WORLD, "mcqa", "train.jsonl"))[:400]
+    items = files.read_jsonl(os.path.join(WORLD, "mcqa", "train.jsonl"))[:400]
     rows = [r for i in range(0, len(items), 50)
             for r in probe.read_options(model, tok, items[i:i + 50], "neg-entropy")]
     exp = [it["meta"]["exposure"] for it in items]

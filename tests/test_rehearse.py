@@ -96,12 +96,12 @@ def test_reprobe_repeats_the_initial_probe_arguments(tmp_path):
 
 def test_check_same_query_names_every_difference(tmp_path):
     import pytest
-    import common
+    from rait import files
     base = {"model": "M0", "items": "pool", "out": "a", "adapter": None, "n_shots": 0, "seed": 0}
     (tmp_path / "a.config.json").write_text(json.dumps({"args": base}))
     (tmp_path / "b.config.json").write_text(json.dumps(
         {"args": dict(base, out="b", adapter="reh/adapter", model="M0b")}))
     R.check_same_query(str(tmp_path / "a"), str(tmp_path / "b"))      # only the place differs
     (tmp_path / "b.config.json").write_text(json.dumps({"args": dict(base, n_shots=3)}))
-    with pytest.raises(common.InputError, match="n_shots 0 -> 3"):
+    with pytest.raises(files.InputError, match="n_shots 0 -> 3"):
         R.check_same_query(str(tmp_path / "a"), str(tmp_path / "b"))

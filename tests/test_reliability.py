@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from rait import files, models
+from rait.runs import cli
 from conftest import ROOT
 
 PY = os.path.join(ROOT, ".venv", "bin", "python")
@@ -222,7 +223,7 @@ def test_finetune_killed_then_rerun_equals_uninterrupted(runs, tmp_path):
     assert "[resume]" in r.stderr and "continuing after step" in r.stderr
     assert_same_weights(f"{runs.A}/craft/adapter", out, atol=1e-6)
     assert not glob.glob(os.path.join(out, "checkpoint*"))
-    n = len(common.read_jsonl(f"{runs.A}/craft/train.jsonl"))
+    n = len(files.read_jsonl(f"{runs.A}/craft/train.jsonl"))
     steps = [json.loads(ln)["step"] for ln in open(os.path.join(out, "train_log.jsonl"))
              if '"step"' in ln]
     assert steps == list(range(1, 2 * -(-n // 2) + 1))    # the log has each step once
@@ -281,7 +282,7 @@ def test_a_different_seed_changes_the_result(runs, tmp_path, monkeypatch):
                                                                       "--seed", "1"]
     monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
     grad = torch.is_grad_enabled()
-    common.cli(finetune.main)
+    cli(finetune.main)
     torch.set_grad_enabled(grad)
     a = load_file(f"{runs.A}/craft/adapter/adapter_model.safetensors")
     b = load_file(os.path.join(out, "adapter_model.safetensors"))
@@ -393,8 +394,8 @@ def make_generated(case, tmp, world_model):
 def stage_argv(runs, stage, flag, path, out, tmp):
     """A command line for `stage` whose inputs are good except `flag`, which gets `path`."""
     good_state = str(tmp / "state.jsonl")     # a valid knowledge state for every pool item
-    common.write_jsonl(good_state, [{"id": it["id"], "mu": 0.5, "sigma": -0.5}
-                                    for it in common.read_jsonl(runs.pool)])
+    files.write_jsonl(good_state, [{"id": it["id"], "mu": 0.5, "sigma": -0.5}
+                                    for it in files.read_jsonl(runs.pool)])
     pool, model = runs.pool, runs.model
     if flag == "--items" and stage == "probe":
         task = "oeqa" if "oeqa" in path or "10mb" in path else "mcqa"
@@ -425,7 +426,7 @@ def run_stage(stage, argv, monkeypatch, capsys):
     grad = torch.is_grad_enabled()
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.cli(lambda: mod.main(argv) if stage != "finetune" else mod.main())
+        cli(lambda: mod.main(argv) if stage != "finetune" else mod.main())
     torch.set_grad_enabled(grad)
     err = capsys.readouterr().err.replace("\r", "\n")
     return e.value.code, err
@@ -561,7 +562,7 @@ def test_unwritable_output_fails_before_any_work(stage, runs, tmp_path, monkeypa
 
     def no(*a, **k):
         raise AssertionError("started work before checking the output folder")
-    monkeypatch.setattr(common, "load_model", no)
+    monkeypatch.setattr(models, "load_model", no)
     monkeypatch.setattr(world, "pretrain", no)
     code, err = run_stage(stage, argv, monkeypatch, capsys)
     assert_one_line_error(code, err, f"{blocker}/sub/", "output location is not writable "
@@ -577,7 +578,7 @@ def test_output_that_is_a_folder_fails_before_any_work(stage, runs, tmp_path, mo
     out = tmp_path / "out.jsonl"
     out.mkdir()
     argv = [str(out) if a == "OUT" else a for a in UNWRITABLE[stage](runs)]
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     code, err = run_stage(stage, argv, monkeypatch, capsys)
     assert_one_line_error(code, err, f"{out}: ", "is a folder; the output must be a file name")
     assert os.listdir(tmp_path) == ["out.jsonl"] and os.listdir(out) == []
@@ -586,7 +587,7 @@ def test_output_that_is_a_folder_fails_before_any_work(stage, runs, tmp_path, mo
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     (tmp_path / "out.jsonl").mkdir()
     with pytest.raises(OSError):
-        common.write_jsonl(str(tmp_path / "out.jsonl"), [{"id": "a"}])
+        files.write_jsonl(str(tmp_path / "out.jsonl"), [{"id": "a"}])
     assert os.listdir(tmp_path) == ["out.jsonl"]
 
 
@@ -610,7 +611,7 @@ def test_training_flags_out_of_range(stage, flags, message, runs, tmp_path, monk
     for 0 steps (epochs 0), or with rehearse's train.jsonl written before the error (size 0)."""
     out = tmp_path / "out"
     argv = [a if a != "OUT" else str(out) for a in UNWRITABLE[stage](runs)] + flags
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     code, last = run_flags(stage, argv, monkeypatch, capsys)
     assert code == 2 and last == f"{stage}.py: error: {message}"
     assert not out.exists()
@@ -662,7 +663,7 @@ def test_kill_after_the_final_save_is_completed_by_a_rerun(runs, tmp_path, monke
     shutil.move(tmp_path / "checkpoint", out / "checkpoint")          # a leftover checkpoint
     argv = runs.finetune(f"{runs.A}/craft/train.jsonl", str(out))[2:]
     monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("trained again"))
-    common.cli(finetune.main)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("trained again"))
+    cli(finetune.main)
     assert "already trained" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == sorted(os.listdir(f"{runs.A}/craft/adapter"))

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, build_small_world as build
 
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from rait import files, models, runs  # noqa: E402
 import world  # noqa: E402
 
 SPLITS = ("train", "test_id", "test_ood", "shots")
@@ -24,7 +24,7 @@ def test_same_seed_same_world_and_cache(tmp_path):
     for d in ("a", "b"):
         r = build(tmp_path / d, "--epochs", "1")
         assert r.returncode == 0, r.stderr[-2000:]
-    for task in common.TASKS:
+    for task in files.TASKS:
         for split in SPLITS:
             a, b = (tmp_path / d / task / f"{split}.jsonl" for d in ("a", "b"))
             assert read_bytes(a) == read_bytes(b), f"{task}/{split} differs between two builds"
@@ -43,9 +43,9 @@ def test_same_seed_same_world_and_cache(tmp_path):
 
 def test_items_follow_the_contract(small_world):
     items = {}
-    for task in common.TASKS:
+    for task in files.TASKS:
         for split in SPLITS:
-            rows = common.read_jsonl(str(small_world / task / f"{split}.jsonl"), check=common.check_item)
+            rows = files.read_jsonl(str(small_world / task / f"{split}.jsonl"), check=files.check_item)
             items[task, split] = rows
             assert all(isinstance(r["meta"]["exposure"], int) for r in rows)
     # mcqa and oeqa are built from the same facts; the gold option is the oeqa answer
@@ -55,7 +55,7 @@ def test_items_follow_the_contract(small_world):
             assert m["question"] == o["question"] and same(m["meta"]) == same(o["meta"])
             assert isinstance(m["meta"]["m0_greedy_correct"], bool)
             assert len(m["choices"]) == 4 and len(set(m["choices"])) == 4
-            assert m["choices"][common.LETTERS.index(m["answer"])] == o["answer"]
+            assert m["choices"][files.LETTERS.index(m["answer"])] == o["answer"]
     # gold positions are spread over the letters
     assert len({m["answer"] for m in items["mcqa", "train"]}) == 4
     # pool and test people are disjoint; OOD relations appear only in the OOD test
@@ -75,19 +75,19 @@ def test_loads_with_auto_classes_and_prompts_have_no_unknown_words(small_world):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(str(small_world / "model"))
     tok = AutoTokenizer.from_pretrained(str(small_world / "model"))
-    assert model.config.model_type == "llama" and not common.has_chat_template(tok)
+    assert model.config.model_type == "llama" and not models.has_chat_template(tok)
     assert "\n" in tok.get_vocab(), "newline must be a token"
-    texts = list(common.IDK.values())
-    for task in common.TASKS:
+    texts = list(models.IDK.values())
+    for task in files.TASKS:
         for split in SPLITS:
-            for it in common.read_jsonl(str(small_world / task / f"{split}.jsonl")):
-                texts += [common.user_prompt(it, "basic"), common.user_prompt(it, "refuse"),
-                          common.OEQA_BASIC2.format(q=it["question"])]
+            for it in files.read_jsonl(str(small_world / task / f"{split}.jsonl")):
+                texts += [models.user_prompt(it, "basic"), models.user_prompt(it, "refuse"),
+                          models.OEQA_BASIC2.format(q=it["question"])]
     unk = tok.unk_token_id
     for t in set(texts):
         ids = tok(t)["input_ids"]
         assert unk not in ids, f"unknown word in {t!r}"
-    assert tok(common.mcqa_body("h", "q", ["a", "b"]))["input_ids"].count(tok.convert_tokens_to_ids("\n")) == 4
+    assert tok(models.mcqa_body("h", "q", ["a", "b"]))["input_ids"].count(tok.convert_tokens_to_ids("\n")) == 4
 
 
 def test_small_world_learns_its_frequent_facts(small_world):
@@ -115,5 +115,5 @@ def test_impossible_settings_fail_in_one_line(tmp_path, flags, msg):
 
 
 def test_exposure_bins():
-    assert [common.exposure_bin(k) for k in (0, 1, 2, 3, 4, 7, 8, 127, 128, 500)] == \
+    assert [runs.exposure_bin(k) for k in (0, 1, 2, 3, 4, 7, 8, 127, 128, 500)] == \
         ["0", "1", "2-3", "2-3", "4-7", "4-7", "8-15", "64-127", "128+", "128+"]

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-import common
+from rait import files
 from kernels import lora
 
 LOG = "train_log.jsonl"
@@ -67,7 +67,7 @@ def resume(out_dir, key, args, model, opt, params, rank):
                if os.path.isfile(os.path.join(out_dir, d, lora.TRAINER_STATE))), None)
     if ck is None:
         if args.resume:
-            raise common.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
+            raise files.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
         return 0, {}
     t, meta = lora.load_trainer_state(os.path.join(ck, lora.TRAINER_STATE))
     if meta.get("run_key") != key and not args.resume:
@@ -78,7 +78,7 @@ def resume(out_dir, key, args, model, opt, params, rank):
     state = opt.state_dict()
     for i, (k, p) in enumerate(params.items()):
         if k not in weights or weights[k].shape != p.shape or f"exp_avg/{k}" not in t:
-            raise common.InputError(f"{wfile}: no tensor {k} of shape {tuple(p.shape)} "
+            raise files.InputError(f"{wfile}: no tensor {k} of shape {tuple(p.shape)} "
                                     "(checkpoint of another model or mode)")
         with torch.no_grad():
             p.copy_(weights[k])
@@ -109,5 +109,5 @@ def open_log(out_dir, start):
     if start and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             old = [ln for ln in f if ln.strip() and _log_step(ln) <= start]
-    common.atomic_write_text(path, "".join(old))
+    files.atomic_write_text(path, "".join(old))
     return open(path, "a", encoding="utf-8")

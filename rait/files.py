@@ -1,0 +1,171 @@
+"""rait/files.py: the file contracts (DESIGN "File contracts") and atomic I/O.
+
+JSONL readers that validate every line (`file:line: reason`), the five record checkers, atomic
+writes, the output pre-check and the `<out>.config.json` every stage writes.
+"""
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+from kernels.base import InputError, atomic_write_text, stable_hash  # noqa: F401 (stages use them as files.X)
+
+LETTERS = "ABCDEFGHIJ"         # MCQA option letters
+TASKS = ("mcqa", "oeqa")
+
+MAX_LINE = 1 << 20   # 1 MiB: no legitimate record is near this; a larger line is a broken file
+
+
+def _num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _str(x):
+    return isinstance(x, str)
+
+
+def check_item(o):
+    for k in ("id", "task", "question", "answer"):
+        if k not in o:
+            return f"missing field '{k}'"
+    if not _str(o["id"]) or not o["id"]:
+        return "'id' must be a non-empty string"
+    if o["task"] not in TASKS:
+        return f"unknown task {o['task']!r} (expected mcqa or oeqa)"
+    if not _str(o["question"]) or not _str(o["answer"]):
+        return "'question' and 'answer' must be strings"
+    if o["task"] == "mcqa":
+        ch = o.get("choices")
+        if not isinstance(ch, list) or not all(_str(c) for c in ch):
+            return "mcqa item needs 'choices', a list of strings"
+        if len(ch) < 2 or len(ch) > len(LETTERS):
+            return f"mcqa item needs 2 to {len(LETTERS)} choices, got {len(ch)}"
+        if o["answer"] not in LETTERS[:len(ch)]:
+            return f"answer {o['answer']!r} is not one of the letters {LETTERS[:len(ch)]}"
+    else:
+        al = o.get("aliases")
+        if not isinstance(al, list) or not al or not all(_str(a) and a for a in al):
+            return "oeqa item needs 'aliases', a non-empty list of non-empty strings"
+    if "meta" in o and not isinstance(o["meta"], dict):
+        return "'meta' must be an object"
+    return None
+
+
+def check_state(o):
+    if not _str(o.get("id")):
+        return "missing field 'id'"
+    for k in ("mu", "sigma"):
+        if not _num(o.get(k)):
+            return f"'{k}' must be a finite number"
+    if not 0.0 <= o["mu"] <= 1.0:
+        return f"'mu' must lie in [0, 1], got {o['mu']}"
+    return None
+
+
+def check_flow(o):
+    if not _str(o.get("id")):
+        return "missing field 'id'"
+    for k in ("mu0", "mu1", "flow"):
+        if not _num(o.get(k)):
+            return f"'{k}' must be a finite number"
+    return None
+
+
+def check_example(o):
+    for k in ("id", "prompt", "target"):
+        if not _str(o.get(k)):
+            return f"missing or non-string field '{k}'"
+    w = o.get("weight", 1.0)
+    if not _num(w):
+        return f"'weight' must be a finite number, got {w!r}"
+    if w < 0:
+        return f"'weight' must be >= 0, got {w}"
+    if o.get("kind", "van") not in ("van", "idk"):
+        return f"'kind' must be van or idk, got {o.get('kind')!r}"
+    return None
+
+
+def check_prediction(o):
+    if not _str(o.get("id")) or not _str(o.get("response")):
+        return "prediction needs string 'id' and 'response'"
+    if o.get("label") not in ("correct", "wrong", "refuse", "unparsed"):
+        return f"unknown label {o.get('label')!r}"
+    return None
+
+
+def read_jsonl(path, check=None, unique_ids=True, allow_empty=False):
+    """Read a JSONL file of objects; any malformed line raises InputError(`path:line: reason`)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    rows, seen = [], {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if len(raw) > MAX_LINE:
+                raise InputError(f"{path}:{n}: line of {len(raw)} bytes exceeds {MAX_LINE}")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                o = json.loads(line, parse_constant=lambda c: float(c))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(o, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object, got {type(o).__name__}")
+            err = check(o) if check else None
+            if err:
+                raise InputError(f"{path}:{n}: {err}")
+            if unique_ids and "id" in o:
+                if o["id"] in seen:
+                    raise InputError(f"{path}:{n}: duplicate id {o['id']!r} "
+                                     f"(first on line {seen[o['id']]})")
+                seen[o["id"]] = n
+            rows.append(o)
+    if not rows and not allow_empty:
+        raise InputError(f"{path}: empty file (no records)")
+    return rows
+
+
+def dumps(o):
+    """One canonical JSON line (stable key order as given, no NaN)."""
+    return json.dumps(o, ensure_ascii=False, allow_nan=False)
+
+
+
+def write_jsonl(path, rows):
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def check_output(path):
+    """Fail before any long computation if the output location cannot be written."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder; the output must be a file name")
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("x" * 4096)
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"{path}: output location is not writable ({e.strerror})") from None
+
+
+def write_config(out, args, **extra):
+    """`<out>.config.json`: the stage's effective arguments, library versions and seed (DESIGN)."""
+    import torch
+    import transformers
+    cfg = {"argv": sys.argv, "args": {k: v for k, v in sorted(vars(args).items())},
+           "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__},
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+    write_json(f"{out}.config.json", cfg)
+

@@ -1,0 +1,125 @@
+"""rait/runs.py: running a stage: the one-line error wrapper, torchrun plumbing, resumable
+batched maps, and the world's exposure bins used by the stages' tables.
+"""
+import json
+import math
+import os
+import sys
+
+from kernels.base import InputError, atomic_write_text, dist_info, progress, stable_hash  # noqa: F401
+from rait.files import dumps, write_jsonl
+
+# ----------------------------------------------------------------------------------------------
+# Errors: one line, no traceback, non-zero exit (DESIGN "Readers validate")
+def cli(main):
+    """Run a stage's main(); turn InputError into one line on stderr and exit code 2, Ctrl-C into
+    a one-line message and exit code 130 (partial work stays on disk for resuming)."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: partial results are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+
+def dist_init():
+    """Start the process group under torchrun (gloo on CPU, NCCL on GPU); no-op otherwise."""
+    import torch
+    import torch.distributed as dist
+    rank, world = dist_info()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank, world
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _read_partial(path, key):
+    """Completed batches of a partial file whose first line records the run's key; a torn last
+    line (killed mid-write) is dropped; a partial file of another configuration is discarded."""
+    done = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f):
+            try:
+                o = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                break
+            if n == 0:
+                if o.get("_key") != key:
+                    print(f"[resume] {path}: made with other arguments, starting over",
+                          file=sys.stderr)
+                    os.remove(path)
+                    return {}
+                continue
+            done[o["_batch"]] = o["rows"]
+    return done
+
+
+def resumable_batches(items, fn, out, batch_size, desc, seed=0, key=""):
+    """Apply fn(batch_items, batch_seed) -> list of output rows to fixed batches of `items`.
+
+    Batches are fixed by position and each gets its own seed, so the result does not depend on
+    interruptions or on how many processes share the work. Each process appends finished batches
+    to `<out>.part<rank>` (flushed per batch); a rerun skips them; rank 0 merges in item order and
+    writes `out` atomically. `key` (e.g. a hash of the arguments) guards against resuming from a
+    partial file of another configuration. Returns the merged rows on rank 0 (None elsewhere)."""
+    rank, world = dist_info()
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    mine = [b for b in range(len(batches)) if b % world == rank]
+    part = f"{out}.part{rank}"
+    done = _read_partial(part, key)
+    todo = [b for b in mine if b not in done]
+    if done:
+        print(f"[resume] {part}: {len(done)} of {len(mine)} batches already done", file=sys.stderr)
+    # rewrite the partial file with its intact batches only, so appends never follow a torn line
+    atomic_write_text(part, dumps({"_key": key}) + "\n" + "".join(
+        dumps({"_batch": b, "rows": r}) + "\n" for b, r in sorted(done.items())))
+    with open(part, "a", encoding="utf-8") as f, progress(total=len(mine), desc=desc) as bar:
+        bar.update(len(mine) - len(todo))
+        for b in todo:
+            rows = fn(batches[b], stable_hash(seed, b))
+            f.write(dumps({"_batch": b, "rows": rows}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(1)
+    barrier()
+    if rank != 0:
+        return None
+    merged = {}
+    for r in range(world):
+        merged.update(_read_partial(f"{out}.part{r}", key))
+    missing = [b for b in range(len(batches)) if b not in merged]
+    if missing:
+        raise InputError(f"{out}: batches {missing[:5]} missing from the partial files")
+    rows = [row for b in range(len(batches)) for row in merged[b]]
+    write_jsonl(out, rows)
+    for r in range(world):
+        if os.path.exists(f"{out}.part{r}"):
+            os.remove(f"{out}.part{r}")
+    return rows
+
+
+def exposure_bin(k):
+    """The world's exposure bins (exposures per epoch): 0, 1, 2-3, 4-7, ..., 64-127, 128+."""
+    if k < 2:
+        return str(int(k))
+    if k >= 128:
+        return "128+"
+    lo = 2 ** int(math.log2(k))
+    return f"{lo}-{2 * lo - 1}"
+
+
+BIN_ORDER = ["0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+"]
