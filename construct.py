@@ -19,12 +19,11 @@ craft, wocer). GRAIT also needs the model and the rehearsal adapter with its Ada
 Output: training examples (id, prompt, target, weight, kind, method) and `<out>.summary.json`.
 """
 import argparse
+import math
 import random
 import sys
 
-from rait import files
-from rait import models
-from rait import runs
+from rait import files, models, runs
 
 # SPEC 4: correctness thresholds. MCQA [C-C]: van mu >= 0.5, idk mu < 0.5. OEQA [C-C]: van
 # mu >= 0.51, idk mu <= 0.49 (mu lives on a 0.1 grid, so mu = 0.5 is dropped).
@@ -36,22 +35,18 @@ PAPER_POOL = {"mcqa": 14042, "oeqa": 87622}                     # MMLU test, Tri
 SCALED_IDK_SHARE = 0.1   # smaller pools (the world, --limit): N_idk = 10% of the pool, N_van = 4x
 PAPER_METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait")   # the papers' rows
 METHODS = PAPER_METHODS + ("oracle",)                                # + the world's diagnostic
-GRAIT_T = 0.05          # SPEC 5.5: softmax temperature of the adaptive weights
 
 
 # ---------------------------------------------------------------------------------------------
-# The selection rules, one small function each (SPEC 4; each has its own test)
+# The steps the methods share, one small pure function each (each has its own test; the README's
+# "For teachers" table names them)
 def correctness_split(states, task, tau=TAU):
-    """SPEC 4 Cor-RAIT pools: (van candidates, idk candidates) by correctness mu."""
+    """SPEC 4 Cor-RAIT pools: (van candidates, idk candidates) by correctness mu.
+    MCQA: van mu >= tau, idk mu < tau. OEQA: van mu >= 0.51, idk mu <= 0.49 (0.5 is dropped)."""
     if task == "mcqa":
         return [s for s in states if s["mu"] >= tau], [s for s in states if s["mu"] < tau]
     van_min, idk_max = THRESHOLDS["oeqa"]
     return [s for s in states if s["mu"] >= van_min], [s for s in states if s["mu"] <= idk_max]
-
-
-def oracle_split(states):
-    """Oracle-RAIT pools (world only): (van, idk) by whether M0 answers the fact correctly."""
-    return [s for s in states if s["m0_known"]], [s for s in states if not s["m0_known"]]
 
 
 def flow_filter(idk, rule="le0"):
@@ -85,23 +80,65 @@ def fill_short(selected, n, rng, with_replacement):
     return selected
 
 
-def select(method, states, task, n_van, n_idk, rng, flow_rule="le0", with_replacement=False):
-    """Rows chosen as van (answer kept) and idk (answer replaced by IdK) for a method (SPEC 4)."""
-    if method == "van":
-        return draw(states, n_van + n_idk, rng, with_replacement), []
-    van, idk = oracle_split(states) if method == "oracle" else correctness_split(states, task)
-    if method in ("wocer", "craft"):
-        idk = flow_filter(idk, flow_rule)
-    if method in ("cor", "wocer", "oracle"):
-        return draw(van, n_van, rng, with_replacement), draw(idk, n_idk, rng, with_replacement)
-    if method in ("corcer", "craft"):
-        return (fill_short(by_certainty(van, n_van, True), n_van, rng, with_replacement),
-                fill_short(by_certainty(idk, n_idk, False), n_idk, rng, with_replacement))
-    raise ValueError(f"unknown method {method!r}")
+# ---------------------------------------------------------------------------------------------
+# The methods (SPEC 4 table). Each returns (van rows, idk rows): van rows keep their answer, idk
+# rows get the refusal (make_examples). The baselines are CRaFT with steps left out.
+def craft(states, task, n_van, n_idk, rng, flow_rule="le0", with_replacement=False):
+    """CRaFT, Algorithm 1 (SPEC 4)."""
+    # 1. D_van1 = {mu >= tau}; D_idk1 = {mu < tau and dmu <= 0} (SPEC 9 #1; Alg. 1: dmu < 0)
+    van, idk = correctness_split(states, task)
+    idk = flow_filter(idk, flow_rule)
+    # 2. sort D_van1 by certainty sigma, descending, and take the top N_van
+    van = fill_short(by_certainty(van, n_van, most_certain=True), n_van, rng, with_replacement)
+    # 3. sort D_idk1 by sigma ascending and take the top N_idk
+    idk = fill_short(by_certainty(idk, n_idk, most_certain=False), n_idk, rng, with_replacement)
+    # 4-5. van answers kept, idk answers replaced by IdK; the union is the RAIT set (make_examples)
+    return van, idk
+
+
+def corcer_rait(states, task, n_van, n_idk, rng, with_replacement=False):
+    """CorCer-RAIT (CRaFT w/o Flow): CRaFT without the flow filter of step 1."""
+    van, idk = correctness_split(states, task)
+    return (fill_short(by_certainty(van, n_van, most_certain=True), n_van, rng, with_replacement),
+            fill_short(by_certainty(idk, n_idk, most_certain=False), n_idk, rng, with_replacement))
+
+
+def wocer_rait(states, task, n_van, n_idk, rng, flow_rule="le0", with_replacement=False):
+    """CRaFT w/o Cer: step 1 with the flow filter, then random draws instead of steps 2-3."""
+    van, idk = correctness_split(states, task)
+    idk = flow_filter(idk, flow_rule)
+    return draw(van, n_van, rng, with_replacement), draw(idk, n_idk, rng, with_replacement)
+
+
+def cor_rait(states, task, n_van, n_idk, rng, with_replacement=False):
+    """Cor-RAIT (R-Tuning): split by correctness only, then random draws."""
+    van, idk = correctness_split(states, task)
+    return draw(van, n_van, rng, with_replacement), draw(idk, n_idk, rng, with_replacement)
+
+
+def van_tuning(states, n, rng, with_replacement=False):
+    """Van-Tuning: n random items with their original answers, no refusals."""
+    return draw(states, n, rng, with_replacement), []
+
+
+def oracle_split(states):
+    """Oracle-RAIT pools (world only): (van, idk) by whether M0 answers the fact correctly."""
+    return [s for s in states if s["m0_known"]], [s for s in states if not s["m0_known"]]
+
+
+def oracle_rait(states, n_van, n_idk, rng, with_replacement=False):
+    """Oracle-RAIT, a diagnostic only the world allows (issue 13): Cor-RAIT with the split by
+    the ground truth (the items' meta.m0_greedy_correct) instead of mu."""
+    van, idk = oracle_split(states)
+    return draw(van, n_van, rng, with_replacement), draw(idk, n_idk, rng, with_replacement)
 
 
 # ---------------------------------------------------------------------------------------------
-# GRAIT (SPEC 5): correctness-ranked van, gradient-greedy IdK selection, adaptive weights
+# GRAIT (SPEC 5): split -> van top-N by correctness -> greedy IdK selection by gradient influence
+# -> adaptive weights. The gradient features come from kernels/persample.py (grait_features).
+GRAIT_T = 0.05          # SPEC 5.5: softmax temperature of the adaptive weights
+
+
 def grait_split(states, task, tau=TAU):
     """SPEC 5.2: ik_all = {mu > tau}, idk_all = {mu < tau}; mu = tau exactly is excluded (OEQA
     keeps its own thresholds, which already drop 0.5)."""
@@ -115,59 +152,122 @@ def by_correctness(rows, n):
     return sorted(rows, key=lambda s: (-s["mu"], s["id"]))[:n]
 
 
-def grait_select(a, items_by_id, rows, task, n_van, n_idk):
-    """SPEC 5.2-5.5 with the decisions of SPEC 9 #7-#10. Features are per-sample LoRA gradients
-    at the warm-up (rehearsal) adapter, Adam-preconditioned with its moments, normalised; two
-    views per item, both with the REFUSE prompt: VAN (the Cor-RAIT target) and IDK."""
+def greedy_select(score0, col_fn, k):
+    """SPEC 5.4 steps 1-2: greedy IdK selection with incremental scores.
+
+    score0 [N]: s_j = sum_{v in V} K_iv[j, v] for each candidate j. col_fn(j) -> [N]: the column
+    K_ii[:, j]. Repeat k times: j* = argmax of s over the remaining candidates (lowest index on
+    ties, as Python's argmax in the released code), add j* to S, s += K_ii[:, j*]. This greedily
+    maximises F(S) = sum_{j in S} s_j + sum_{j<m in S} K_ii[j, m] (K_ii symmetric).
+    Returns (S as a list of indices in pick order, final scores [N] float64)."""
     import torch
-    from kernels import lora, persample as ps
-    ik_all, idk_all = grait_split(rows, task)
+    s = score0.double().clone()
+    n = s.shape[0]
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot select {k} of {n} candidates")
+    taken = torch.zeros(n, dtype=torch.bool)
+    picked = []
+    for _ in range(k):
+        j = int(torch.argmax(s.masked_fill(taken, -math.inf)))   # first maximum: lowest index
+        picked.append(j)
+        taken[j] = True
+        s += col_fn(j).double().cpu()
+    return picked, s
+
+
+def released_select(score0, col_fn, k, n_greedy=None):
+    """SPEC 5.4 quirk (b), `--grait-select released`: run the greedy loop for n_greedy (default k)
+    picks, then discard S and return the k lowest-scoring REMAINING candidates, ascending by
+    their final score (stable: lowest index first on ties)."""
+    import torch
+    picked, s = greedy_select(score0, col_fn, k if n_greedy is None else n_greedy)
+    rest = torch.ones(s.shape[0], dtype=torch.bool)
+    rest[picked] = False
+    remaining = torch.nonzero(rest).flatten()
+    if k > remaining.numel():
+        raise ValueError(f"only {remaining.numel()} candidates remain, cannot take {k}")
+    order = torch.sort(s[remaining], stable=True).indices
+    return remaining[order[:k]].tolist()
+
+
+def grait_delta(z_sel, z_ik, z_idk):
+    """SPEC 5.5: delta(i) = mean_{k in ik_all} K_ii[i,k] - mean_{k in idk_all} K_ii[i,k] for each
+    selected idk item i, with K_ii the inner products of IDK-view features (z_idk includes i).
+    z_ik None (no known items): the first mean is 0. [N_sel] float64."""
+    from kernels.persample import gram_row_means
+    ik = 0.0 if z_ik is None else gram_row_means(z_sel, z_ik)
+    return ik - gram_row_means(z_sel, z_idk)
+
+
+def grait_weights(delta, T=GRAIT_T, variant="paper"):
+    """SPEC 5.5 / SPEC 9 #8: the weights of the N selected IdK items.
+    paper:   N * softmax(-delta / T)      mean 1; IdK items that push known questions towards
+                                          refusal get less weight (the paper's stated aim)
+    code:    N/2 * softmax(+delta / T)    the released formula (500 for N = 1000; sum N/2)
+    uniform: 1 for every item             what the released run actually trained with
+    Returns [N] float64."""
+    import torch
+    d = torch.as_tensor(delta, dtype=torch.float64)
+    n = d.shape[0]
+    if variant == "paper":
+        return n * torch.softmax(-d / T, dim=0)
+    if variant == "code":
+        return (n / 2) * torch.softmax(d / T, dim=0)
+    if variant == "uniform":
+        return torch.ones(n, dtype=torch.float64)
+    raise ValueError(f"unknown GRAIT weight variant {variant!r} (paper, code or uniform)")
+
+
+def grait(states, task, n_van, n_idk, features, select="greedy", weights="paper", T=GRAIT_T):
+    """GRAIT (SPEC 5.2-5.5, SPEC 9 #7-#8). features(rows, view) -> the rows' normalised gradient
+    features [len(rows), d], view "idk" (target IdK) or "van" (the Cor-RAIT target).
+    Returns (van rows, idk rows, {idk id: weight})."""
+    import torch
+    from kernels.persample import gram_column, gram_row_sums
+    # 1. split by correctness (SPEC 5.2)
+    ik_all, idk_all = grait_split(states, task)
     if not idk_all:
-        raise files.InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
-    if not ik_all:   # a model that knows nothing (e.g. a random dry-run model): say it loudly
-        print(f"[construct] WARNING: no known items (mu > {TAU}): no van set, and the IdK "
-              "selection and weights use idk-idk influences only", file=sys.stderr)
+        raise ValueError(f"GRAIT needs unknown items (mu < {TAU}); found none")
+    # 2a. D_ik_sel: the N_van known items with the highest correctness
     van = by_correctness(ik_all, n_van)
-    if not a.model or not a.warmup:
-        raise files.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
-                                "adapter with its Adam moments, SPEC 9 #10)")
-    model, tok = models.load_model(a.model, adapter=a.warmup,
-                                   trust_remote_code=a.trust_remote_code)
-    moments = None if a.no_adam else lora.load_adam_moments(a.warmup)
-
-    def features(rs, idk_view, desc):
-        ex = [models.encode_example(tok, models.render(tok, models.user_prompt(items_by_id[s["id"]], "refuse")),
-               models.IDK[task] if idk_view else models.target_of(items_by_id[s["id"]], a.mcqa_reader))[:2]
-              for s in rs]
-        return ps.example_features(model, ex, tok.pad_token_id, moments=moments, grad_dim=a.grad_dim,
-                                   seed=a.seed, batch_size=a.grad_batch_size, desc=desc,
-                                   projection=a.projection)
-
-    z_idk_all, path = features(idk_all, True, "IDK view, idk_all")    # candidates C
-    if ik_all:
-        z_idk_ik, _ = features(ik_all, True, "IDK view, ik_all")      # for the weights
-        z_van, _ = features(van, False, "VAN view, D_ik_sel")         # V
-        score0 = ps.gram_row_sums(z_idk_all, z_van)                   # SPEC 5.4 step 1
-    else:
-        z_idk_ik, score0 = None, torch.zeros(len(idk_all), dtype=torch.float64)
+    # 2b. D_idk_sel: greedy selection by gradient influence (SPEC 5.4)
+    z_c = features(idk_all, "idk")                              # candidates C, IDK view
+    z_ik = features(ik_all, "idk") if ik_all else None          # for the weights
+    score0 = (gram_row_sums(z_c, features(van, "van")) if van     # s_j = sum_v K_iv[j, v]
+              else torch.zeros(len(idk_all), dtype=torch.float64))
     k = min(n_idk, len(idk_all))
-    col = lambda j: ps.gram_column(z_idk_all, z_idk_all[j])  # noqa: E731
-    if a.grait_select == "greedy":                                    # SPEC 9 #7
-        picked, _ = ps.greedy_select(score0, col, k)
-    else:
-        picked = ps.released_select(score0, col, min(k, len(idk_all) - k))
+    col = lambda j: gram_column(z_c, z_c[j])                    # noqa: E731  K_ii[:, j]
+    picked = (greedy_select(score0, col, k)[0] if select == "greedy" else    # SPEC 9 #7
+              released_select(score0, col, min(k, len(idk_all) - k)))
     idk = [idk_all[j] for j in picked]
-    delta = (ps.grait_delta(z_idk_all[picked], z_idk_ik, z_idk_all) if ik_all else  # SPEC 5.5
-             -ps.gram_row_means(z_idk_all[picked], z_idk_all))
-    w = ps.grait_weights(delta, a.grait_temperature, a.grait_weights).tolist()
-    weights = {s["id"]: float(x) for s, x in zip(idk, w)}
-    extra = {"grait": {"feature_path": path, "projection": a.projection, "grad_dim": a.grad_dim, "adam": moments is not None, "select": a.grait_select,
-                       "weights": a.grait_weights, "ik_all": len(ik_all), "idk_all": len(idk_all),
-                       "weight_stats": stats([{"w": x} for x in w], "w")}}
-    if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
-        craft_idk = {s["id"] for s in select("craft", rows, task, n_van, n_idk, random.Random(0))[1]}
-        extra["grait"]["overlap_with_craft_idk"] = len(craft_idk & set(weights)) / max(1, len(idk))
-    return van, idk, weights, extra
+    # 3. adaptive weights from the influence on known vs unknown items (SPEC 5.5)
+    w = grait_weights(grait_delta(z_c[picked], z_ik, z_c), T, weights).tolist()
+    return van, idk, {s["id"]: float(x) for s, x in zip(idk, w)}
+
+
+def grait_features(model_name, warmup, items_by_id, task, reader, grad_dim, projection, seed,
+                   batch_size, adam=True, trust_remote_code=False):
+    """The features function GRAIT needs: per-sample LoRA gradients at the warm-up (rehearsal)
+    adapter, Adam-preconditioned with its moments, projected, normalised (SPEC 5.3,
+    kernels/persample.py), both views with the REFUSE prompt (SPEC 5.3 step 2).
+    Returns (features(rows, view), info for the summary)."""
+    from kernels import lora, persample
+    model, tok = models.load_model(model_name, adapter=warmup, trust_remote_code=trust_remote_code)
+    moments = lora.load_adam_moments(warmup) if adam else None
+    info = {"feature_path": None, "projection": projection, "grad_dim": grad_dim, "adam": adam}
+
+    def features(rows, view):
+        enc = []
+        for s in rows:
+            it = items_by_id[s["id"]]
+            target = models.IDK[task] if view == "idk" else models.target_of(it, reader)
+            prompt = models.render(tok, models.user_prompt(it, "refuse"))
+            enc.append(models.encode_example(tok, prompt, target)[:2])
+        z, info["feature_path"] = persample.example_features(
+            model, enc, tok.pad_token_id, moments=moments, grad_dim=grad_dim, seed=seed,
+            batch_size=batch_size, projection=projection, desc=f"{view.upper()} view, {len(rows)} items")
+        return z
+    return features, info
 
 
 def make_examples(items_by_id, van, idk, method, reader, weights=None):
@@ -255,6 +355,33 @@ def print_summary(s, file=sys.stderr):
               f"{f(k['flow']):>7} {'-' if share is None else f'{share:.0%}':>9}", file=file)
 
 
+def run_grait(a, items_by_id, rows, task, n_van, n_idk):
+    """GRAIT from the command line: load M0 + the warm-up adapter for the features, select and
+    weigh, and collect the statistics of the summary (with the overlap with CRaFT's IdK set)."""
+    if not a.model or not a.warmup:
+        raise files.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
+                               "adapter with its Adam moments, SPEC 9 #10)")
+    ik_all, idk_all = grait_split(rows, task)
+    if not idk_all:
+        raise files.InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
+    if not ik_all:   # a model that knows nothing (e.g. a random dry-run model): say it loudly
+        print(f"[construct] WARNING: no known items (mu > {TAU}): no van set, and the IdK "
+              "selection and weights use idk-idk influences only", file=sys.stderr)
+    features, info = grait_features(a.model, a.warmup, items_by_id, task, a.mcqa_reader,
+                                    a.grad_dim, a.projection, a.seed, a.grad_batch_size,
+                                    adam=not a.no_adam, trust_remote_code=a.trust_remote_code)
+    van, idk, weights = grait(rows, task, n_van, n_idk, features, a.grait_select,
+                              a.grait_weights, a.grait_temperature)
+    w = list(weights.values())
+    extra = {"grait": {**info, "select": a.grait_select, "weights": a.grait_weights,
+                       "ik_all": len(ik_all), "idk_all": len(idk_all),
+                       "weight_stats": stats([{"w": x} for x in w], "w")}}
+    if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
+        craft_idk = {s["id"] for s in craft(rows, task, n_van, n_idk, random.Random(0))[1]}
+        extra["grait"]["overlap_with_craft_idk"] = len(craft_idk & set(weights)) / max(1, len(idk))
+    return van, idk, weights, extra
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" +
                                 __doc__.split("\n\n")[1],
@@ -337,9 +464,19 @@ def main(argv=None):
     rng = random.Random(a.seed)
     extra, weights = {}, None
     if a.method == "grait":
-        van, idk, weights, extra = grait_select(a, items_by_id, rows, task, n_van, n_idk)
+        van, idk, weights, extra = run_grait(a, items_by_id, rows, task, n_van, n_idk)
+    elif a.method == "craft":
+        van, idk = craft(rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
+    elif a.method == "corcer":
+        van, idk = corcer_rait(rows, task, n_van, n_idk, rng, a.with_replacement)
+    elif a.method == "wocer":
+        van, idk = wocer_rait(rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
+    elif a.method == "cor":
+        van, idk = cor_rait(rows, task, n_van, n_idk, rng, a.with_replacement)
+    elif a.method == "oracle":
+        van, idk = oracle_rait(rows, n_van, n_idk, rng, a.with_replacement)
     else:
-        van, idk = select(a.method, rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
+        van, idk = van_tuning(rows, n_van + n_idk, rng, a.with_replacement)
     for kind, got, want in (("van", van, n_van), ("idk", idk, n_idk if a.method != "van" else 0)):
         if len(got) < want:
             print(f"[construct] short {kind} pool: {len(got)} of {want} requested; taking all "

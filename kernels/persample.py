@@ -19,21 +19,22 @@ GRAIT features (SPEC 5.3 steps 3-5): per-sample gradient g -> Adam preconditioni
 u = m' / sqrt(v' + eps) with the warm-up adapter's moments -> either the exact vector (when the
 LoRA vector has at most `grad_dim` entries) or a seeded Rademacher JL projection to `grad_dim`
 applied parameter by parameter while the backward runs -> L2 normalisation. Then inner-product
-(Gram) blocks, the greedy IdK selection (SPEC 5.4) and the adaptive weights (SPEC 5.5).
+(Gram) blocks. GRAIT's selection (SPEC 5.4) and weights (SPEC 5.5) are the paper's method and live
+in construct.py, which uses these numerics.
 
 Cost of the dense projection: 2 * D * grad_dim flops per example (the TRAK projector does the same
 on GPU). On a CPU with a large LoRA vector this dominates everything (world model, r 64
 all-linear: D = 754k, about 12 GFLOP per example at 8192 dims); `projection="sketch"` is a
 CountSketch JL alternative at O(D) per example with the same inner-product variance.
 
-Typical use (construct.py --method grait):
+Typical use (construct.py::grait_features and construct.py::grait):
 
-    from kernels.persample import example_features, gram_row_sums, gram_column, greedy_select
+    from kernels.persample import example_features, gram_row_sums, gram_column
     moments = kernels.lora.load_adam_moments(warmup)       # {name: (exp_avg, exp_avg_sq)}
     z_idk, path = example_features(model, idk_view, tok.pad_token_id, moments)  # [(ids, labels)]
     z_van, _ = example_features(model, van_view, tok.pad_token_id, moments)
-    s0 = gram_row_sums(z_idk[cand], z_van[van_sel])                      # SPEC 5.4 step 1
-    sel, _ = greedy_select(s0, lambda j: gram_column(z_idk[cand], z_idk[cand][j]), 1000)
+    s0 = gram_row_sums(z_idk, z_van)                       # SPEC 5.4 step 1: s_j = sum_v K_iv[j, v]
+    col = lambda j: gram_column(z_idk, z_idk[j])           # K_ii[:, j] for the greedy update
 """
 import math
 import sys
@@ -49,7 +50,6 @@ from kernels.lora import lora_modules, lora_parameters
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8   # SPEC 5.3 step 4 (LESS, AdamW defaults)
 GRAD_DIM = 8192          # SPEC 5.3 step 5: projection dimension (LESS / TRAK)
 PROJ_BLOCK = 1024        # rows of R^T generated at once; part of R's definition (see project)
-GRAIT_T = 0.05           # SPEC 5.5: softmax temperature of the adaptive weights
 IGNORE = -100            # label of prompt and padding tokens (rait/models.py::encode_example)
 
 
@@ -457,66 +457,3 @@ def gram_matrix(X, Y, block=ROW_BLOCK):
     for i, Kb in gram_blocks(X, Y, block):
         K[i:i + Kb.shape[0]] = Kb
     return K
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. GRAIT selection and weights (SPEC 5.4, 5.5, SPEC 9 #7-#8)
-def greedy_select(score0, col_fn, k):
-    """SPEC 5.4 steps 1-2: greedy IdK selection with incremental scores.
-
-    score0 [N]: s_j = sum_{v in V} K_iv[j, v] for each candidate j. col_fn(j) -> [N]: the column
-    K_ii[:, j]. Repeat k times: j* = argmax of s over the remaining candidates (lowest index on
-    ties, as Python's argmax in the released code), add j* to S, s += K_ii[:, j*]. This greedily
-    maximises F(S) = sum_{j in S} s_j + sum_{j<m in S} K_ii[j, m] (K_ii symmetric).
-    Returns (S as a list of indices in pick order, final scores [N] float64)."""
-    s = score0.double().clone()
-    n = s.shape[0]
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot select {k} of {n} candidates")
-    taken = torch.zeros(n, dtype=torch.bool)
-    picked = []
-    for _ in range(k):
-        j = int(torch.argmax(s.masked_fill(taken, -math.inf)))   # first maximum: lowest index
-        picked.append(j)
-        taken[j] = True
-        s += col_fn(j).double().cpu()
-    return picked, s
-
-
-def released_select(score0, col_fn, k, n_greedy=None):
-    """SPEC 5.4 quirk (b), `--grait-select released`: run the greedy loop for n_greedy (default k)
-    picks, then discard S and return the k lowest-scoring REMAINING candidates, ascending by
-    their final score (stable: lowest index first on ties)."""
-    picked, s = greedy_select(score0, col_fn, k if n_greedy is None else n_greedy)
-    rest = torch.ones(s.shape[0], dtype=torch.bool)
-    rest[picked] = False
-    remaining = torch.nonzero(rest).flatten()
-    if k > remaining.numel():
-        raise ValueError(f"only {remaining.numel()} candidates remain, cannot take {k}")
-    order = torch.sort(s[remaining], stable=True).indices
-    return remaining[order[:k]].tolist()
-
-
-def grait_delta(z_sel, z_ik, z_idk):
-    """SPEC 5.5: delta(i) = mean_{k in ik_all} K_ii[i,k] - mean_{k in idk_all} K_ii[i,k] for each
-    selected idk item i, with K_ii the inner products of IDK-view features (z_idk includes i).
-    [N_sel] float64."""
-    return gram_row_means(z_sel, z_ik) - gram_row_means(z_sel, z_idk)
-
-
-def grait_weights(delta, T=GRAIT_T, variant="paper"):
-    """SPEC 5.5 / SPEC 9 #8: the weights of the N selected IdK items.
-    paper:   N * softmax(-delta / T)      mean 1; IdK items that push known questions towards
-                                          refusal get less weight (the paper's stated aim)
-    code:    N/2 * softmax(+delta / T)    the released formula (500 for N = 1000; sum N/2)
-    uniform: 1 for every item             what the released run actually trained with
-    Returns [N] float64."""
-    d = torch.as_tensor(delta, dtype=torch.float64)
-    n = d.shape[0]
-    if variant == "paper":
-        return n * torch.softmax(-d / T, dim=0)
-    if variant == "code":
-        return (n / 2) * torch.softmax(d / T, dim=0)
-    if variant == "uniform":
-        return torch.ones(n, dtype=torch.float64)
-    raise ValueError(f"unknown GRAIT weight variant {variant!r} (paper, code or uniform)")

@@ -1,11 +1,13 @@
 """construct.py: every selection rule of SPEC 4 / 9 on small hand-made knowledge states."""
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -25,28 +27,34 @@ def ids(rows):
     return [r["id"] for r in rows]
 
 
-def test_mcqa_threshold_puts_mu_half_in_van():
+def test_correctness_split():
+    # SPEC 4: MCQA van mu >= 0.5, idk mu < 0.5 (0.5 itself is van)
     st = [S("a", 0.49, 0), S("b", 0.5, 0), S("c", 0.51, 0)]
     van, idk = C.correctness_split(st, "mcqa")
-    assert ids(van) == ["b", "c"] and ids(idk) == ["a"]          # SPEC 4: mu >= 0.5 is van
-
-
-def test_oeqa_threshold_drops_mu_half():
+    assert ids(van) == ["b", "c"], f"MCQA van must be mu >= 0.5 (b: 0.5, c: 0.51), got {ids(van)}"
+    assert ids(idk) == ["a"], f"MCQA idk must be mu < 0.5 (a: 0.49), got {ids(idk)}"
+    # SPEC 4: OEQA van mu >= 0.51, idk mu <= 0.49: mu = 0.5 is in neither pool
     st = [S("a", 0.4, 0), S("b", 0.5, 0), S("c", 0.6, 0), S("d", 0.0, 0), S("e", 1.0, 0)]
     van, idk = C.correctness_split(st, "oeqa")
-    assert ids(van) == ["c", "e"] and ids(idk) == ["a", "d"]     # SPEC 4: 0.5 dropped
+    assert ids(van) == ["c", "e"], f"OEQA van must be mu >= 0.51, got {ids(van)}"
+    assert ids(idk) == ["a", "d"], f"OEQA idk must be mu <= 0.49 (0.5 is dropped), got {ids(idk)}"
 
 
 def test_certainty_order_with_id_tie_break():
     st = [S("b", 1, 0.9), S("a", 1, 0.9), S("c", 1, 0.95), S("d", 1, 0.1)]
-    assert ids(C.by_certainty(st, 3, most_certain=True)) == ["c", "a", "b"]
-    assert ids(C.by_certainty(st, 2, most_certain=False)) == ["d", "a"]
+    got = ids(C.by_certainty(st, 3, most_certain=True))
+    assert got == ["c", "a", "b"], ("the 3 most certain: sigma descending (c 0.95, then a and b at "
+                                    f"0.9, ties by id), got {got}")
+    got = ids(C.by_certainty(st, 2, most_certain=False))
+    assert got == ["d", "a"], f"the 2 least certain: sigma ascending, ties by id, got {got}"
 
 
 def test_flow_rules():
     st = [S("up", 0.2, 0, 0.3), S("same", 0.0, 0, 0.0), S("down", 0.3, 0, -0.1)]
-    assert ids(C.flow_filter(st, "le0")) == ["same", "down"]     # SPEC 9 #1 default
-    assert ids(C.flow_filter(st, "strict")) == ["down"]           # Alg. 1
+    got = ids(C.flow_filter(st, "le0"))
+    assert got == ["same", "down"], f"le0 keeps dmu <= 0, drops only rising items; got {got}"
+    got = ids(C.flow_filter(st, "strict"))
+    assert got == ["down"], f"strict (Alg. 1) keeps only dmu < 0; got {got}"
     with pytest.raises(ValueError):
         C.flow_filter(st, "other")
 
@@ -63,23 +71,33 @@ def test_draw_with_and_without_replacement_and_short_pools():
     assert len(C.fill_short(short, 4, random.Random(0), True)) == 4
 
 
-def test_methods_end_to_end_on_a_hand_made_pool():
-    st = [S("k1", 1.0, -0.1, 0.0), S("k2", 0.8, -0.5, -0.2), S("k3", 0.6, -1.0, 0.1),
-          S("u1", 0.0, -1.3, 0.0), S("u2", 0.2, -0.2, 0.4), S("u3", 0.4, -0.9, -0.3)]
-    rng = random.Random(0)
-    van, idk = C.select("corcer", st, "mcqa", 2, 2, rng)
+HAND_POOL = [S("k1", 1.0, -0.1, 0.0), S("k2", 0.8, -0.5, -0.2), S("k3", 0.6, -1.0, 0.1),
+             S("u1", 0.0, -1.3, 0.0), S("u2", 0.2, -0.2, 0.4), S("u3", 0.4, -0.9, -0.3)]
+
+
+def test_craft_algorithm_1():
+    st, rng = HAND_POOL, random.Random(0)
+    van, idk = C.craft(st, "mcqa", 2, 2, rng)
+    assert ids(van) == ["k1", "k2"], f"van: the 2 most certain known items (k1, k2), got {ids(van)}"
+    assert ids(idk) == ["u1", "u3"], ("idk: u2's correctness rose in rehearsal (flow 0.4), so "
+                                      f"it is dropped; then the least certain: u1, u3; got {ids(idk)}")
+    van, idk = C.craft(st, "mcqa", 2, 3, rng)
+    assert ids(idk) == ["u1", "u3"], f"short pool: all the flow filter leaves, got {ids(idk)}"
+    van, idk = C.craft(st, "mcqa", 2, 3, rng, flow_rule="strict")
+    assert ids(idk) == ["u3"], f"strict flow rule: only dmu < 0 (u3), got {ids(idk)}"
+
+
+def test_baselines_are_craft_with_steps_left_out():
+    st, rng = HAND_POOL, random.Random(0)
+    van, idk = C.corcer_rait(st, "mcqa", 2, 2, rng)                 # no flow filter: u2 stays
     assert ids(van) == ["k1", "k2"] and ids(idk) == ["u1", "u3"]
-    van, idk = C.select("craft", st, "mcqa", 2, 2, rng)            # u2's correctness rose: gone
-    assert ids(van) == ["k1", "k2"] and ids(idk) == ["u1", "u3"]
-    van, idk = C.select("craft", st, "mcqa", 2, 3, rng)
-    assert ids(idk) == ["u1", "u3"]                                 # short: all the filter leaves
-    van, idk = C.select("craft", st, "mcqa", 2, 3, rng, flow_rule="strict")
-    assert ids(idk) == ["u3"]
-    van, idk = C.select("wocer", st, "mcqa", 3, 2, rng)
+    van, idk = C.corcer_rait(st, "mcqa", 2, 3, rng)
+    assert ids(idk) == ["u1", "u3", "u2"]
+    van, idk = C.wocer_rait(st, "mcqa", 3, 2, rng)                  # flow filter, random draws
     assert sorted(ids(van)) == ["k1", "k2", "k3"] and sorted(ids(idk)) == ["u1", "u3"]
-    van, idk = C.select("cor", st, "mcqa", 3, 3, rng)
+    van, idk = C.cor_rait(st, "mcqa", 3, 3, rng)
     assert sorted(ids(van)) == ["k1", "k2", "k3"] and sorted(ids(idk)) == ["u1", "u2", "u3"]
-    van, idk = C.select("van", st, "mcqa", 4, 2, rng)
+    van, idk = C.van_tuning(st, 6, rng)
     assert len(van) == 6 and idk == []
 
 
@@ -89,7 +107,7 @@ def test_oracle_splits_by_what_m0_answers_not_by_mu():
           dict(S("u1", 0.9, 0), m0_known=False), dict(S("u2", 0.2, 0), m0_known=False)]
     van, idk = C.oracle_split(st)
     assert ids(van) == ["k1", "k2"] and ids(idk) == ["u1", "u2"]
-    van, idk = C.select("oracle", st, "oeqa", 2, 2, random.Random(0))
+    van, idk = C.oracle_rait(st, 2, 2, random.Random(0))
     assert sorted(ids(van)) == ["k1", "k2"] and sorted(ids(idk)) == ["u1", "u2"]
 
 
@@ -229,3 +247,98 @@ def test_grait_cli_selects_weights_and_reports(pool, tiny_chat_llama):
     assert sorted(states[e["id"]] for e in van) == sorted(m for m, _ in top[:8])   # top mu
     assert {e["id"] for e in outs["uniform"] if e["kind"] == "idk"} == {e["id"] for e in idk}
     assert all(e["weight"] == 1.0 for e in outs["uniform"])
+
+
+# ----------------------------------------------------------------------------------------------
+# GRAIT's selection (SPEC 5.4) and weights (SPEC 5.5) on hand-made Gram matrices
+def test_grait_delta_equals_dense_means():
+    torch.manual_seed(3)
+    z_sel, z_ik, z_idk = torch.randn(5, 8), torch.randn(9, 8), torch.randn(7, 8)
+    want = (z_sel @ z_ik.T).double().mean(1) - (z_sel @ z_idk.T).double().mean(1)
+    assert torch.allclose(C.grait_delta(z_sel, z_ik, z_idk), want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRAIT selection (SPEC 5.4) and weights (SPEC 5.5)
+def objective(S, Kiv, Kii):
+    """F(S) = sum_{j in S} sum_{k in V} K_iv[j,k] + sum_{j<m in S} K_ii[j,m]."""
+    return (sum(float(Kiv[j].sum()) for j in S)
+            + sum(float(Kii[S[a], S[b]]) for a in range(len(S)) for b in range(a + 1, len(S))))
+
+
+def brute_force_greedy(Kiv, Kii, k):
+    S = []
+    for _ in range(k):
+        rest = [j for j in range(Kii.shape[0]) if j not in S]
+        gains = [objective(S + [j], Kiv, Kii) for j in rest]
+        S.append(rest[max(range(len(rest)), key=lambda i: (gains[i], -i))])
+    return S
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_select_equals_brute_force_greedy(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, nv, k = 12, 5, 6
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    Kii, Kiv = (A + A.T) / 2, torch.randn(n, nv, generator=g, dtype=torch.float64)
+    picked, s = C.greedy_select(Kiv.sum(1), lambda j: Kii[:, j], k)
+    want = brute_force_greedy(Kiv, Kii, k)
+    assert picked == want, ("each pick must maximise F(S) given the earlier picks (SPEC 5.4): "
+                            f"brute force picks {want}, greedy_select picked {picked}")
+    assert torch.allclose(s, Kiv.sum(1) + Kii[:, picked].sum(1))
+    assert len(set(picked)) == k
+
+
+def test_greedy_ties_go_to_the_lowest_index():
+    picked, _ = C.greedy_select(torch.zeros(5), lambda j: torch.zeros(5), 3)
+    assert picked == [0, 1, 2]
+
+
+def test_released_select_hand_case_and_definition():
+    score0 = torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0])
+    zero = lambda j: torch.zeros(5)                             # noqa: E731
+    # greedy takes 4 then 0; the rest {1, 2, 3} have scores 1, 2, 1 -> lowest two, ties by index
+    assert C.released_select(score0, zero, 2) == [1, 3]
+    g = torch.Generator().manual_seed(9)
+    A = torch.randn(10, 10, generator=g, dtype=torch.float64)
+    Kii, s0 = A + A.T, torch.randn(10, generator=g, dtype=torch.float64)
+    picked, s = C.greedy_select(s0, lambda j: Kii[:, j], 3)
+    rest = sorted((j for j in range(10) if j not in picked), key=lambda j: (float(s[j]), j))
+    assert C.released_select(s0, lambda j: Kii[:, j], 3) == rest[:3]
+    assert C.released_select(s0, lambda j: Kii[:, j], 4, n_greedy=3) == rest[:4]
+
+
+def test_grait_weights_each_variant_equals_its_formula():
+    T = 0.05
+    delta = torch.tensor([0.0, T * math.log(3)])                 # exp(-d/T) = 1, 1/3
+    assert torch.allclose(C.grait_weights(delta, T, "paper"),
+                          torch.tensor([1.5, 0.5], dtype=torch.float64))   # 2 * (3/4, 1/4)
+    assert torch.allclose(C.grait_weights(delta, T, "code"),
+                          torch.tensor([0.25, 0.75], dtype=torch.float64))  # 1 * (1/4, 3/4)
+    assert torch.equal(C.grait_weights(delta, T, "uniform"), torch.ones(2, dtype=torch.float64))
+    d = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.05
+    assert math.isclose(float(C.grait_weights(d).mean()), 1.0, rel_tol=1e-12)
+    assert math.isclose(float(C.grait_weights(d, variant="code").sum()), 500.0, rel_tol=1e-12)
+    w = C.grait_weights(d)
+    assert w[d.argmax()] == w.min()                              # paper: larger delta, less weight
+    with pytest.raises(ValueError):
+        C.grait_weights(d, variant="other")
+
+
+def test_grait_hand_case():
+    """GRAIT end to end on 2-d unit features, by hand (SPEC 5.2-5.5)."""
+    st = [S("k1", 0.9, 0), S("k2", 0.8, 0), S("u1", 0.1, 0), S("u2", 0.2, 0), S("u3", 0.3, 0)]
+    z = {"idk": {"k1": (1, 0), "k2": (1, 0), "u1": (1, 0), "u2": (0, 1), "u3": (0.6, 0.8)},
+         "van": {"k1": (1, 0), "k2": (0, 1)}}
+
+    def features(rows, view):
+        return torch.tensor([z[view][r["id"]] for r in rows], dtype=torch.float64)
+    van, idk, w = C.grait(st, "mcqa", 1, 2, features, weights="paper", T=1.0)
+    assert ids(van) == ["k1"], f"D_ik_sel: the known item with the highest mu (k1), got {ids(van)}"
+    # s = <z_j, z_van(k1)> = (1, 0, 0.6): u1 first; then s += K_ii[:, u1] = (., 0, 0.6): u3 (1.2)
+    assert ids(idk) == ["u1", "u3"], f"greedy IdK picks: u1 then u3, got {ids(idk)}"
+    # delta = mean over ik_all (k1, k2) - mean over idk_all (u1, u2, u3) of <z_i, z_k>
+    d1, d3 = 1.0 - (1 + 0 + 0.6) / 3, 0.6 - (0.6 + 0.8 + 1.0) / 3
+    e1, e3 = math.exp(-d1), math.exp(-d3)
+    want = {"u1": 2 * e1 / (e1 + e3), "u3": 2 * e3 / (e1 + e3)}     # N softmax(-delta / T)
+    assert w == pytest.approx(want), f"weights {w}, want N * softmax(-delta / T) = {want}"

@@ -12,10 +12,9 @@ from rait.models import encode_example, render
 from kernels.lora import inject_lora, lora_parameters
 from kernels.persample import (adam_precondition, batch_features, example_features, flat_grads,
                                gram_blocks, gram_column, gram_matrix, gram_row_means,
-                               gram_row_sums, grait_delta, grait_weights, greedy_select,
-                               normalise_rows, pad_batch, per_sample_grads,
-                               per_sample_linear_grad, project,
-                               rademacher_block, released_select, sketch, sketch_hash)
+                               gram_row_sums, normalise_rows, pad_batch, per_sample_grads,
+                               per_sample_linear_grad, project, rademacher_block, sketch,
+                               sketch_hash)
 
 QUESTIONS = [("Who wrote the play about the prince of Denmark?", "Shakespeare"),
              ("Capital of France?", "Paris is the capital"),
@@ -321,75 +320,3 @@ def test_gram_blocks_equal_dense_matrix(dtype):
     assert starts == [0, 10, 20, 30]
     with pytest.raises(ValueError):
         gram_row_means(X, Y, [])
-
-
-def test_grait_delta_equals_dense_means():
-    torch.manual_seed(3)
-    z_sel, z_ik, z_idk = torch.randn(5, 8), torch.randn(9, 8), torch.randn(7, 8)
-    want = (z_sel @ z_ik.T).double().mean(1) - (z_sel @ z_idk.T).double().mean(1)
-    assert torch.allclose(grait_delta(z_sel, z_ik, z_idk), want, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------
-# GRAIT selection (SPEC 5.4) and weights (SPEC 5.5)
-def objective(S, Kiv, Kii):
-    """F(S) = sum_{j in S} sum_{k in V} K_iv[j,k] + sum_{j<m in S} K_ii[j,m]."""
-    return (sum(float(Kiv[j].sum()) for j in S)
-            + sum(float(Kii[S[a], S[b]]) for a in range(len(S)) for b in range(a + 1, len(S))))
-
-
-def brute_force_greedy(Kiv, Kii, k):
-    S = []
-    for _ in range(k):
-        rest = [j for j in range(Kii.shape[0]) if j not in S]
-        gains = [objective(S + [j], Kiv, Kii) for j in rest]
-        S.append(rest[max(range(len(rest)), key=lambda i: (gains[i], -i))])
-    return S
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_greedy_select_equals_brute_force_greedy(seed):
-    g = torch.Generator().manual_seed(seed)
-    n, nv, k = 12, 5, 6
-    A = torch.randn(n, n, generator=g, dtype=torch.float64)
-    Kii, Kiv = (A + A.T) / 2, torch.randn(n, nv, generator=g, dtype=torch.float64)
-    picked, s = greedy_select(Kiv.sum(1), lambda j: Kii[:, j], k)
-    assert picked == brute_force_greedy(Kiv, Kii, k)
-    assert torch.allclose(s, Kiv.sum(1) + Kii[:, picked].sum(1))
-    assert len(set(picked)) == k
-
-
-def test_greedy_ties_go_to_the_lowest_index():
-    picked, _ = greedy_select(torch.zeros(5), lambda j: torch.zeros(5), 3)
-    assert picked == [0, 1, 2]
-
-
-def test_released_select_hand_case_and_definition():
-    score0 = torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0])
-    zero = lambda j: torch.zeros(5)                             # noqa: E731
-    # greedy takes 4 then 0; the rest {1, 2, 3} have scores 1, 2, 1 -> lowest two, ties by index
-    assert released_select(score0, zero, 2) == [1, 3]
-    g = torch.Generator().manual_seed(9)
-    A = torch.randn(10, 10, generator=g, dtype=torch.float64)
-    Kii, s0 = A + A.T, torch.randn(10, generator=g, dtype=torch.float64)
-    picked, s = greedy_select(s0, lambda j: Kii[:, j], 3)
-    rest = sorted((j for j in range(10) if j not in picked), key=lambda j: (float(s[j]), j))
-    assert released_select(s0, lambda j: Kii[:, j], 3) == rest[:3]
-    assert released_select(s0, lambda j: Kii[:, j], 4, n_greedy=3) == rest[:4]
-
-
-def test_grait_weights_each_variant_equals_its_formula():
-    T = 0.05
-    delta = torch.tensor([0.0, T * math.log(3)])                 # exp(-d/T) = 1, 1/3
-    assert torch.allclose(grait_weights(delta, T, "paper"),
-                          torch.tensor([1.5, 0.5], dtype=torch.float64))   # 2 * (3/4, 1/4)
-    assert torch.allclose(grait_weights(delta, T, "code"),
-                          torch.tensor([0.25, 0.75], dtype=torch.float64))  # 1 * (1/4, 3/4)
-    assert torch.equal(grait_weights(delta, T, "uniform"), torch.ones(2, dtype=torch.float64))
-    d = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.05
-    assert math.isclose(float(grait_weights(d).mean()), 1.0, rel_tol=1e-12)
-    assert math.isclose(float(grait_weights(d, variant="code").sum()), 500.0, rel_tol=1e-12)
-    w = grait_weights(d)
-    assert w[d.argmax()] == w.min()                              # paper: larger delta, less weight
-    with pytest.raises(ValueError):
-        grait_weights(d, variant="other")
