@@ -1,0 +1,78 @@
+"""The layering DESIGN promises: kernels/ is the bottom layer (it imports only kernels/ and
+third-party packages), no stage imports another stage, and no project module imports itself
+back through others (no cycle). Read from the source with ast, so lazy imports count too."""
+import ast
+import glob
+import os
+
+from conftest import ROOT
+
+STAGES = ("probe", "rehearse", "construct", "finetune", "evaluate")
+
+
+def project_modules():
+    """{'probe': path, 'rait.files': path, 'kernels.lora': path, ...}"""
+    mods = {}
+    for path in glob.glob(f"{ROOT}/*.py") + glob.glob(f"{ROOT}/rait/*.py") + \
+            glob.glob(f"{ROOT}/kernels/*.py"):
+        rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        if not rel.endswith("__init__"):
+            mods[rel] = path
+    return mods
+
+
+def imports_of(path, mods):
+    """The project modules a file imports (any depth in the file: lazy imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n in mods}
+    return out
+
+
+def graph():
+    mods = project_modules()
+    return {m: imports_of(p, mods) for m, p in mods.items()}
+
+
+def test_kernels_import_only_kernels():
+    for m, deps in graph().items():
+        if m.startswith("kernels."):
+            bad = sorted(d for d in deps if not d.startswith("kernels."))
+            assert not bad, f"{m} imports {bad}: kernels/ must import only kernels/ and packages"
+
+
+def test_rait_imports_no_stage():
+    for m, deps in graph().items():
+        if m.startswith("rait."):
+            bad = sorted(d for d in deps if d in STAGES or d in ("pipeline", "world", "data"))
+            assert not bad, f"{m} imports {bad}: rait/ sits below the stages"
+
+
+def test_no_stage_imports_another_stage():
+    g = graph()
+    for s in STAGES:
+        bad = sorted(d for d in g[s] if d in STAGES)
+        assert not bad, f"{s}.py imports the stage(s) {bad}: stages talk through files and commands"
+
+
+def test_no_import_cycle():
+    g = graph()
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(g[m]):
+            if state.get(d) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [m])

@@ -1,0 +1,234 @@
+"""The README's "For teachers" table: every paper formula is a small pure function whose named
+test fails for a blanked body and for the plausible wrong versions a student might write.
+
+Each row of the table names `file.py::function` and a pytest command; this file reads the table,
+swaps each function for each of its mutants below (a blank body first), runs the named tests
+in-process and requires every mutant to make at least one of them fail."""
+import importlib
+import math
+import re
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+import construct as C
+import probe
+import rehearse
+from kernels import ths as kt
+
+
+def blank(*args, **kwargs):
+    """A blanked body: the function returns nothing."""
+    return None
+
+
+# --- wrong versions, one per plausible mistake ------------------------------------------------
+def ths_sign_flip(pc, pw, pc0, pw0):
+    return pc + pw * pc0 / pw0
+
+
+def ths_inverted_ratio(pc, pw, pc0, pw0):
+    return pc - pw * pw0 / pc0
+
+
+def ths_no_ratio(pc, pw, pc0, pw0):
+    return pc - pw
+
+
+def mcqa_no_renormalisation(probs, gold_index, certainty="neg-entropy"):
+    q = [x / sum(probs) for x in probs]
+    return probs[gold_index], sum(x * math.log(x) for x in q if x > 0)
+
+
+def mcqa_entropy_not_negated(probs, gold_index, certainty="neg-entropy"):
+    q = [x / sum(probs) for x in probs] if certainty == "neg-entropy" else list(probs)
+    return probs[gold_index] / sum(probs), -sum(x * math.log(x) for x in q if x > 0)
+
+
+def mcqa_entropy_of_raw_probs(probs, gold_index, certainty="neg-entropy"):
+    return probs[gold_index] / sum(probs), sum(x * math.log(x) for x in probs if x > 0)
+
+
+def oeqa_mu_refusal_counts(labels):
+    return sum(lab != "wrong" for lab in labels) / len(labels)
+
+
+def oeqa_mu_count_not_share(labels):
+    return sum(lab == "correct" for lab in labels)
+
+
+def certainty_diagonal_included(embeddings):
+    e = torch.nn.functional.normalize(torch.as_tensor(embeddings, dtype=torch.float64), dim=-1)
+    return float((e @ e.T).mean())
+
+
+def certainty_not_normalised(embeddings):
+    e = torch.as_tensor(embeddings, dtype=torch.float64)
+    n, sim = e.shape[0], e @ e.T
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def flow_abs(mu0, mu1):
+    return abs(mu1 - mu0)
+
+
+def flow_sign_flip(mu0, mu1):
+    return mu0 - mu1
+
+
+def split_half_to_idk(states, task, tau=C.TAU):
+    return [s for s in states if s["mu"] > tau], [s for s in states if s["mu"] <= tau]
+
+
+def split_oeqa_keeps_half(states, task, tau=C.TAU):
+    return [s for s in states if s["mu"] >= tau], [s for s in states if s["mu"] < tau]
+
+
+def filter_sign_flip(idk, rule="le0"):
+    return [s for s in idk if (s["flow"] >= 0 if rule == "le0" else s["flow"] > 0)]
+
+
+def filter_always_strict(idk, rule="le0"):
+    return [s for s in idk if s["flow"] < 0]
+
+
+def filter_nothing(idk, rule="le0"):
+    return list(idk)
+
+
+def certainty_reversed(rows, n, most_certain):
+    return sorted(rows, key=lambda s: (s["sigma"], s["id"]))[:n]
+
+
+def certainty_no_tie_break(rows, n, most_certain):
+    return sorted(rows, key=lambda s: -s["sigma"] if most_certain else s["sigma"])[:n]
+
+
+def craft_without_flow(states, task, n_van, n_idk, rng, flow_rule="le0", with_replacement=False):
+    return C.corcer_rait(states, task, n_van, n_idk, rng, with_replacement)
+
+
+def craft_swapped_certainty(states, task, n_van, n_idk, rng, flow_rule="le0",
+                            with_replacement=False):
+    van, idk = C.correctness_split(states, task)
+    idk = C.flow_filter(idk, flow_rule)
+    return C.by_certainty(van, n_van, False), C.by_certainty(idk, n_idk, True)
+
+
+def greedy_no_exclusion(score0, col_fn, k):
+    s, picked = score0.double().clone(), []
+    for _ in range(k):
+        j = int(torch.argmax(s))
+        picked.append(j)
+        s += col_fn(j).double()
+    return picked, s
+
+
+def greedy_no_update(score0, col_fn, k):
+    s = score0.double().clone()
+    return torch.argsort(-s, stable=True)[:k].tolist(), s
+
+
+def gram_means(X, Y):
+    return (X.double() @ Y.double().T).mean(1)
+
+
+def delta_sign_flip(z_sel, z_ik, z_idk):
+    return gram_means(z_sel, z_idk) - gram_means(z_sel, z_ik)
+
+
+def delta_sums_not_means(z_sel, z_ik, z_idk):
+    return (z_sel @ z_ik.T).double().sum(1) - (z_sel @ z_idk.T).double().sum(1)
+
+
+def weights_sign_flip(delta, T=C.GRAIT_T, variant="paper"):
+    d = torch.as_tensor(delta, dtype=torch.float64)
+    return d.shape[0] * torch.softmax(d / T, dim=0)
+
+
+def weights_not_renormalised(delta, T=C.GRAIT_T, variant="paper"):
+    d = torch.as_tensor(delta, dtype=torch.float64)
+    return d.shape[0] * torch.exp(-d / T)
+
+
+def weights_no_scale(delta, T=C.GRAIT_T, variant="paper"):
+    return torch.softmax(-torch.as_tensor(delta, dtype=torch.float64) / T, dim=0)
+
+
+def grait_released_selection(states, task, n_van, n_idk, features, select="greedy",
+                             weights="paper", T=C.GRAIT_T):
+    return REAL["construct.py::grait"](states, task, n_van, n_idk, features, "released", weights, T)
+
+
+def grait_uniform_weights(states, task, n_van, n_idk, features, select="greedy",
+                          weights="paper", T=C.GRAIT_T):
+    return REAL["construct.py::grait"](states, task, n_van, n_idk, features, select, "uniform", T)
+
+
+MODULES = {"kernels/ths.py": kt, "probe.py": probe, "rehearse.py": rehearse, "construct.py": C}
+REAL = {f"{f}::{name}": getattr(m, name) for f, m in MODULES.items() for name in dir(m)}
+MUTANTS = {
+    "kernels/ths.py::ths": [ths_sign_flip, ths_inverted_ratio, ths_no_ratio],
+    "probe.py::mcqa_state": [mcqa_no_renormalisation, mcqa_entropy_not_negated,
+                             mcqa_entropy_of_raw_probs],
+    "probe.py::oeqa_mu": [oeqa_mu_refusal_counts, oeqa_mu_count_not_share],
+    "probe.py::embedding_certainty": [certainty_diagonal_included, certainty_not_normalised],
+    "rehearse.py::knowledge_flow": [flow_abs, flow_sign_flip],
+    "construct.py::correctness_split": [split_half_to_idk, split_oeqa_keeps_half],
+    "construct.py::flow_filter": [filter_sign_flip, filter_always_strict, filter_nothing],
+    "construct.py::by_certainty": [certainty_reversed, certainty_no_tie_break],
+    "construct.py::craft": [craft_without_flow, craft_swapped_certainty],
+    "construct.py::greedy_select": [greedy_no_exclusion, greedy_no_update],
+    "construct.py::grait_delta": [delta_sign_flip, delta_sums_not_means],
+    "construct.py::grait_weights": [weights_sign_flip, weights_not_renormalised, weights_no_scale],
+    "construct.py::grait": [grait_released_selection, grait_uniform_weights],
+}
+
+
+def teachers_table():
+    """[(formula, 'file.py::function', ['tests/x.py::test_y', ...])] from README.md."""
+    text = open(f"{ROOT}/README.md", encoding="utf-8").read()
+    section = text.split("## For teachers", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r"\| (.+?) \| `([\w/]+\.py::\w+)` \| `\.venv/bin/python -m pytest -q "
+                     r"([^`]+)` \|$", line)
+        if m:
+            rows.append((m.group(1), m.group(2), m.group(3).split()))
+    return rows
+
+
+def test_table_covers_every_formula():
+    rows = teachers_table()
+    named = [f for _, f, _ in rows]
+    assert sorted(named) == sorted(MUTANTS), (
+        f"README table and MUTANTS differ: {sorted(set(named) ^ set(MUTANTS))}")
+    for _, f, tests in rows:
+        assert f in REAL and callable(REAL[f]), f"{f}: no such function"
+        for t in tests:
+            path, name = t.split("::")
+            mod = importlib.import_module(path.split("/")[-1][:-3])
+            assert callable(getattr(mod, name, None)), f"{t}: no such test"
+
+
+@pytest.mark.parametrize("row", teachers_table(), ids=lambda r: r[1])
+def test_named_tests_fail_for_blank_and_wrong_versions(row, monkeypatch):
+    _, target, tests = row
+    file, name = target.split("::")
+    funcs = [getattr(importlib.import_module(t.split("/")[-1].split("::")[0][:-3]),
+                     t.split("::")[1]) for t in tests]
+    for real_ok in funcs:     # the real function passes its tests
+        real_ok()
+    for mutant in [blank] + MUTANTS[target]:
+        with monkeypatch.context() as m:
+            m.setattr(MODULES[file], name, mutant)
+            failed = []
+            for f in funcs:
+                try:
+                    f()
+                except Exception as e:    # AssertionError, or TypeError from a missing result
+                    failed.append(type(e).__name__)
+            assert failed, (f"{target} replaced by {mutant.__name__}: "
+                            f"{' '.join(tests)} still pass")
