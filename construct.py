@@ -318,7 +318,7 @@ def _same_ids(path, ids, table):
     if missing or extra:
         eg = (missing or sorted(extra))[0]
         raise files.InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
-                                f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
+                               f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
 
 
 def stats(rows, key):
@@ -448,8 +448,8 @@ def main(argv=None):
             (it.get("meta") or {}).get("m0_greedy_correct"), bool)]
         if no_meta:
             raise files.InputError(f"{a.items}: --method oracle needs meta.m0_greedy_correct (the "
-                                    f"world's items have it); missing for {len(no_meta)} items, "
-                                    f"e.g. {no_meta[0]!r}")
+                                   f"world's items have it); missing for {len(no_meta)} items, "
+                                   f"e.g. {no_meta[0]!r}")
         for r in rows:
             r["m0_known"] = items_by_id[r["id"]]["meta"]["m0_greedy_correct"]
     d_van, d_idk = default_counts(task, len(items))
@@ -459,8 +459,8 @@ def main(argv=None):
         raise files.InputError("--n-van and --n-idk must be >= 0")
     if n_van + n_idk > len(items) and not a.with_replacement:
         raise files.InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
-                                f"{len(items)} items ({a.items}); lower them or pass "
-                                "--with-replacement")
+                               f"{len(items)} items ({a.items}); lower them or pass "
+                               "--with-replacement")
     rng = random.Random(a.seed)
     extra, weights = {}, None
     if a.method == "grait":

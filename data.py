@@ -366,7 +366,7 @@ def main(argv=None):
         path = os.path.join(folder, f"{split}.jsonl")
         files.write_jsonl(path, items)
         files.write_config(path, args, source=os.path.abspath(args.src), n_items=len(items),
-                            **notes)
+                           **notes)
         subjects = len({it.get("subject") for it in items})
         print(f"[data] {path}: {len(items)} items" + (f", {subjects} subjects"
                                                       if subjects > 1 else ""))

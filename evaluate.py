@@ -233,8 +233,8 @@ def answer(args):
                          "other_refusal": other_refusal(text) if lab != "refuse" else None})
         return rows
     key = files.stable_hash(args.model, args.adapter, file_sha(args.items), args.prompt,
-                             args.mcqa_reader, max_new, args.strict_refusal, args.batch_size,
-                             newline)
+                            args.mcqa_reader, max_new, args.strict_refusal, args.batch_size,
+                            newline)
     rows = runs.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key)
     if rows is None:
         return
@@ -246,7 +246,7 @@ def answer(args):
     summary = dict(zip(("pc", "pw", "pr", "unparsed"), map(float, r)))
     summary["other_refusal"] = sum(r["other_refusal"] is not None for r in rows)
     files.write_config(args.out, args, task=task, items_path=os.path.abspath(args.items),
-                        device=str(dev), summary=summary)
+                       device=str(dev), summary=summary)
     print(f"[evaluate] {args.out}: Pc {r[0]:.1f}  Pw {r[1]:.1f}  Pr {r[2]:.1f}  unparsed "
           f"{r[3]:.1f} (micro, %); other refusal phrasings in {summary['other_refusal']} "
           "non-refused responses")
@@ -413,7 +413,7 @@ def report(args):
                 res[s]["rows"]["init_basic"]["rates"]["pw"])
             for s in SPLITS if res[s] and "init_basic" in res[s]["rows"]}
     files.atomic_write_text(os.path.join(d, "ths.svg"),
-                             ths_svg(points, refs, f"THS plane: {os.path.abspath(d)}"))
+                            ths_svg(points, refs, f"THS plane: {os.path.abspath(d)}"))
     print(report_md(d, res))
 
 

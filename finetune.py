@@ -168,7 +168,7 @@ def encode_all(tok, examples, max_len):
                                                  e["target"], max_len)
         if len(ids) > max_len:
             raise files.InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
-                                    f"with EOS, more than --max-len {max_len}")
+                                   f"with EOS, more than --max-len {max_len}")
         n_cut += cut > 0
         enc.append((ids, labels))
     return enc, n_cut
@@ -393,7 +393,7 @@ def train(args, examples, out_dir):
     st = state(total)
     if rank == 0:   # config and log first: the trainer state written last marks completion
         files.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc),
-                            cut=n_cut, effective_batch=G, steps=total, processes=world)
+                           cut=n_cut, effective_batch=G, steps=total, processes=world)
         log.write(files.dumps({"done": True, "steps": total, "tokens": n_tok,
                                 "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
                                 "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")

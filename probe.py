@@ -366,9 +366,9 @@ def main(argv=None):
         fn = lambda b, s: read_samples(model, tok, embedder, b, shots_for, args, s)  # noqa
     key = files.stable_hash(json.dumps({k: v for k, v in vars(args).items() if k != "out"},
                                         sort_keys=True),
-                             *[it["id"] for it in items], *[s.get("id", "") for s in pool])
+                            *[it["id"] for it in items], *[s.get("id", "") for s in pool])
     rows = runs.resumable_batches(items, fn, args.out, args.batch_size, f"probe {reader}",
-                                    seed=args.seed, key=str(key))
+                                  seed=args.seed, key=str(key))
     if rank == 0:
         files.write_config(args.out, args, **extra)
         report(rows, items)

@@ -79,7 +79,7 @@ def resume(out_dir, key, args, model, opt, params, rank):
     for i, (k, p) in enumerate(params.items()):
         if k not in weights or weights[k].shape != p.shape or f"exp_avg/{k}" not in t:
             raise files.InputError(f"{wfile}: no tensor {k} of shape {tuple(p.shape)} "
-                                    "(checkpoint of another model or mode)")
+                                   "(checkpoint of another model or mode)")
         with torch.no_grad():
             p.copy_(weights[k])
         state["state"][i] = {"step": torch.tensor(float(t["step"])),

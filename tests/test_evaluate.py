@@ -460,7 +460,7 @@ def test_report_finds_items_through_config(task_dir, tmp_path):
     d, _, _ = task_dir
     for s, name in (("id", "id.jsonl"), ("ood", "ood.jsonl")):
         files.write_json(str(d / "init_basic" / f"pred_{s}.jsonl.config.json"),
-                          {"args": {"items": str(tmp_path / name)}})
+                         {"args": {"items": str(tmp_path / name)}})
     assert run_main(["--report", str(d)]) == 0
     assert json.load(open(d / "results.json"))["ood"]["n"] == 8
 
