@@ -21,8 +21,11 @@ What goes where (SPEC 1):
 - triviaqa: unfiltered-web train -> train pool (--limit N: seeded subsample, SPEC 9 #17),
   unfiltered-web dev -> ID test, dev rows 0-2 -> shots (SPEC 2.2); gold = Answer.Value, aliases =
   Value + NormalizedValue + Aliases + NormalizedAliases (SPEC 1). The file is read whole (json).
+  The authors' JSON-array form ([{qid, question, answer, answers}], e.g. *train*.json and
+  *dev*.json) is read too.
 - nq: NQ-open dev (3,610) -> OOD test; aliases = the answer list; "?" appended to each question
-  (SPEC 2.3 NQ eval row: `{instr}{q}?`). CSV `qid,lang,question,answer,answers` or NQ-open JSONL.
+  (SPEC 2.3 NQ eval row: `{instr}{q}?`). CSV `qid,lang,question,answer,answers`, NQ-open JSONL,
+  or the authors' JSON array of {qid, question, answer, answers}.
 
 --download fetches the canonical public file into --cache (resumable with HTTP Range), checks its
 sha256 against --sha256 or the one recorded in <cache>/SHA256SUMS at the first download (trust on
@@ -135,51 +138,107 @@ def arc_items(path, released=False):
     return items, counts
 
 
-def trivia_items(path, limit=None, seed=0):
-    """TriviaQA unfiltered JSON ({"Data": [...]}) -> items; --limit: seeded subsample."""
+def read_json(path, what):
+    """A whole JSON file; any error is one line naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)["Data"]
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path}: not a TriviaQA JSON file with a 'Data' list ({e})") from None
-    if limit is not None and limit < len(data):
-        keep = set(random.Random(seed).sample(range(len(data)), limit))
-        data = [d for i, d in enumerate(data) if i in keep]
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"{path}: not a {what} JSON file ({str(e).splitlines()[0][:200]})") from None
+
+
+def qa_array(path, data):
+    """The JSON-array form the papers' authors distribute for NQ and TriviaQA:
+    [{"qid", "question", "answer", "answers"}, ...] -> [(id, question, answer, answer list)].
+    `answer` may be a string or a list; `answers` (the aliases) may be missing."""
+    rows = []
+    for n, o in enumerate(data, 1):
+        if not isinstance(o, dict):
+            raise InputError(f"{path}: record {n}: expected an object, got {type(o).__name__}")
+        ans = o.get("answer")
+        answers = o.get("answers", ans if isinstance(ans, list) else [ans])
+        first = ans if isinstance(ans, str) else (answers[0] if isinstance(answers, list) and
+                                                  answers else None)
+        rows.append((o.get("qid", o.get("id", f"q_{n - 1}")), o.get("question"), first, answers))
+    return rows
+
+
+def trivia_items(path, limit=None, seed=0):
+    """TriviaQA unfiltered JSON ({"Data": [...]}) or the authors' JSON-array form -> items;
+    --limit: seeded subsample."""
+    data = read_json(path, "TriviaQA")
+    if isinstance(data, dict) and isinstance(data.get("Data"), list):
+        data = data["Data"]
+        rows = None
+    elif isinstance(data, list):
+        rows = qa_array(path, data)
+    else:
+        raise InputError(f"{path}: not a TriviaQA JSON file (expected a 'Data' list, or a list of "
+                         "{qid, question, answer, answers} records)")
+    n = len(data)
+    keep = (set(random.Random(seed).sample(range(n), limit)) if limit is not None and limit < n
+            else set(range(n)))
+    if rows is not None:
+        return qa_items(path, [r for i, r in enumerate(rows) if i in keep], nq=False)
     items = []
-    for d in data:
-        a = d["Answer"]
-        aliases = [a.get("Value"), a.get("NormalizedValue")] + a.get("Aliases", []) + \
-            a.get("NormalizedAliases", [])
-        aliases = list(dict.fromkeys(x for x in aliases if x))      # SPEC 1, order kept
-        items.append({"id": d["QuestionId"], "task": "oeqa", "question": d["Question"],
-                      "answer": a["Value"], "aliases": aliases})
+    for i, d in enumerate(data):
+        if i not in keep:
+            continue
+        try:
+            a = d["Answer"]
+            aliases = [a.get("Value"), a.get("NormalizedValue")] + a.get("Aliases", []) + \
+                a.get("NormalizedAliases", [])
+            aliases = list(dict.fromkeys(x for x in aliases if x))      # SPEC 1, order kept
+            items.append({"id": d["QuestionId"], "task": "oeqa", "question": d["Question"],
+                          "answer": a["Value"], "aliases": aliases})
+        except (KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{path}: record {i + 1}: not a TriviaQA record (missing or wrong "
+                             f"field: {e})") from None
+    return items
+
+
+def qa_items(path, rows, nq):
+    """[(id, question, answer, aliases)] -> OEQA items; NQ questions get their "?" (SPEC 2.3)."""
+    items = []
+    for n, (qid, q, answer, answers) in enumerate(rows, 1):
+        if not isinstance(q, str) or not isinstance(answers, list) or not answers or \
+                not all(isinstance(a, str) for a in answers) or not isinstance(answer, str):
+            raise InputError(f"{path}: record {n}: expected a question string and a non-empty "
+                             "list of answer strings")
+        if nq:
+            q = q if q.endswith("?") else q + "?"                 # SPEC 2.3 NQ eval row
+        aliases = list(dict.fromkeys(a for a in [answer] + answers if a.strip()))
+        items.append({"id": str(qid), "task": "oeqa", "question": q, "answer": answer,
+                      "aliases": aliases})
     return items
 
 
 def nq_items(path):
-    """NQ-open dev (CSV qid,lang,question,answer,answers or JSONL question/answer) -> items."""
+    """NQ-open dev (CSV qid,lang,question,answer,answers; JSONL question/answer; or the authors'
+    JSON array of {qid, question, answer, answers}) -> items."""
     rows = []
     if path.endswith(".csv"):
         with open(path, newline="", encoding="utf-8") as f:
             for n, r in enumerate(csv.DictReader(f), 2):
                 try:
-                    rows.append((r["qid"], r["question"], ast.literal_eval(r["answers"])))
-                except (KeyError, ValueError, SyntaxError):
+                    answers = ast.literal_eval(r["answers"])
+                    rows.append((r["qid"], r["question"], answers[0] if isinstance(answers, list)
+                                 and answers else None, answers))
+                except (KeyError, ValueError, SyntaxError, TypeError, IndexError):
                     raise InputError(f"{path}:{n}: expected qid, question and an answers "
                                      "list") from None
+    elif path.endswith(".json"):
+        data = read_json(path, "NQ")
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a JSON array of {{qid, question, answer, "
+                             "answers}} records")
+        rows = qa_array(path, data)
     else:
         for n, o in enumerate(files.read_jsonl(path, unique_ids=False)):
-            rows.append((o.get("id", f"nq_dev_{n}"), o.get("question"), o.get("answer")))
-    items = []
-    for n, (qid, q, answers) in enumerate(rows, 1):
-        if not isinstance(q, str) or not isinstance(answers, list) or not answers or \
-                not all(isinstance(a, str) for a in answers):
-            raise InputError(f"{path}: record {n}: expected a question string and a non-empty "
-                             "list of answer strings")
-        q = q if q.endswith("?") else q + "?"                 # SPEC 2.3 NQ eval row
-        items.append({"id": str(qid), "task": "oeqa", "question": q, "answer": answers[0],
-                      "aliases": [a for a in answers if a]})
-    return items
+            ans = o.get("answer")
+            rows.append((o.get("id", f"nq_dev_{n}"), o.get("question"),
+                         ans[0] if isinstance(ans, list) and ans else None, ans))
+    return qa_items(path, rows, nq=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +342,16 @@ def find(root, pattern, what):
     return hits[0]
 
 
+def find_first(root, patterns, what):
+    """find() with fallbacks: the first pattern that matches under root."""
+    for pat in patterns[:-1]:
+        try:
+            return find(root, pat, what)
+        except InputError:
+            pass
+    return find(root, patterns[-1], what)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: one dataset per call, outputs under <out>/<task>/
 def convert(args):
@@ -307,13 +376,14 @@ def convert(args):
         print(f"[data] ARC quirks (SPEC 9 #15, {'released' if args.arc_released else 'fixed'}): "
               f"{notes['arc_quirks']}", file=sys.stderr)
     elif args.dataset == "triviaqa":
-        dev = trivia_items(find(src, "unfiltered-web-dev.json", "TriviaQA unfiltered dev"))
-        out = {"train": trivia_items(find(src, "unfiltered-web-train.json",
-                                          "TriviaQA unfiltered train"), args.limit, args.seed),
+        dev = trivia_items(find_first(src, ("unfiltered-web-dev.json", "*dev*.json"),
+                                      "TriviaQA unfiltered dev"))
+        out = {"train": trivia_items(find_first(src, ("unfiltered-web-train.json", "*train*.json"),
+                                                "TriviaQA unfiltered train"), args.limit, args.seed),
                "test_id": dev, "shots": dev[:3]}                    # SPEC 2.2: dev rows 0-2
     else:
         path = src if os.path.isfile(src) else None
-        for pat in ("dev.csv", "NQ-open.dev.jsonl", "*.jsonl", "*.csv"):
+        for pat in ("dev.csv", "NQ-open.dev.jsonl", "*.jsonl", "*.csv", "*.json"):
             path = path or (glob.glob(os.path.join(src, "**", pat), recursive=True) or [None])[0]
         if not path:
             raise InputError(f"{src}: no NQ-open dev file (dev.csv or NQ-open.dev.jsonl)")

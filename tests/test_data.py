@@ -121,6 +121,32 @@ def test_nq_jsonl_and_triviaqa(tmp_path):
         str(tmp_path / "tq.json"), 5, 2)]
 
 
+def test_json_array_form_of_nq_and_triviaqa(tmp_path):
+    """The form the papers' authors distribute: [{"qid", "question", "answer", "answers"}]."""
+    rows = [{"qid": f"q{i}", "question": f"who wrote {i}", "answer": "Ann Lee",
+             "answers": ["Ann Lee", "A. Lee", " "]} for i in range(10)]
+    (tmp_path / "nq.json").write_text(json.dumps(rows))
+    items = data.nq_items(str(tmp_path / "nq.json"))
+    assert items[0] == {"id": "q0", "task": "oeqa", "question": "who wrote 0?", "answer": "Ann Lee",
+                        "aliases": ["Ann Lee", "A. Lee"]}            # blank alias dropped
+    (tmp_path / "tq").mkdir()
+    (tmp_path / "tq" / "triviaqa_train.json").write_text(json.dumps(rows))
+    (tmp_path / "tq" / "triviaqa_dev.json").write_text(json.dumps(rows[:4]))
+    tq = data.trivia_items(str(tmp_path / "tq" / "triviaqa_train.json"), limit=3, seed=0)
+    assert len(tq) == 3 and tq[0]["question"] == tq[0]["question"].rstrip("?")   # no "?" added
+    data.main(["triviaqa", "--src", str(tmp_path / "tq"), "--out", str(tmp_path / "out")])
+    assert len(files.read_jsonl(str(tmp_path / "out" / "oeqa" / "test_id.jsonl"))) == 4
+    (tmp_path / "bad.json").write_text('[{"qid": "a", "question": "q", "answer": 3}]')
+    with pytest.raises(files.InputError, match="record 1: expected a question"):
+        data.nq_items(str(tmp_path / "bad.json"))
+    (tmp_path / "bad2.json").write_text('{"qid": "a"}')
+    with pytest.raises(files.InputError, match="expected a JSON array"):
+        data.nq_items(str(tmp_path / "bad2.json"))
+    (tmp_path / "bad3.json").write_text('[1, 2]')
+    with pytest.raises(files.InputError, match="record 1: expected an object"):
+        data.trivia_items(str(tmp_path / "bad3.json"))
+
+
 @need["mmlu"]
 def test_cli_mmlu_writes_the_task_folder(tmp_path):
     data.main(["mmlu", "--src", MMLU, "--out", str(tmp_path)])
