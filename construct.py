@@ -434,7 +434,8 @@ def main(argv=None):
     a = parse_args(argv)
     if a.method not in METHODS:
         raise files.InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
-    files.check_output(a.out)
+    files.check_output(a.out, [("--items", a.items), ("--state", a.state), ("--flow", a.flow),
+                               ("--model", a.model), ("--warmup", a.warmup)])
     items = files.read_jsonl(a.items, check=files.check_item)
     tasks = {it["task"] for it in items}
     if len(tasks) != 1:

@@ -203,7 +203,8 @@ def answer(args):
         raise InputError(f"{args.items}: mixes tasks {sorted(tasks)}")
     task = tasks.pop()
     max_new = args.max_new_tokens or MAX_NEW[task]
-    files.check_output(args.out)
+    files.check_output(args.out, [("--items", args.items), ("--model", args.model),
+                                  ("--adapter", args.adapter)])
     rank, _ = runs.dist_init()
     dev, dt = models.device_and_dtype()
     model, tok = models.load_model(args.model, args.adapter,

@@ -289,7 +289,8 @@ def train(args, examples, out_dir):
             print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
         return out_dir
     created = not os.path.exists(out_dir)
-    files.check_output(os.path.join(out_dir, LOG))    # fail before loading anything
+    files.check_output(out_dir, [("--model", args.model), ("--train", getattr(args, "train", None))],
+                       folder=True)                   # fail before loading anything
     try:
         model, tok = build_model(args)
         enc, n_cut = encode_all(tok, examples, args.max_len)

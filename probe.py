@@ -333,7 +333,8 @@ def main(argv=None):
     pool = load_items(args.shots, args.task) if args.shots else (
         TRIVIAQA_SHOTS if args.task == "oeqa" else [])
     shots_for = shots_per_item(items, pool, args.n_shots, same_subject=args.task == "mcqa")
-    files.check_output(args.out)
+    files.check_output(args.out, [("--items", args.items), ("--shots", args.shots),
+                                  ("--model", args.model), ("--adapter", args.adapter)])
     model, tok = models.load_model(args.model, adapter=args.adapter,
                                    trust_remote_code=args.trust_remote_code)
     reader = "sample" if args.task == "oeqa" else args.mcqa_reader

@@ -144,11 +144,30 @@ def write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def check_output(path):
-    """Fail before any long computation if the output location cannot be written."""
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a folder; the output must be a file name")
-    d = os.path.dirname(os.path.abspath(path)) or "."
+def check_output(path, inputs=(), folder=False):
+    """The one place that decides whether an output may be written, before any long computation.
+
+    Refused: an output that resolves to one of `inputs` ((flag, path) pairs: the files and the
+    model / adapter folders the stage reads; a stage's output must never replace what it reads),
+    a folder output that holds a model not made by finetune.py (a base model folder: an adapter
+    written there would be applied silently by every later load), a file output that is a folder,
+    and a location that cannot be written."""
+    out = os.path.realpath(path)
+    for flag, p in inputs:
+        if p and os.path.exists(p) and os.path.realpath(p) == out:
+            raise InputError(f"{path}: the output is the input {flag} {p}; writing it would "
+                             "destroy that input, choose another output")
+    if folder:
+        if os.path.isfile(path):
+            raise InputError(f"{path}: is a file; the output must be a folder")
+        if holds_model(path) and not os.path.isfile(os.path.join(path, "train_log.jsonl")):
+            raise InputError(f"{path}: holds a model not made by finetune.py (config.json and "
+                             "safetensors weights); choose an empty or new folder")
+        d = path
+    else:
+        if os.path.isdir(path):
+            raise InputError(f"{path}: is a folder; the output must be a file name")
+        d = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(d, exist_ok=True)
         probe = os.path.join(d, f".write-test-{os.getpid()}")
@@ -157,6 +176,16 @@ def check_output(path):
         os.remove(probe)
     except OSError as e:
         raise InputError(f"{path}: output location is not writable ({e.strerror})") from None
+
+
+def holds_model(folder):
+    """A model folder: config.json beside safetensors weights that are not a LoRA adapter."""
+    if not os.path.isdir(folder):
+        return False
+    names = os.listdir(folder)
+    return "config.json" in names and any(
+        n.endswith(".safetensors") and not n.startswith(("adapter_", "trainer_state"))
+        for n in names)
 
 
 def write_config(out, args, **extra):
