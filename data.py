@@ -391,10 +391,15 @@ def convert(args):
     for split, items in out.items():
         if not items:
             raise InputError(f"{src}: no {args.dataset} items for {split}")
+        seen = {}
         for n, it in enumerate(items, 1):
             err = files.check_item(it)
             if err:
                 raise InputError(f"{src}: {split} item {n} ({it.get('id')}): {err}")
+            if it["id"] in seen:
+                raise InputError(f"{src}: {split} item {n}: duplicate id {it['id']!r} (first: "
+                                 f"item {seen[it['id']]}); ids must be unique")
+            seen[it["id"]] = n
     return out, notes
 
 

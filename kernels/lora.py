@@ -217,9 +217,27 @@ def _read_adapter_config(folder):
     for k in ("r", "lora_alpha", "target_modules"):
         if k not in cfg:
             raise InputError(f"{path}: missing field '{k}'")
-    if not isinstance(cfg["r"], int) or cfg["r"] <= 0:
+    if not isinstance(cfg["r"], int) or isinstance(cfg["r"], bool) or cfg["r"] <= 0:
         raise InputError(f"{path}: r must be a positive integer, got {cfg['r']!r}")
+    alpha, p = cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0
+    if not _finite(alpha) or alpha <= 0:
+        raise InputError(f"{path}: lora_alpha must be a finite number > 0, got {alpha!r}")
+    if not _finite(p) or not 0.0 <= p < 1.0:
+        raise InputError(f"{path}: lora_dropout must be a number in [0, 1), got {p!r}")
+    t = cfg["target_modules"]
+    if isinstance(t, str):
+        try:
+            re.compile(t)
+        except re.error as e:
+            raise InputError(f"{path}: target_modules {t!r} is not a valid regex ({e})") from None
+    elif not isinstance(t, list) or not t or not all(isinstance(x, str) and x for x in t):
+        raise InputError(f"{path}: target_modules must be a regex string or a list of names, "
+                         f"got {t!r}")
     return path, cfg
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _matched_names(model, targets):
@@ -282,6 +300,10 @@ def load_adapter(model, folder):
     extra = sorted(set(state) - set(expected))
     if extra:
         raise InputError(f"{w_path}: unexpected tensor {extra[0]} ({len(extra)} in all)")
+    bad = [k for k in expected if not torch.isfinite(state[k]).all()]
+    if bad:
+        raise InputError(f"{w_path}: tensor {bad[0]} holds NaN or infinite values "
+                         f"({len(bad)} tensor(s) in all)")
     base = cfg.get("base_model_name_or_path")
     here = getattr(getattr(model, "config", None), "_name_or_path", None)
     if base and here and os.path.abspath(base) != os.path.abspath(here):

@@ -42,12 +42,12 @@ def check_item(o):
             return "mcqa item needs 'choices', a list of strings"
         if len(ch) < 2 or len(ch) > len(LETTERS):
             return f"mcqa item needs 2 to {len(LETTERS)} choices, got {len(ch)}"
-        if o["answer"] not in LETTERS[:len(ch)]:
+        if len(o["answer"]) != 1 or o["answer"] not in LETTERS[:len(ch)]:
             return f"answer {o['answer']!r} is not one of the letters {LETTERS[:len(ch)]}"
     else:
         al = o.get("aliases")
-        if not isinstance(al, list) or not al or not all(_str(a) and a for a in al):
-            return "oeqa item needs 'aliases', a non-empty list of non-empty strings"
+        if not isinstance(al, list) or not al or not all(_str(a) and a.strip() for a in al):
+            return "oeqa item needs 'aliases', a non-empty list of non-blank strings"
     if "meta" in o and not isinstance(o["meta"], dict):
         return "'meta' must be an object"
     return None
@@ -95,6 +95,19 @@ def check_prediction(o):
     return None
 
 
+def _no_constant(name):
+    raise ValueError(f"non-finite number {name}")
+
+
+def _no_duplicates(pairs):
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k!r} in one object")
+        seen.add(k)
+    return dict(pairs)
+
+
 def read_jsonl(path, check=None, unique_ids=True, allow_empty=False):
     """Read a JSONL file of objects; any malformed line raises InputError(`path:line: reason`)."""
     if not os.path.isfile(path):
@@ -111,9 +124,12 @@ def read_jsonl(path, check=None, unique_ids=True, allow_empty=False):
             if not line.strip():
                 continue
             try:
-                o = json.loads(line, parse_constant=lambda c: float(c))
+                o = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            except (ValueError, RecursionError) as e:   # ours below; 5,000-digit ints; deep nesting
+                why = str(e).splitlines()[0][:120] if isinstance(e, ValueError) else "nested too deep"
+                raise InputError(f"{path}:{n}: invalid JSON ({why})") from None
             if not isinstance(o, dict):
                 raise InputError(f"{path}:{n}: expected a JSON object, got {type(o).__name__}")
             err = check(o) if check else None
