@@ -13,12 +13,35 @@ class InputError(Exception):
     """A user-facing error; its message is `file:line: reason` or a plain one-line reason."""
 
 
+def temp_name(path):
+    """`<path>.tmp<pid>` for an atomic write; first removes the temporaries of earlier writes of
+    the same path whose process is gone (a kill between the write and the rename leaves one)."""
+    import glob
+    for old in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = old[len(path) + 4:]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                os.remove(old)
+            except OSError:
+                pass
+    return f"{path}.tmp{os.getpid()}"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def atomic_write_text(path, text):
     """Write via a temporary file and rename, so readers never see a truncated file."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -29,7 +52,6 @@ def atomic_write_text(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
 
 
 def stable_hash(*parts):

@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import nn
 
-from kernels.base import InputError, atomic_write_text
+from kernels.base import InputError, atomic_write_text, temp_name
 
 
 class LoRALinear(nn.Module):
@@ -179,7 +179,7 @@ def save_safetensors(path, tensors, metadata=None):
     """Atomic safetensors write (temporary file, then rename)."""
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
               metadata=metadata)
     os.replace(tmp, path)

@@ -95,8 +95,16 @@ def check_prediction(o):
     return None
 
 
-def _no_constant(name):
-    raise ValueError(f"non-finite number {name}")
+def _non_finite(o, where=""):
+    """The first NaN or infinite number anywhere in a parsed JSON value, as `field` (or None)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return where or "a value"
+    items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad:
+            return bad
+    return None
 
 
 def _no_duplicates(pairs):
@@ -124,7 +132,7 @@ def read_jsonl(path, check=None, unique_ids=True, allow_empty=False):
             if not line.strip():
                 continue
             try:
-                o = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+                o = json.loads(line, parse_constant=float, object_pairs_hook=_no_duplicates)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
             except (ValueError, RecursionError) as e:   # ours below; 5,000-digit ints; deep nesting
@@ -135,6 +143,9 @@ def read_jsonl(path, check=None, unique_ids=True, allow_empty=False):
             err = check(o) if check else None
             if err:
                 raise InputError(f"{path}:{n}: {err}")
+            bad = _non_finite(o)            # the checkers name their own fields first
+            if bad:
+                raise InputError(f"{path}:{n}: '{bad}' must be a finite number (NaN or Infinity)")
             if unique_ids and "id" in o:
                 if o["id"] in seen:
                     raise InputError(f"{path}:{n}: duplicate id {o['id']!r} "
@@ -192,6 +203,43 @@ def check_output(path, inputs=(), folder=False):
         os.remove(probe)
     except OSError as e:
         raise InputError(f"{path}: output location is not writable ({e.strerror})") from None
+    lock_output(path)
+
+
+_LOCKS = {}    # lock file -> descriptor, held until this process ends
+
+
+def lock_output(path):
+    """One run per output at a time: an exclusive flock on `<path>.lock`, held until the process
+    ends (a kill releases it too) and removed at a normal exit. A second run on the same output
+    stops at once with one line instead of interleaving writes. torchrun ranks > 0 share rank
+    0's output and take no lock."""
+    import atexit
+    import fcntl
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    lock = os.path.abspath(path.rstrip("/")) + ".lock"
+    if lock in _LOCKS:
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"{path}: another run is writing this output now (lock {lock}); wait for "
+                         "it to finish or choose another output") from None
+    _LOCKS[lock] = fd
+    atexit.register(_unlock, lock)
+
+
+def _unlock(lock):
+    fd = _LOCKS.pop(lock, None)
+    if fd is not None:
+        try:
+            os.remove(lock)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def holds_model(folder):

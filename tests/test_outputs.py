@@ -73,3 +73,37 @@ def test_finetune_into_a_model_folder_under_another_name_is_refused(inputs, tmp_
                        text=True)
     assert r.returncode == 2 and "holds a model not made by finetune.py" in r.stderr, r.stderr
     assert not os.path.exists(copy / "adapter_config.json")
+
+
+def test_two_runs_on_one_output_the_second_stops(inputs, tmp_path):
+    """A run holding the output's lock (here a stand-in process) makes a second run on the same
+    output stop at once with one line; once the first ends, the same command runs."""
+    out = str(tmp_path / "cor.jsonl")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); "
+                               "from rait import files; files.lock_output(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", out],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = CASES["construct"][0](inputs, out) + ["--n-van", "2", "--n-idk", "1"]
+        r = subprocess.run([sys.executable, "construct.py", *argv], cwd=ROOT, capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and "another run is writing this output now" in r.stderr, r.stderr
+        assert not os.path.exists(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    r = subprocess.run([sys.executable, "construct.py", *argv], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(out) and not os.path.exists(out + ".lock")
+
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_next_write(tmp_path):
+    from kernels.base import atomic_write_text
+    path = str(tmp_path / "x.jsonl")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    open(f"{path}.tmp{dead}", "w").write("partial")       # a kill between write and rename
+    atomic_write_text(path, "done\n")
+    assert os.listdir(tmp_path) == ["x.jsonl"] and open(path).read() == "done\n"

@@ -26,8 +26,9 @@ OEQA = {"id": "o", "task": "oeqa", "question": "q?", "answer": "x"}
     (json.dumps(dict(MCQA, answer="")), "answer '' is not one of the letters ABCD"),
     (json.dumps(dict(OEQA, aliases=["x", "   "])), "non-blank strings"),
     ('{"id": "a", "id": "b", "task": "oeqa"}', "duplicate key 'id' in one object"),
-    ('{"id": "s", "mu": NaN, "sigma": 0}', "non-finite number NaN"),
-    ('{"id": "s", "mu": Infinity, "sigma": 0}', "non-finite number Infinity"),
+    (json.dumps(dict(OEQA, aliases=["x"], meta={"pop": [1, float("nan")]})),
+     "'meta.pop.1' must be a finite number"),
+    (json.dumps(dict(OEQA, aliases=["x"], meta={"p": -float("inf")})), "'meta.p' must be a finite"),
     ('{"id": "s", "mu": ' + "9" * 5000 + ', "sigma": 0}', "invalid JSON"),
     ("[" * 600000 + "]" * 600000, "line of"),           # over 1 MiB: the size check comes first
     ("[" * 20000 + "]" * 20000, "nested too deep"),
