@@ -7,7 +7,16 @@ SFT: labelling them IdK creates a dynamic conflict, so CRaFT drops them (constru
 rehearsal adapter keeps its Adam moments: GRAIT reuses it as its warm-up (SPEC 9 #10).
 
     python rehearse.py --model runs/world/model --items pool.jsonl --state probe_init.jsonl \\
-        --out runs/world/mcqa/rehearsal
+        --out runs/world/mcqa/rehearsal --train-args "--batch-size 16 --lr 1e-3 --lora-r 16"
+    python rehearse.py ... --launcher "torchrun --standalone --nproc_per_node 2"   # DDP training
+                                                                    # and a sharded re-probe
+
+Steps 2 and 3 run the other stages as the commands a user would type (printed first): the
+training is `finetune.py --model M --train <out>/train.jsonl --out <out>/adapter --warmup-ratio 0
+--seed S <--train-args>` and the re-probe is `probe.py <the initial probe's recorded arguments,
+adapter and output swapped>`. rehearse.py itself is one process; `--launcher` goes in front of
+both commands, so they scale out. A rerun resumes: finetune.py continues from its checkpoint (or
+says it is already trained) and probe.py from its finished batches.
 
 Inputs: the pool items and M0's knowledge state (probe.py; its <state>.config.json says how it was
 probed, and the re-probe repeats exactly that query with the adapter). Outputs in --out:
@@ -16,7 +25,8 @@ knowledge state), flow.jsonl (id, mu0, mu1, flow, sigma0, sigma1) and flow_summa
 
 Where we differ from the released code (SPEC 3, 6, 9):
 - both tasks rehearse with LoRA (the SPEC 9 #12 recipe with no warm-up), so the adapter can serve
-  as GRAIT's warm-up; `--full --lr 2e-6` reproduces the released OEQA full fine-tuning;
+  as GRAIT's warm-up; `--train-args "--full --lr 2e-6"` reproduces the released OEQA full
+  fine-tuning;
 - OEQA flow is the mean over each question's own samples (the released index bug, SPEC 3, is not
   reproduced); the target is the gold answer (`--rehearsal-target modal`: the model's most frequent
   correct sample, SPEC 9 #3);
@@ -28,13 +38,12 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 
 from rait import files
 from rait import models
 from rait import runs
-import finetune
-import probe
 
 # SPEC 3 [C-C]: who qualifies for rehearsal
 MCQA_MIN_RAW_P_GOLD = 0.99     # raw (un-renormalised) p(gold) > 0.99 under the KQ
@@ -78,11 +87,12 @@ def modal_correct(state, item):
     return collections.Counter(ok).most_common(1)[0][0] if ok else item["answer"]
 
 
-def knowledge_flow(s0, s1):
-    """CRaFT's knowledge flow of one item: dmu = mu(M~) - mu(M0) (SPEC 0; the paper's
-    `Cor(M~) - Cer(M0)` is a typo). dsigma is recorded but unused."""
-    return {"id": s0["id"], "mu0": s0["mu"], "mu1": s1["mu"], "flow": s1["mu"] - s0["mu"],
-            "sigma0": s0["sigma"], "sigma1": s1["sigma"]}
+def knowledge_flow(mu0, mu1):
+    """CRaFT's knowledge flow of one item (CRaFT §3.2, SPEC 3): the change of its correctness
+    from M0 to the rehearsed model M~, dmu = mu(M~) - mu(M0), in [-1, 1]: positive when rehearsal
+    made the model answer it correctly more often. (SPEC 0: the paper's `Cor(M~) - Cer(M0)` is a
+    typo for this.)"""
+    return mu1 - mu0
 
 
 def flow_summary(flows, items):
@@ -158,6 +168,11 @@ def check_same_query(state0, state1):
             ", ".join(f"{k} {a0.get(k)!r} -> {a1.get(k)!r}" for k in diff))
 
 
+def run(argv):
+    """Run a stage's command as a user would (printed first); a failure stops rehearse.py."""
+    runs.run_command(argv, log="[rehearse] ")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -170,12 +185,32 @@ def parse_args(argv=None):
                    help="MCQA target: gold letter (real models) or gold option text (the world)")
     p.add_argument("--rehearsal-target", choices=("gold", "modal"), default="gold",
                    help="OEQA target: the gold answer (what ran) or the modal correct sample")
-    # SPEC 6: the rehearsal recipe is the RAIT recipe with no warm-up (cosine from step 0)
-    finetune.add_train_args(p, warmup_ratio=0.0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the rehearsal draw, passed on to finetune.py --seed")
+    p.add_argument("--train-args", default="",
+                   help="finetune.py flags for the rehearsal run, one string (e.g. \"--lr 1e-3 "
+                        "--epochs 3\"), after rehearse's own `--warmup-ratio 0 --seed S` (SPEC 6: "
+                        "the RAIT recipe with no warm-up), so they may override them; finetune.py "
+                        "checks them")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help=models.TRUST_HELP + " (passed to finetune.py; the re-probe repeats the "
+                        "initial probe's choice)")
+    p.add_argument("--launcher", default="",
+                   help="command in front of the training and the re-probe, e.g. \"torchrun "
+                        "--standalone --nproc_per_node 2\" (default: this Python, one process); "
+                        "rehearse.py itself always runs as one process")
     a = p.parse_args(argv)
-    err = finetune.train_args_error(a)
-    if a.size < 1 or err:
-        p.error("; ".join(x for x in ("--size must be >= 1" if a.size < 1 else None, err) if x))
+    bad = ["--size must be >= 1"] if a.size < 1 else []
+    for flag in ("train_args", "launcher"):
+        try:
+            shlex.split(getattr(a, flag))
+        except ValueError as e:
+            bad.append(f"--{flag.replace('_', '-')}: {e}")
+    if runs.dist_info()[1] > 1:
+        bad.append("run rehearse.py as one process; --launcher scales out its training and "
+                   "re-probe")
+    if bad:
+        p.error("; ".join(bad))
     return a
 
 
@@ -204,16 +239,23 @@ def main(argv=None):
                   it["task"] == "oeqa" else models.target_of(it, a.mcqa_reader))
         examples.append({"id": i, "prompt": models.user_prompt(it, "basic"), "target": target,
                          "weight": 1.0, "kind": "van", "method": "rehearsal"})
-    files.write_jsonl(os.path.join(a.out, "train.jsonl"), examples)
-    # step 2: the short rehearsal fine-tune (finetune.py's loop; resumes on rerun)
-    finetune.train(a, examples, os.path.join(a.out, "adapter"))
+    train = os.path.join(a.out, "train.jsonl")
+    files.write_jsonl(train, examples)
+    # step 2: the short rehearsal fine-tune: finetune.py, SPEC 6 with no warm-up (resumes on rerun)
+    adapter = os.path.join(a.out, "adapter")
+    argv_train = ["--model", a.model, "--train", train, "--out", adapter, "--warmup-ratio", "0",
+                  "--seed", str(a.seed)] + (["--trust-remote-code"] if a.trust_remote_code else [])
+    run(runs.stage_command("finetune.py", argv_train + shlex.split(a.train_args), a.launcher))
     # step 3: the same knowledge query on M~ (probe.py with the adapter; resumes on rerun)
-    probe.main(argv_probe)
+    run(runs.stage_command("probe.py", argv_probe, a.launcher))
     check_same_query(a.state, os.path.join(a.out, "probe.jsonl"))
-    # step 4: knowledge flow per item
+    # step 4: knowledge flow per item (CRaFT §3.2)
     s1 = {s["id"]: s for s in files.read_jsonl(os.path.join(a.out, "probe.jsonl"),
                                                 check=files.check_state)}
-    flows = [knowledge_flow(states[it["id"]], s1[it["id"]]) for it in items]
+    flows = [{"id": i, "mu0": states[i]["mu"], "mu1": s1[i]["mu"],
+              "flow": knowledge_flow(states[i]["mu"], s1[i]["mu"]),
+              "sigma0": states[i]["sigma"], "sigma1": s1[i]["sigma"]}     # dsigma: recorded only
+             for i in (it["id"] for it in items)]
     summary = flow_summary(flows, by_id)
     summary.update(rehearsal={"qualified": n_ok, "used": len(chosen)})
     files.write_jsonl(os.path.join(a.out, "flow.jsonl"), flows)

@@ -1,10 +1,15 @@
-"""rait/runs.py: running a stage: the one-line error wrapper, torchrun plumbing, resumable
-batched maps, and the world's exposure bins used by the stages' tables.
+"""rait/runs.py: running a stage: the one-line error wrapper, running another stage's command (the
+one entry point rehearse.py and pipeline.py use), torchrun plumbing, resumable batched maps, and
+the world's exposure bins used by the stages' tables.
 """
 import json
 import math
 import os
+import shlex
+import signal
+import subprocess
 import sys
+import time
 
 from kernels.base import InputError, atomic_write_text, dist_info, progress, stable_hash  # noqa: F401
 from rait.files import dumps, write_jsonl
@@ -12,8 +17,10 @@ from rait.files import dumps, write_jsonl
 # ----------------------------------------------------------------------------------------------
 # Errors: one line, no traceback, non-zero exit (DESIGN "Readers validate")
 def cli(main):
-    """Run a stage's main(); turn InputError into one line on stderr and exit code 2, Ctrl-C into
-    a one-line message and exit code 130 (partial work stays on disk for resuming)."""
+    """Run a stage's main(); turn InputError into one line on stderr and exit code 2, Ctrl-C (or
+    SIGTERM: `kill`, a job scheduler, a pipeline stopping its other stages) into a one-line message
+    and exit code 130 (partial work stays on disk for resuming)."""
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except InputError as e:
@@ -23,7 +30,78 @@ def cli(main):
         print("interrupted: partial results are kept; rerun the same command to resume",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, term)
 
+
+# ----------------------------------------------------------------------------------------------
+# Commands: a script that needs another stage runs it as the command a user would type (DESIGN:
+# no stage imports another stage; the pipeline runs exactly the commands it prints)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where the stage scripts are
+STOP_GRACE = 2.0    # s a child gets to end by itself after a Ctrl-C that reached it too (terminal)
+STOP_WAIT = 60.0    # s a child gets to save its partial work after our SIGTERM, before SIGKILL
+
+
+def here(path):
+    """`path` relative to the working folder when it lies below it (short printed commands that
+    run from there), else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith(os.pardir) else rel
+
+
+def stage_command(script, args, launcher=""):
+    """The argv that runs a stage script of this checkout (`probe.py`, ...): with this Python, or
+    after `launcher` (e.g. "torchrun --standalone --nproc_per_node 2", which brings its own)."""
+    head = shlex.split(launcher) if launcher else [here(sys.executable)]
+    return head + [here(os.path.join(ROOT, script)), *args]
+
+
+def shell_line(argv, env=None):
+    """The command as one shell line, environment settings first: `OMP_NUM_THREADS=1 python ...`."""
+    return " ".join([f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()] + [shlex.join(argv)])
+
+
+def stop(procs, grace=0.0):
+    """Stop child processes: `grace` seconds to end by themselves (a Ctrl-C typed in a terminal
+    reaches the whole process group), then SIGTERM (a stage that has started keeps its partial
+    work and exits 130, see cli; one still importing just ends), then SIGKILL for any still
+    running STOP_WAIT seconds later."""
+    for sig, wait in ((None, grace), (signal.SIGTERM, STOP_WAIT), (signal.SIGKILL, None)):
+        deadline = time.time() + (wait or 0)
+        for p in procs:
+            if sig and p.poll() is None:
+                p.send_signal(sig)
+        for p in procs:
+            try:
+                p.wait(timeout=None if wait is None else max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def run_command(argv, env=None, log="", running=None, check=True):
+    """Print `log` and the command's shell line, run it (env: settings added to ours), wait.
+    Returns its exit status; with check, a failure raises InputError naming the command and its
+    status (the command has printed its own reason above). `running`: a set that holds the child
+    while it runs, for a caller that runs several at once and stops them (stop()). Ctrl-C stops
+    the child; its own `interrupted:` line then ends the output (exit 130)."""
+    sys.stderr.write(f"{log}{shell_line(argv, env)}\n")     # one write: threads print too
+    sys.stderr.flush()
+    p = subprocess.Popen(argv, env={**os.environ, **env} if env else None)
+    if running is not None:
+        running.add(p)
+    try:
+        rc = p.wait()
+    except KeyboardInterrupt:
+        stop([p], STOP_GRACE)
+        if p.returncode == 130:      # it said `interrupted: ...` itself; one such line is enough
+            sys.exit(130)
+        raise
+    finally:
+        if running is not None:
+            running.discard(p)
+    if check and rc != 0:
+        raise InputError(f"{shell_line(argv, env)}: failed (exit {rc})")
+    return rc
 
 
 def dist_init():

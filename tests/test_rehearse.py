@@ -2,6 +2,8 @@
 import json
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
@@ -49,9 +51,27 @@ def test_selection_draws_from_qualified_and_fills_up_when_short():
     assert R.select_rehearsal(items, states, 2, seed=0) == R.select_rehearsal(items, states, 2, seed=0)
 
 
-def test_knowledge_flow_is_mu1_minus_mu0():
-    f = R.knowledge_flow({"id": "x", "mu": 0.2, "sigma": -1.0}, {"id": "x", "mu": 0.7, "sigma": -0.5})
-    assert f == {"id": "x", "mu0": 0.2, "mu1": 0.7, "flow": 0.7 - 0.2, "sigma0": -1.0, "sigma1": -0.5}
+def test_knowledge_flow_formula():
+    """CRaFT's knowledge flow dmu = mu(M~) - mu(M0) (SPEC 3; SPEC 0: not `Cor(M~) - Cer(M0)`),
+    on hand-computed cases: a rise first, then falls, no change and the extremes."""
+    cases = [(0.2, 0.7, 0.5),       # rose: rehearsal made M~ answer it correctly more often
+             (0.9, 0.3, -0.6),      # fell
+             (0.4, 0.4, 0.0),       # unchanged
+             (0.0, 1.0, 1.0), (1.0, 0.25, -0.75)]
+    for mu0, mu1, want in cases:
+        call = f"knowledge_flow(mu0={mu0}, mu1={mu1})"
+        try:
+            got = R.knowledge_flow(mu0, mu1)
+        except NotImplementedError:
+            raise AssertionError(f"{call} is not implemented yet: it should return mu1 - mu0") \
+                from None
+        assert got is not None, f"{call} returned None: it should return a number, mu1 - mu0"
+        hint = ""
+        if got == pytest.approx(abs(want)) and want < 0:
+            hint = ": a fall must come out negative (mu1 - mu0, not its absolute value)"
+        elif got == pytest.approx(-want):
+            hint = ": the sign is flipped (the flow is mu1 - mu0, positive when mu rose)"
+        assert got == pytest.approx(want, abs=1e-12), f"{call} = {got}, expected {want}{hint}"
 
 
 def test_flow_summary_counts_low_items_that_rose_by_exposure():

@@ -82,9 +82,8 @@ class Runs:
 
     def rehearse(self, state, out):
         return [PY, script("rehearse"), "--model", self.model, "--items", self.pool, "--state",
-                state, "--out", out, "--mcqa-reader", "option", "--size", "32", "--batch-size",
-                "2", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3", "--lora-r", "8",
-                "--save-steps", "1"]
+                state, "--out", out, "--mcqa-reader", "option", "--size", "32", "--train-args",
+                "--batch-size 2 --grad-accum 1 --epochs 2 --lr 1e-3 --lora-r 8 --save-steps 1"]
 
     def construct(self, state, flow, out):
         return [PY, script("construct"), "--method", "craft", "--items", self.pool, "--state",
@@ -155,17 +154,19 @@ def assert_same_weights(a, b, atol):
 # ----------------------------------------------------------------------------------------------
 # interruption: SIGKILL (no chance to clean up) or SIGINT (Ctrl-C), then the same command again
 def interrupt(runs, cmd, ready, sig, tmp_path, timeout=120):
-    """Start cmd, wait until ready() says it is mid-run, send sig; return (exit code, stderr)."""
+    """Start cmd, wait until ready() says it is mid-run, send sig to its process group (as a
+    terminal's Ctrl-C, or a kill of the job, reaches rehearse.py's sub-commands too); return
+    (exit code, stderr)."""
     err_path = tmp_path / f"stderr-{time.time_ns()}.txt"
     with open(err_path, "w") as err:
         p = subprocess.Popen(cmd, cwd=runs.cwd, env=runs.env, stdout=subprocess.DEVNULL,
-                             stderr=err)
+                             stderr=err, start_new_session=True)
         t0 = time.time()
         while p.poll() is None and not ready() and time.time() - t0 < timeout:
             time.sleep(0.005)
         alive = p.poll() is None
         if alive:
-            p.send_signal(sig)
+            os.killpg(p.pid, sig)
         code = p.wait(timeout=120)
     text = err_path.read_text()
     assert alive, f"the run ended (exit {code}) before it could be interrupted:\n{text[-2000:]}"
@@ -428,6 +429,8 @@ def run_stage(stage, argv, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli(lambda: mod.main(argv) if stage != "finetune" else mod.main())
     torch.set_grad_enabled(grad)
+    for lock in list(files._LOCKS):     # what the process's exit does (files.lock_output)
+        files._unlock(lock)
     err = capsys.readouterr().err.replace("\r", "\n")
     return e.value.code, err
 
@@ -604,17 +607,34 @@ def run_flags(stage, argv, monkeypatch, capsys):
      "--epochs must be >= 1; --lora-r must be >= 1"),
     ("finetune", ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
     ("rehearse", ["--size", "0"], "--size must be >= 1"),
-    ("rehearse", ["--lr=-1e-3"], "--lr must be > 0"),
+    ("rehearse", ["--train-args", "--lr '1e-3"], "--train-args: No closing quotation"),
 ])
 def test_training_flags_out_of_range(stage, flags, message, runs, tmp_path, monkeypatch, capsys):
     """They used to end in a ZeroDivisionError traceback (batch 0, r 0), in an "adapter" trained
-    for 0 steps (epochs 0), or with rehearse's train.jsonl written before the error (size 0)."""
+    for 0 steps (epochs 0), or with rehearse's train.jsonl written before the error (size 0).
+    (rehearse's training flags are finetune.py's to check: the next test.)"""
     out = tmp_path / "out"
     argv = [a if a != "OUT" else str(out) for a in UNWRITABLE[stage](runs)] + flags
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     code, last = run_flags(stage, argv, monkeypatch, capsys)
     assert code == 2 and last == f"{stage}.py: error: {message}"
     assert not out.exists()
+
+
+def test_rehearse_training_flags_are_checked_by_finetune(runs, tmp_path):
+    """rehearse.py hands --train-args to finetune.py, which rejects a bad one before loading
+    anything: its usage error, then rehearse's one line naming the command and its exit status;
+    no traceback, and nothing made but the rehearsal set (cheap; the rerun writes it again)."""
+    out = tmp_path / "rehearsal"
+    cmd = runs.rehearse(f"{runs.A}/probe.jsonl", str(out))
+    cmd[cmd.index("--train-args") + 1] = "--epochs 1 --lr=-1e-3"
+    r = runs.run(cmd, check=False)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "finetune.py: error: --lr must be > 0" in lines
+    assert lines[-1].startswith("error: ") and "finetune.py --model" in lines[-1]
+    assert lines[-1].endswith("--epochs 1 --lr=-1e-3: failed (exit 2)"), lines[-1]
+    assert files_under(out) == ["train.jsonl"]
 
 
 @pytest.mark.parametrize("flag", ["--grad-batch-size", "--grad-dim", "--grait-temperature"])
