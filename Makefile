@@ -23,9 +23,12 @@ OUT     ?= runs
 WORLD_ARGS ?=
 EMBEDDER := $(VENV)/share/all-MiniLM-L6-v2
 
-# JOBS: stages run at once (pipeline.py --jobs); default: the CPU count for the world (worker
-# processes of one torch thread each), 1 for a real model
+# JOBS: stages run at once (pipeline.py --jobs); default: the CPU count for the world (each stage
+# a process with one torch thread), 1 for a real model
 JOBS    ?=
+# REHEARSE_ARGS: extra finetune.py flags for the rehearsal run (pipeline.py --rehearse-args, passed
+# on as rehearse.py --train-args after the world's recipe), e.g. REHEARSE_ARGS="--full --lr 2e-6"
+REHEARSE_ARGS ?=
 
 .PHONY: all world test clean install probe rehearse construct finetune data
 .DEFAULT_GOAL := all
@@ -51,7 +54,8 @@ world: $(VENV)/.installed
 PIPELINE = $(PYTHON) pipeline.py --model $(MODEL) --data $(DATA) --data-dir $(OUT)/data \
 	--tasks $(TASKS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)" \
 	$(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) \
-	$(if $(filter world,$(MODEL)),--worlds $(WORLDS)) $(if $(JOBS),--jobs $(JOBS))
+	$(if $(filter world,$(MODEL)),--worlds $(WORLDS)) $(if $(JOBS),--jobs $(JOBS)) \
+	$(if $(REHEARSE_ARGS),--rehearse-args="$(REHEARSE_ARGS)")
 
 all: $(VENV)/.installed
 	$(PIPELINE)

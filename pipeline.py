@@ -9,19 +9,20 @@ Per task and seed, in runs/<model-slug>/<task>/s<seed>/ (world seed w > 0: runs/
   probe.py -> probe_init.jsonl; rehearse.py -> rehearsal/; construct.py -> <method>/train.jsonl;
   finetune.py -> <method>/adapter/; evaluate.py -> {init_basic,init_refuse,<method>}/pred_{id,ood}
   .jsonl; evaluate.py --report -> report.md, results.json, ths.svg.
-Each stage runs through its script's main(argv) with exactly the arguments a user would type
-(the command is printed before it runs), in Python rather than a subprocess so torch is imported
-once per process. Independent stages (tasks, seeds, methods) run at once in --jobs worker
-processes of one torch thread each. A stage whose command and input files are unchanged since
-its last success is skipped (the key is recorded in `<output>.stage.json`); an interrupted
-stage resumes from its own partial files. Wall times per stage go to runs/<model-slug>/times.md
-(runs/times.md with several worlds); with several seeds, runs/<model-slug>/report.md gives the
-mean and standard deviation of every cell; with several worlds, runs/worlds.md does so over the
-worlds (each world's own M0, items and run seed).
+Each stage runs as the command a user would type, in a subprocess, printed first with any
+environment setting it gets (copy it into a shell at the repository root to make the same file).
+Independent stages (tasks, seeds, methods) run at once, --jobs of them, each with one torch
+thread (OMP_NUM_THREADS=1) so they share the cores. A stage whose command and input files are
+unchanged since its last success is skipped (the key is recorded in `<output>.stage.json`); an
+interrupted stage resumes from its own partial files. Wall times per stage go to
+runs/<model-slug>/times.md (runs/times.md with several worlds); with several seeds,
+runs/<model-slug>/report.md gives the mean and standard deviation of every cell; with several
+worlds, runs/worlds.md does so over the worlds (each world's own M0, items and run seed). The
+world's recipe (the flags each stage gets on it, and why) is world.RECIPE.
 """
 import argparse
+import concurrent.futures as cf
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -29,34 +30,14 @@ import re
 import shlex
 import statistics
 import sys
+import threading
 import time
 
 from rait import files
 from rait import runs
 from construct import PAPER_METHODS
+from world import RECIPE as WORLD_RECIPE
 
-PY = sys.executable
-# The world is tiny and its RAIT sets are small (hundreds of examples): the SPEC 6 recipe (lr 2e-4,
-# effective batch 64, 3 epochs) makes only a handful of steps there, so the world run uses more,
-# smaller steps, and rank 16 (r 64 exceeds half the world's hidden size of 128 and doubles the
-# cost of a step). Real models get the SPEC 9 #12 defaults of finetune.py untouched.
-# Epochs per task, measured with Cor-RAIT on the default world (seed 0, ID test, batch 8, lr 3e-3):
-# OEQA refuses 36% after 5 epochs and 32% after 10; MCQA 25% after 3 and 35% after 5 epochs (with
-# fewer unparsed answers), so 3: `make all` must stay under 10 minutes (DESIGN budgets). Before
-# the world's corpus used the refusal's words (issue 13), OEQA needed 10 epochs and MCQA never
-# refused: the refusal tokens had untrained embeddings.
-WORLD_REHEARSAL = ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs", "3",
-                   "--lora-r", "16"]                                     # brief, as SPEC 3 wants
-WORLD_FINETUNE = ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16"]
-WORLD_EPOCHS = {"mcqa": 3, "oeqa": 5}
-# WORLD_OEQA_SHOTS: the world's OEQA knowledge query is 0-shot, not SPEC 2.2's 3-shot (as its MCQA
-# is 0-shot, SPEC 10). The 1M-parameter model cannot use in-context shots: measured on the
-# default world, after the 3 shots (birth city, job, colour) it expected a new question for the
-# 4th relation ("What", p = 0.63), so its sampled correctness on instrument facts was 0.01 against
-# a 0-shot greedy accuracy of 0.6, and every certainty-based method learnt to refuse all
-# instrument questions and nothing else. 0-shot: mean mu 0.75 where M0 answers correctly
-# (greedy), 0.06 where it does not, 0.36-0.46 per relation. Pre-training on 4-turn QA text did
-# not help: the model then answered from the shots' famous people ("jeweler", p = 0.98).
 REHEARSAL_SHARE = 0.1   # rehearsal set: 10% of a small pool, at most SPEC 3's 1,000 (of 14k)
 
 
@@ -77,28 +58,25 @@ def file_key(path):
     return h.hexdigest()
 
 
-def run(cmd, out, inputs, times, label):
-    """Run one stage unless `out` exists with the same command and inputs; record wall time."""
+def run_stage(label, cmd, out, inputs, env, running):
+    """Run one stage's command (env: its environment settings) unless `out` exists with the same
+    command and inputs; returns (label, seconds, how). A failure ends the run with one line."""
     # the key leaves out the interpreter's path (cmd[0]): a moved checkout or venv reuses its runs
     key = hashlib.sha256(json.dumps([cmd[1:], [file_key(i) for i in inputs]]).encode()).hexdigest()
-    marker = out.rstrip("/") + ".stage.json"
-    if os.path.exists(out) and os.path.exists(marker):
+    marker = out and out.rstrip("/") + ".stage.json"
+    if out and os.path.exists(out) and os.path.exists(marker):
         with open(marker) as f:
             if json.load(f).get("key") == key:
                 print(f"[pipeline] skip {label}: unchanged", file=sys.stderr)
-                times.append((label, 0.0, "skipped"))
-                return
-    print(f"[pipeline] {label}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+                return label, 0.0, "skipped"
     t0 = time.time()
-    stage = importlib.import_module(os.path.basename(cmd[1])[:-len(".py")])
-    try:    # in-process: the same main(argv) and error handling as the command line
-        runs.cli(lambda: stage.main(cmd[2:]))
-    except SystemExit as e:
-        if e.code:
-            sys.exit(f"[pipeline] {label} failed (exit {e.code}); rerun `make all` to resume")
+    rc = runs.run_command(cmd, env, log=f"[pipeline] {label}: ", running=running, check=False)
+    if rc:
+        sys.exit(f"[pipeline] {label} failed (exit {rc}); rerun the same command to resume")
     dt = time.time() - t0
-    files.write_json(marker, {"key": key, "seconds": round(dt, 1), "cmd": cmd})
-    times.append((label, dt, "ran"))
+    if out:     # world.py keeps its own cache (world.config.json)
+        files.write_json(marker, {"key": key, "seconds": round(dt, 1), "cmd": cmd, "env": env})
+    return label, dt, "ran"
 
 
 def slug(model):
@@ -151,113 +129,118 @@ def unit_label(root, task, seed):
     return f"{os.path.basename(root)}/{task}/s{seed}"
 
 
+# A stage: (label, command, output, input files). A unit: stages that run in order.
 def prepare(a, root, task, seed, paths):
     """Probe M0 on the pool (SPEC 2), then rehearse and measure knowledge flow (SPEC 3).
     paths: task_inputs(a, root, task), as for method() and report()."""
-    times = []
     model, pool, shots, _, _, reader = paths
     R, tag, world = task_dir(root, task, seed), unit_label(root, task, seed), a.model == "world"
     state = f"{R}/probe_init.jsonl"
-    cmd = [PY, "probe.py", "--model", model, "--items", pool, "--task", task, "--out", state,
-           "--seed", str(seed)]
+    args = ["--model", model, "--items", pool, "--task", task, "--out", state, "--seed", str(seed)]
     if task == "mcqa":
-        cmd += ["--mcqa-reader", reader] + ([] if reader == "option" else ["--shots", shots])
-    elif world:     # WORLD_OEQA_SHOTS
-        cmd += ["--n-shots", "0"]
-    elif os.path.exists(shots):
-        cmd += ["--shots", shots]
-    run(cmd, state, [model, pool], times, f"{tag} probe")
+        args += ["--mcqa-reader", reader] + ([] if reader == "option" else ["--shots", shots])
+    elif not world and os.path.exists(shots):
+        args += ["--shots", shots]
+    args += WORLD_RECIPE["probe"][task] if world else []
+    stages = [(f"{tag} probe", runs.stage_command("probe.py", args), state, [model, pool])]
     if a.until == "probe":
-        return times
+        return stages
     with open(pool) as f:
         n_pool = sum(1 for _ in f)
-    cmd = [PY, "rehearse.py", "--model", model, "--items", pool, "--state", state, "--out",
-           f"{R}/rehearsal", "--mcqa-reader", reader, "--seed", str(seed)]
-    cmd += ["--size", str(min(1000, max(32, round(REHEARSAL_SHARE * n_pool))))]
-    if world:
-        cmd += WORLD_REHEARSAL
-    run(cmd, f"{R}/rehearsal/flow.jsonl", [model, pool, state], times, f"{tag} rehearse")
-    return times
+    args = ["--model", model, "--items", pool, "--state", state, "--out", f"{R}/rehearsal",
+            "--mcqa-reader", reader, "--seed", str(seed),
+            "--size", str(min(1000, max(32, round(REHEARSAL_SHARE * n_pool))))]
+    train_args = shlex.join(WORLD_RECIPE["rehearse"][task]) if world else ""
+    train_args = " ".join(x for x in (train_args, a.rehearse_args) if x)
+    if train_args:
+        args += ["--train-args", train_args]
+    stages.append((f"{tag} rehearse", runs.stage_command("rehearse.py", args),
+                   f"{R}/rehearsal/flow.jsonl", [model, pool, state]))
+    return stages
 
 
 def method(a, root, task, seed, paths, m):
     """Construct one method's RAIT set (SPEC 4-5), fine-tune on it (SPEC 6), evaluate (SPEC 7).
     m = init_basic / init_refuse: evaluate M0 with the BASIC / REFUSE prompt."""
-    times = []
+    stages = []
     model, pool, _, test_id, test_ood, reader = paths
     R, tag, world = task_dir(root, task, seed), unit_label(root, task, seed), a.model == "world"
     state, flow, adapter = f"{R}/probe_init.jsonl", f"{R}/rehearsal/flow.jsonl", None
     if not m.startswith("init_"):
         train, adapter = f"{R}/{m}/train.jsonl", f"{R}/{m}/adapter"
-        cmd = [PY, "construct.py", "--method", m, "--items", pool, "--state", state, "--flow",
-               flow, "--out", train, "--mcqa-reader", reader, "--seed", str(seed)]
+        args = ["--method", m, "--items", pool, "--state", state, "--flow", flow, "--out", train,
+                "--mcqa-reader", reader, "--seed", str(seed)]
         if m == "grait":
-            cmd += ["--model", model, "--warmup", f"{R}/rehearsal/adapter"]
-            if world:   # CPU: CountSketch instead of the dense projection (kernels/persample.py)
-                cmd += ["--projection", "sketch"]
-        run(cmd, train, [pool, state, flow], times, f"{tag} construct {m}")
+            args += ["--model", model, "--warmup", f"{R}/rehearsal/adapter"]
+            args += WORLD_RECIPE["grait"][task] if world else []
+        stages.append((f"{tag} construct {m}", runs.stage_command("construct.py", args), train,
+                       [pool, state, flow]))
         if a.until == "construct":
-            return times
-        recipe = WORLD_FINETUNE + ["--epochs", str(WORLD_EPOCHS[task])] if world else []
-        cmd = [PY, "finetune.py", "--model", model, "--train", train, "--out", adapter,
-               "--seed", str(seed)] + recipe + shlex.split(a.stage_args)
-        run(cmd, adapter, [model, train], times, f"{tag} finetune {m}")
+            return stages
+        args = ["--model", model, "--train", train, "--out", adapter, "--seed", str(seed)]
+        args += (WORLD_RECIPE["finetune"][task] if world else []) + shlex.split(a.stage_args)
+        stages.append((f"{tag} finetune {m}", runs.stage_command("finetune.py", args), adapter,
+                       [model, train]))
     if a.until in ("construct", "finetune"):
-        return times
+        return stages
     for split, items in (("id", test_id), ("ood", test_ood)):
         out = f"{R}/{m}/pred_{split}.jsonl"
-        cmd = [PY, "evaluate.py", "--model", model, "--items", items, "--prompt",
-               "basic" if m == "init_basic" else "refuse", "--out", out, "--mcqa-reader", reader]
-        cmd += (["--adapter", adapter] if adapter else []) + shlex.split(a.eval_args)
-        run(cmd, out, [model, items] + ([adapter] if adapter else []), times,
-            f"{tag} evaluate {m} {split}")
-    return times
+        args = ["--model", model, "--items", items, "--prompt",
+                "basic" if m == "init_basic" else "refuse", "--out", out, "--mcqa-reader", reader]
+        args += (["--adapter", adapter] if adapter else []) + shlex.split(a.eval_args)
+        stages.append((f"{tag} evaluate {m} {split}", runs.stage_command("evaluate.py", args), out,
+                       [model, items] + ([adapter] if adapter else [])))
+    return stages
 
 
 def report(a, root, task, seed, paths):
     """report.md, results.json and ths.svg of one task and seed (evaluate.py --report)."""
-    times = []
     _, _, _, test_id, test_ood, _ = paths
     R = task_dir(root, task, seed)
     rows = ["init_basic", "init_refuse"] + a.methods
-    run([PY, "evaluate.py", "--report", R, "--items-id", test_id, "--items-ood", test_ood,
-         "--seed", str(seed)], f"{R}/report.md",
-        [f"{R}/{n}/pred_{s}.jsonl" for n in rows for s in ("id", "ood")], times,
-        f"{unit_label(root, task, seed)} report")
-    return times
+    args = ["--report", R, "--items-id", test_id, "--items-ood", test_ood, "--seed", str(seed)]
+    return [(f"{unit_label(root, task, seed)} report", runs.stage_command("evaluate.py", args),
+             f"{R}/report.md", [f"{R}/{n}/pred_{s}.jsonl" for n in rows for s in ("id", "ood")])]
 
 
-def worker_init():
-    """Worker start-up: one torch thread per process, so --jobs processes share the cores; Ctrl-C
-    ends a worker at once (its stage resumes on the next run, as after any kill)."""
-    import signal
-    import torch
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def build_world(folder, seed, world_args):
+    """world.py --out <folder> --seed <seed> [world args]: one embedded world (world.py reuses a
+    cached one with the same configuration)."""
+    args = ["--out", folder, "--seed", str(seed)] + shlex.split(world_args)
+    return [(os.path.basename(folder), runs.stage_command("world.py", args), None, [])]
 
 
-def in_parallel(a, units, times):
-    """Run units [(function, args)] in --jobs worker processes (in this process when 1) and add
-    their stage times, in the order of `units`, to `times`. The first failure (or Ctrl-C) stops
-    the run at once; the stages it cut short resume on the next run."""
-    if a.jobs == 1 or len(units) == 1:
-        for f, args in units:
-            times += f(*args)
-        return
-    import concurrent.futures as cf
-    import multiprocessing
-    pool = cf.ProcessPoolExecutor(min(a.jobs, len(units)), multiprocessing.get_context("spawn"),
-                                  initializer=worker_init)
+def in_parallel(jobs, units, times):
+    """Run units (lists of stages, each list in order) at once in up to `jobs` threads, each
+    stage a subprocess, and add their stage times, in the order of `units`, to `times`. Stages
+    running beside others get one torch thread each (OMP_NUM_THREADS=1), a wave of one unit (or
+    --jobs 1) torch's default. The first failure, or Ctrl-C, stops the running stages at once
+    (SIGINT: each keeps its partial work for the next run) and then the run."""
+    env = {"OMP_NUM_THREADS": "1"} if jobs > 1 and len(units) > 1 else {}
+    running, stopping = set(), threading.Event()
+
+    def unit(stages):
+        done = []
+        for label, cmd, out, inputs in stages:
+            if stopping.is_set():
+                break
+            done.append(run_stage(label, cmd, out, inputs, env, running))
+        return done
+    pool = cf.ThreadPoolExecutor(min(jobs, len(units)))
+    futures = [pool.submit(unit, u) for u in units]
     try:
-        futures = [pool.submit(f, *args) for f, args in units]
-        for fut in futures:
-            times += fut.result()
-    except BaseException as e:  # a failure or Ctrl-C: stop the running stages now, not after them
-        for proc in (pool._processes or {}).values():   # Python 3.14: pool.terminate_workers()
-            proc.terminate()
-        if isinstance(e, cf.BrokenExecutor):
-            sys.exit("[pipeline] a worker process died (killed, or out of memory: try a smaller "
-                     "--jobs); rerun `make all` to resume")
+        cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+        failed = [f.exception() for f in futures if f.done() and f.exception()]
+        if failed:
+            raise failed[0]
+        for f in futures:
+            times += f.result()
+    except BaseException as e:
+        stopping.set()      # no new stages; stop the running ones, also one starting just now
+        grace = runs.STOP_GRACE if isinstance(e, KeyboardInterrupt) else 0.0
+        while not all(f.done() for f in futures):
+            runs.stop(list(running), grace)
+            cf.wait(futures, timeout=0.1)
         raise
     finally:
         pool.shutdown(cancel_futures=True)
@@ -333,9 +316,12 @@ def main():
     p.add_argument("--until", choices=("probe", "rehearse", "construct", "finetune", "all"),
                    default="all", help="stop after this stage (make probe / rehearse / ...)")
     p.add_argument("--stage-args", default="", help="extra finetune.py flags for the method runs")
+    p.add_argument("--rehearse-args", default="",
+                   help="extra finetune.py flags for the rehearsal run (rehearse.py --train-args, "
+                        "after the world's recipe); a single flag as --rehearse-args=--full")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags (e.g. --max-new-tokens 8)")
-    p.add_argument("--jobs", type=int, help="stages run at once, in worker processes of one torch "
-                   "thread each (default: the CPU count for the world, 1 for a real model, whose "
+    p.add_argument("--jobs", type=int, help="stages run at once, each a process with one torch "
+                   "thread (default: the CPU count for the world, 1 for a real model, whose "
                    "stages share one accelerator)")
     a = p.parse_args()
     if a.model == "world" and a.data != "world":
@@ -354,8 +340,8 @@ def main():
     roots = ([world_dir(a.out, w) for w in a.worlds] if a.model == "world"
              else [os.path.join(a.out, slug(a.model))])
     if a.model == "world":      # cached when a world's configuration is unchanged
-        builds = [(build_world, (r, w, a.world_args)) for r, w in zip(roots, a.worlds)]
-        in_parallel(a, builds, times)
+        in_parallel(a.jobs, [build_world(r, w, a.world_args) for r, w in zip(roots, a.worlds)],
+                    times)
     # run seeds: --seeds for every world, else each world's own seed (world 0: seed 0)
     seeds = {r: a.seeds or ([w] if a.model == "world" else [0]) for r, w in zip(roots, a.worlds)}
     # once, here: fail early on missing data, write the --limit subsamples, hand the paths to units
@@ -363,12 +349,12 @@ def main():
     cells = [(a, r, t, s, paths[r, t]) for r in roots for t in a.tasks for s in seeds[r]]
     # The stages of a task and seed depend on each other only through probe -> rehearse -> the
     # methods -> the report: run each of these three waves across tasks, seeds and methods at once.
-    in_parallel(a, [(prepare, cell) for cell in cells], times)
+    in_parallel(a.jobs, [prepare(*cell) for cell in cells], times)
     if a.until not in ("probe", "rehearse"):
         rows = a.methods + (["init_basic", "init_refuse"] if a.until == "all" else [])
-        in_parallel(a, [(method, (*cell, m)) for cell in cells for m in rows], times)
+        in_parallel(a.jobs, [method(*cell, m) for cell in cells for m in rows], times)
     if a.until == "all":
-        in_parallel(a, [(report, cell) for cell in cells], times)
+        in_parallel(a.jobs, [report(*cell) for cell in cells], times)
     wall = time.time() - t_start
     md = ["# Wall time per stage", "", f"{a.jobs} job(s) at once; wall time {wall:.1f} s.", "",
           "| stage | seconds | |", "|---|---|---|"]
@@ -402,17 +388,6 @@ def main():
             folders)
         files.atomic_write_text(os.path.join(a.out, "worlds.md"), text)
         print(text)
-
-
-def build_world(folder, seed, world_args):
-    """world.py --out <folder> --seed <seed> [world args]: one embedded world (cached)."""
-    import world
-    argv = ["--out", folder, "--seed", str(seed)] + shlex.split(world_args)
-    print(f"[pipeline] world: {shlex.join([PY, 'world.py', *argv])}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    world.main(argv)
-    return [(os.path.basename(folder), time.time() - t0, "ran")]
-
 
 if __name__ == "__main__":
     runs.cli(main)

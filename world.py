@@ -24,6 +24,7 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
 
 Outputs in --out: model/ (model + tokenizer), {mcqa,oeqa}/{train,test_id,test_ood,shots}.jsonl,
 knowledge.{md,json} (what the model learned, by exposure bin), world.config.json (its cache key).
+RECIPE below holds the flags each stage gets on the world in `make all`, with how each was chosen.
 """
 import argparse
 import json
@@ -121,6 +122,38 @@ PRESETS = {
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
 FAMOUS_LOG2_POP = 5     # well-known people: 32 exposures per fact and epoch (learned for sure)
 N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 the OOD test
+
+# ---------------------------------------------------------------------------------------------
+# The RAIT recipe on the world: RECIPE[stage][task] are the flags pipeline.py adds to that stage's
+# command when it runs on the world (`make all`); real models get the stages' SPEC defaults.
+# The world is tiny and its RAIT sets are small (hundreds of examples): the SPEC 6 recipe (lr 2e-4,
+# effective batch 64, 3 epochs) makes only a handful of steps there, so the world uses more,
+# smaller steps, and rank 16 (r 64 exceeds half the world's hidden size of 128 and doubles the
+# cost of a step).
+RECIPE = {
+    # probe.py: the OEQA knowledge query is 0-shot, not SPEC 2.2's 3-shot (as the MCQA one is,
+    # SPEC 10). The 1M-parameter model cannot use in-context shots: measured on the default world,
+    # after the 3 shots (birth city, job, colour) it expected a new question for the 4th relation
+    # ("What", p = 0.63), so its sampled correctness on instrument facts was 0.01 against a 0-shot
+    # greedy accuracy of 0.6, and every certainty-based method learnt to refuse all instrument
+    # questions and nothing else. 0-shot: mean mu 0.75 where M0 answers correctly (greedy), 0.06
+    # where it does not, 0.36-0.46 per relation. Pre-training on 4-turn QA text did not help: the
+    # model then answered from the shots' famous people ("jeweler", p = 0.98).
+    "probe": {"mcqa": [], "oeqa": ["--n-shots", "0"]},
+    # rehearse.py --train-args: brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
+    "rehearse": {task: ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs",
+                        "3", "--lora-r", "16"] for task in files.TASKS},
+    # construct.py --method grait: CountSketch instead of the dense projection on CPU
+    # (kernels/persample.py)
+    "grait": {task: ["--projection", "sketch"] for task in files.TASKS},
+    # finetune.py: batch 8 at lr 3e-3; epochs measured with Cor-RAIT on the default world (seed 0,
+    # ID test): OEQA refuses 36% after 5 epochs and 32% after 10; MCQA 25% after 3 and 35% after 5
+    # epochs (with fewer unparsed answers), so 3: `make all` must stay under 10 minutes (DESIGN
+    # budgets). Before the world's corpus used the refusal's words (issue 13), OEQA needed 10
+    # epochs and MCQA never refused: the refusal tokens had untrained embeddings.
+    "finetune": {task: ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16",
+                        "--epochs", epochs] for task, epochs in (("mcqa", "3"), ("oeqa", "5"))},
+}
 
 
 def parse_args(argv=None):

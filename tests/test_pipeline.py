@@ -1,13 +1,18 @@
 """pipeline.py in the paper setting (`make all MODEL=... DATA=paper`), as a dry run: a tiny random
 Llama with a real tokenizer and chat template on a few real MMLU -> ARC and NQ items from
 ../shared/data. TriviaQA is not there: its pool is real NQ questions written in TriviaQA's file
-format and converted by data.py's TriviaQA path. And `make all` on the world, interrupted."""
+format and converted by data.py's TriviaQA path. And `make all` on the world, interrupted, a
+printed command run again by hand, and a failing stage. And rait/runs.run_command, the entry
+point through which pipeline.py and rehearse.py run other stages."""
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,6 +21,7 @@ from conftest import ROOT, SHARED_DATA
 
 sys.path.insert(0, ROOT)
 import data as data_mod  # noqa: E402
+from rait import files, runs  # noqa: E402
 
 METHODS = ["van", "craft", "grait"]   # the others differ only in construct.py (tested there)
 
@@ -45,7 +51,7 @@ def test_paper_setting_dry_run_writes_a_report(tmp_path, tiny_chat_llama):
     out = tmp_path / "runs"
     args = ["pipeline.py", "--model", tiny_chat_llama, "--data", "paper", "--data-dir", str(data),
             "--limit", "16", "--out", str(out), "--methods", *METHODS,
-            "--eval-args", "--max-new-tokens 6"]
+            "--eval-args", "--max-new-tokens 6", "--jobs", "2"]     # (a real model's default: 1)
     sh(*args)
     runs = [d for d in out.iterdir() if d.name != "world"]
     assert len(runs) == 1
@@ -71,7 +77,7 @@ def test_paper_setting_dry_run_writes_a_report(tmp_path, tiny_chat_llama):
 
 def kill_when(args, trigger, delay, sig=signal.SIGKILL):
     """Start `pipeline.py args`; `delay` s after a stderr line contains `trigger`, send `sig` to
-    it and its workers (SIGINT: Ctrl-C in a terminal). Returns the exit status."""
+    it and the stages it runs (SIGINT: Ctrl-C in a terminal). Returns the exit status."""
     p = subprocess.Popen([sys.executable, "pipeline.py", *args], cwd=ROOT, text=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     seen = []
@@ -88,15 +94,15 @@ def kill_when(args, trigger, delay, sig=signal.SIGKILL):
 
 def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path, small_world):
     """Issue 8: interrupting `make all` at any point and running it again finishes with the same
-    report. Killed (SIGKILL, workers included) during pre-training and during the evaluations,
-    Ctrl-C (SIGINT) during a fine-tune; the reruns reuse what was finished and match an
-    uninterrupted run."""
+    report. Killed (SIGKILL, the stages it runs included) during pre-training and during the
+    evaluations, Ctrl-C (SIGINT) during a fine-tune; the reruns reuse what was finished and match
+    an uninterrupted run. Then a printed command run by hand, and a failing stage."""
     def args(out):
         return ["--world-args", "--preset small", "--tasks", "oeqa", "--methods", "craft", "grait", "--jobs", "2", "--out", str(out)]
     shutil.copytree(small_world, tmp_path / "a" / "world")     # the same world, built once
-    r = sh("pipeline.py", *args(tmp_path / "a"))
-    assert "cached world" in r.stderr
-    # the world's 0-shot OEQA probe (pipeline.py WORLD_OEQA_SHOTS) tracks what M0 knows, in every
+    run_a = sh("pipeline.py", *args(tmp_path / "a"))
+    assert "cached world" in run_a.stderr
+    # the world's 0-shot OEQA probe (world.RECIPE["probe"]) tracks what M0 knows, in every
     # relation: sampled correctness is higher where M0 answers greedily right than where it does not
     w = tmp_path / "a" / "world" / "oeqa"
     items = {json.loads(x)["id"]: json.loads(x) for x in open(w / "train.jsonl")}
@@ -121,6 +127,30 @@ def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path, sma
     assert rb.replace(str(b), str(tmp_path / "a")) == ra
     times = (b / "world" / "times.md").read_text()
     assert "| world |" in times and "| **wall** |" in times
+    # a command copied from the log and run in a shell at the repository root makes the same
+    # file: GRAIT's construct (the model's numerics, so the printed thread setting matters; its
+    # wave runs 4 stages at once) into a fresh path
+    log = {m.group(1): m.group(2) for m in re.finditer(r"\[pipeline\] (world/oeqa/s0 [\w ]+): "
+                                                        r"(.+)", run_a.stderr)}
+    assert not log["world/oeqa/s0 probe"].startswith("OMP_NUM_THREADS")   # alone in its wave
+    words = shlex.split(log["world/oeqa/s0 construct grait"])
+    env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
+    assert env == {"OMP_NUM_THREADS": "1"}
+    argv = words[len(env):]
+    again = tmp_path / "again" / "train.jsonl"
+    argv[argv.index("--out") + 1] = str(again)
+    r2 = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    made = tmp_path / "a" / "world" / "oeqa" / "s0" / "grait" / "train.jsonl"
+    assert again.read_bytes() == made.read_bytes()
+    # a stage that fails stops the run, its running siblings included, with one line at the end
+    r3 = subprocess.run([sys.executable, "pipeline.py", *args(tmp_path / "a"),
+                         "--eval-args=--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
+    last = [ln for ln in r3.stderr.splitlines() if ln.strip()][-1]
+    assert r3.returncode == 1 and "Traceback" not in r3.stderr, r3.stderr[-3000:]
+    assert re.fullmatch(r"\[pipeline\] world/oeqa/s0 evaluate \w+ (id|ood) failed \(exit 2\); "
+                        r"rerun the same command to resume", last), last
+    assert "skip world/oeqa/s0 finetune grait: unchanged" in r3.stderr
 
 
 def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
@@ -139,3 +169,35 @@ def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
     oracle = [line for line in md.splitlines() if line.startswith("| Oracle-RAIT |")][-1]
     assert oracle.split("|")[2].strip().startswith("0.0 ± 0.0")    # the oracle's IdK: none known
     assert "| **wall** |" in (tmp_path / "times.md").read_text()
+
+
+def test_run_command_prints_runs_and_names_a_failure(capsys):
+    """The one entry point: the printed line is what runs (environment settings first), and a
+    failure is one InputError naming the command and its exit status."""
+    # exits with its argument, plus 10 unless it sees the setting
+    code = "import os, sys; sys.exit(int(sys.argv[1]) + 10 * (os.environ.get('RAIT_X') != 'a b'))"
+    argv = [sys.executable, "-c", code, "0"]
+    assert runs.run_command(argv, {"RAIT_X": "a b"}, log="[x] ") == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"[x] RAIT_X='a b' {shlex.join(argv)}\n")
+    argv[-1] = "3"
+    assert runs.run_command(argv, check=False) == 13
+    with pytest.raises(files.InputError) as e:
+        runs.run_command(argv)
+    assert str(e.value) == f"{shlex.join(argv)}: failed (exit 13)"
+
+
+def test_run_command_passes_ctrl_c_on_and_ends_quietly(monkeypatch, capfd):
+    """Ctrl-C that reached only the caller (kill -INT <pid>): after the grace the child is
+    stopped too (SIGTERM), says `interrupted` itself, and the caller exits 130 without a second
+    line."""
+    monkeypatch.setattr(runs, "STOP_GRACE", 0.2)
+    child = f"import sys, time; sys.path.insert(0, {ROOT!r}); from rait import runs; " \
+            "runs.cli(lambda: time.sleep(60))"
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        runs.run_command([sys.executable, "-c", child])
+    assert e.value.code == 130 and time.time() - t0 < 30
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("interrupted: ") and sum("interrupted" in ln for ln in lines) == 1

@@ -39,7 +39,7 @@ def runs(tmp_path_factory, small_world):
     out = tmp_path_factory.mktemp("premises")
     shutil.copytree(small_world, out / "world")       # cached: the same configuration
     # the small world's pool is 8x smaller than the default's: 15 epochs make about as many
-    # optimizer steps as the default world's recipe (pipeline.py WORLD_EPOCHS)
+    # optimizer steps as the default world's recipe (world.RECIPE["finetune"])
     run("pipeline.py", "--out", str(out), "--world-args", "--preset small", "--methods", "cor",
         "--until", "finetune", "--jobs", "2", "--stage-args", "--epochs 15")
     return out
