@@ -3,6 +3,7 @@
 JSONL readers that validate every line (`file:line: reason`), the five record checkers, atomic
 writes, the output pre-check and the `<out>.config.json` every stage writes.
 """
+import importlib.metadata
 import json
 import math
 import os
@@ -252,13 +253,20 @@ def holds_model(folder):
         for n in names)
 
 
+def version(package):
+    """The installed version of a package, read from its metadata (a light stage that never
+    imports torch need not spend two seconds importing it for this), or None if not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def write_config(out, args, **extra):
     """`<out>.config.json`: the stage's effective arguments, library versions and seed (DESIGN)."""
-    import torch
-    import transformers
     cfg = {"argv": sys.argv, "args": {k: v for k, v in sorted(vars(args).items())},
-           "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": transformers.__version__},
+           "versions": {"python": platform.python_version(), "torch": version("torch"),
+                        "transformers": version("transformers")},
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
     write_json(f"{out}.config.json", cfg)
 
