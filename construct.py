@@ -137,6 +137,17 @@ def oracle_rait(states, n_van, n_idk, rng, with_replacement=False):
 # GRAIT (SPEC 5): split -> van top-N by correctness -> greedy IdK selection by gradient influence
 # -> adaptive weights. The gradient features come from kernels/persample.py (grait_features).
 GRAIT_T = 0.05          # SPEC 5.5: softmax temperature of the adaptive weights
+# SPEC 5.5 / SPEC 9 #8: --grait-weights variants as (sign, scale) of
+# w = scale * N * softmax(sign * delta / T); None: every weight 1. Sign and scale are separate
+# knobs (--grait-weight-sign, --grait-weight-scale), so the sign is the only inferred change.
+WEIGHT_VARIANTS = {
+    "inferred": (-1, 0.5),  # SPEC 9 #8 default: the released formula and scale (sum N/2, mean
+                            # 0.5) with the sign flipped: IdK items that push known questions
+                            # towards refusal get less weight (the paper's aim, SPEC 5.5 (ii))
+    "code": (+1, 0.5),      # SPEC 5.5: exactly the released formula, 500 softmax(+delta/T) for N=1000
+    "uniform": None,        # SPEC 5.5 (i): the released script resets every weight to 1 before
+                            # saving, so this is what the released run trained with
+}
 
 
 def grait_split(states, task, tau=TAU):
@@ -175,17 +186,18 @@ def greedy_select(score0, col_fn, k):
     return picked, s
 
 
-def released_select(score0, col_fn, k, n_greedy=None):
-    """SPEC 5.4 quirk (b), `--grait-select released`: run the greedy loop for n_greedy (default k)
-    picks, then discard S and return the k lowest-scoring REMAINING candidates, ascending by
-    their final score (stable: lowest index first on ties)."""
+def released_select(score0, col_fn, k):
+    """SPEC 5.4 quirk (b), SPEC 9 #7, `--grait-select released`: what the released code keeps.
+    1. run the greedy loop of greedy_select for exactly k picks (S);
+    2. discard S: the candidates left are C minus S (n - k of them);
+    3. return the min(k, n - k) of them with the lowest final score, ascending (stable: the
+       lowest index first on ties, as Python's sort).
+    So with k > n/2 fewer than k items come back, as in the released code."""
     import torch
-    picked, s = greedy_select(score0, col_fn, k if n_greedy is None else n_greedy)
+    picked, s = greedy_select(score0, col_fn, k)
     rest = torch.ones(s.shape[0], dtype=torch.bool)
     rest[picked] = False
     remaining = torch.nonzero(rest).flatten()
-    if k > remaining.numel():
-        raise ValueError(f"only {remaining.numel()} candidates remain, cannot take {k}")
     order = torch.sort(s[remaining], stable=True).indices
     return remaining[order[:k]].tolist()
 
@@ -199,31 +211,48 @@ def grait_delta(z_sel, z_ik, z_idk):
     return ik - gram_row_means(z_sel, z_idk)
 
 
-def grait_weights(delta, T=GRAIT_T, variant="paper"):
-    """SPEC 5.5 / SPEC 9 #8: the weights of the N selected IdK items.
-    paper:   N * softmax(-delta / T)      mean 1; IdK items that push known questions towards
-                                          refusal get less weight (the paper's stated aim)
-    code:    N/2 * softmax(+delta / T)    the released formula (500 for N = 1000; sum N/2)
-    uniform: 1 for every item             what the released run actually trained with
+def grait_weights(delta, T=GRAIT_T, sign=-1, scale=0.5):
+    """SPEC 5.5 / SPEC 9 #8: the weights of the N selected IdK items,
+    w = scale * N * softmax(sign * delta / T), so they sum to scale * N (mean `scale`).
+    sign -1, scale 0.5: `inferred` (default); sign +1, scale 0.5: `code` (WEIGHT_VARIANTS).
     Returns [N] float64."""
     import torch
     d = torch.as_tensor(delta, dtype=torch.float64)
-    n = d.shape[0]
-    if variant == "paper":
-        return n * torch.softmax(-d / T, dim=0)
-    if variant == "code":
-        return (n / 2) * torch.softmax(d / T, dim=0)
-    if variant == "uniform":
-        return torch.ones(n, dtype=torch.float64)
-    raise ValueError(f"unknown GRAIT weight variant {variant!r} (paper, code or uniform)")
+    return scale * d.shape[0] * torch.softmax(sign * d / T, dim=0)   # softmax subtracts the max
 
 
-def grait(states, task, n_van, n_idk, features, select="greedy", weights="paper", T=GRAIT_T):
+def weight_params(variant, sign=None, scale=None):
+    """SPEC 9 #8: (sign, scale) of a --grait-weights variant after the --grait-weight-sign and
+    --grait-weight-scale overrides (None: the variant's own); None for `uniform`.
+    A ValueError says in one line what is wrong."""
+    if variant not in WEIGHT_VARIANTS:
+        old = (" ('paper' was renamed: it is now inferred with --grait-weight-scale 1; the "
+               "default inferred has mean weight 0.5)" if variant == "paper" else "")
+        raise ValueError(f"unknown GRAIT weight variant {variant!r} (expected one of "
+                         f"{', '.join(WEIGHT_VARIANTS)}){old}")
+    if WEIGHT_VARIANTS[variant] is None:
+        if sign is not None or scale is not None:
+            raise ValueError(f"--grait-weight-sign/--grait-weight-scale do not apply to "
+                             f"--grait-weights {variant} (every weight is 1)")
+        return None
+    sign = WEIGHT_VARIANTS[variant][0] if sign is None else sign
+    scale = WEIGHT_VARIANTS[variant][1] if scale is None else scale
+    if sign not in (-1, 1):
+        raise ValueError(f"--grait-weight-sign must be -1 or 1, got {sign}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"--grait-weight-scale must be finite and > 0, got {scale}")
+    return sign, scale
+
+
+def grait(states, task, n_van, n_idk, features, select="greedy", weights="inferred", T=GRAIT_T,
+          sign=None, scale=None):
     """GRAIT (SPEC 5.2-5.5, SPEC 9 #7-#8). features(rows, view) -> the rows' normalised gradient
     features [len(rows), d], view "idk" (target IdK) or "van" (the Cor-RAIT target).
+    weights: a WEIGHT_VARIANTS name; sign, scale override its (sign, scale).
     Returns (van rows, idk rows, {idk id: weight})."""
     import torch
     from kernels.persample import gram_column, gram_row_sums
+    params = weight_params(weights, sign, scale)
     # 1. split by correctness (SPEC 5.2)
     ik_all, idk_all = grait_split(states, task)
     if not idk_all:
@@ -232,16 +261,19 @@ def grait(states, task, n_van, n_idk, features, select="greedy", weights="paper"
     van = by_correctness(ik_all, n_van)
     # 2b. D_idk_sel: greedy selection by gradient influence (SPEC 5.4)
     z_c = features(idk_all, "idk")                              # candidates C, IDK view
-    z_ik = features(ik_all, "idk") if ik_all else None          # for the weights
     score0 = (gram_row_sums(z_c, features(van, "van")) if van     # s_j = sum_v K_iv[j, v]
               else torch.zeros(len(idk_all), dtype=torch.float64))
     k = min(n_idk, len(idk_all))
     col = lambda j: gram_column(z_c, z_c[j])                    # noqa: E731  K_ii[:, j]
     picked = (greedy_select(score0, col, k)[0] if select == "greedy" else    # SPEC 9 #7
-              released_select(score0, col, min(k, len(idk_all) - k)))
+              released_select(score0, col, k))
     idk = [idk_all[j] for j in picked]
     # 3. adaptive weights from the influence on known vs unknown items (SPEC 5.5)
-    w = grait_weights(grait_delta(z_c[picked], z_ik, z_c), T, weights).tolist()
+    if params is None:                                          # uniform: no delta needed
+        w = [1.0] * len(idk)
+    else:
+        z_ik = features(ik_all, "idk") if ik_all else None
+        w = grait_weights(grait_delta(z_c[picked], z_ik, z_c), T, *params).tolist()
     return van, idk, {s["id"]: float(x) for s, x in zip(idk, w)}
 
 
@@ -371,9 +403,13 @@ def run_grait(a, items_by_id, rows, task, n_van, n_idk):
                                     a.grad_dim, a.projection, a.seed, a.grad_batch_size,
                                     adam=not a.no_adam, trust_remote_code=a.trust_remote_code)
     van, idk, weights = grait(rows, task, n_van, n_idk, features, a.grait_select,
-                              a.grait_weights, a.grait_temperature)
+                              a.grait_weights, a.grait_temperature, a.grait_weight_sign,
+                              a.grait_weight_scale)
     w = list(weights.values())
+    sign, scale = weight_params(a.grait_weights, a.grait_weight_sign,
+                                a.grait_weight_scale) or (None, None)
     extra = {"grait": {**info, "select": a.grait_select, "weights": a.grait_weights,
+                       "weight_sign": sign, "weight_scale": scale,
                        "ik_all": len(ik_all), "idk_all": len(idk_all),
                        "weight_stats": stats([{"w": x} for x in w], "w")}}
     if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
@@ -416,17 +452,32 @@ def parse_args(argv=None):
                         "JL map, O(D): the practical choice on CPU)")
     g.add_argument("--no-adam", action="store_true", help="skip Adam preconditioning")
     g.add_argument("--grait-select", choices=("greedy", "released"), default="greedy",
-                   help="greedy set S (SPEC 5.4) or the released code's lowest-scoring remainder")
-    g.add_argument("--grait-weights", choices=("paper", "code", "uniform"), default="paper",
-                   help="paper: N softmax(-delta/T); code: N/2 softmax(+delta/T); uniform: 1")
-    g.add_argument("--grait-temperature", type=float, default=GRAIT_T, help="T of the weights")
+                   help="greedy: the greedy set S (SPEC 5.4, 9 #7); released: k greedy picks, "
+                        "then the min(k, remaining) lowest-scoring remaining candidates (SPEC "
+                        "5.4 quirk (b))")
+    g.add_argument("--grait-weights", default="inferred", metavar="{" + ",".join(WEIGHT_VARIANTS) + "}",
+                   help="IdK weights (SPEC 5.5, 9 #8): inferred: N/2 softmax(-delta/T), the "
+                        "released formula with the sign flipped (mean 0.5); code: N/2 "
+                        "softmax(+delta/T), exactly as released; uniform: 1, what the released "
+                        "run trained with")
+    g.add_argument("--grait-weight-sign", type=int, choices=(-1, 1),
+                   help="override the variant's sign in scale N softmax(sign delta/T) (SPEC 9 #8)")
+    g.add_argument("--grait-weight-scale", type=float,
+                   help="override the variant's scale (mean weight) in scale N softmax(sign "
+                        "delta/T), finite > 0; 1 gives the former 'paper' weights (SPEC 9 #8)")
+    g.add_argument("--grait-temperature", type=float, default=GRAIT_T,
+                   help="T of the weights (SPEC 5.5)")
     g.add_argument("--grad-batch-size", type=int, default=16, help="examples per gradient batch")
     g.add_argument("--trust-remote-code", action="store_true", help=models.TRUST_HELP)
     a = p.parse_args(argv)
     for flag, v in (("--grad-dim", a.grad_dim), ("--grad-batch-size", a.grad_batch_size),
                     ("--grait-temperature", a.grait_temperature)):
-        if v <= 0:
-            p.error(f"{flag} must be > 0, got {v}")
+        if not (math.isfinite(v) and v > 0):
+            p.error(f"{flag} must be finite and > 0, got {v}")
+    try:
+        weight_params(a.grait_weights, a.grait_weight_sign, a.grait_weight_scale)
+    except ValueError as e:
+        p.error(str(e))
     return a
 
 

@@ -188,6 +188,7 @@ def test_cli_writes_examples_and_summary(pool):
             assert "m0_greedy_correct_share" in summ["idk"]
         # same seed, same file
         r2 = run("--method", m, "--items", items, "--state", state, "--flow", flow, "--out", out + "2")
+        assert r2.returncode == 0, r2.stderr
         assert open(out).read() == open(out + "2").read()
 
 
@@ -226,7 +227,7 @@ def test_grait_cli_selects_weights_and_reports(pool, tiny_chat_llama):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     outs = {}
-    for variant in ("paper", "uniform"):
+    for variant in ("inferred", "uniform"):
         out = str(d / f"grait_{variant}" / "train.jsonl")
         r = run("--method", "grait", "--items", items, "--state", state, "--flow", flow, "--out", out,
                 "--model", tiny_chat_llama, "--warmup", str(d / "warmup"), "--n-van", "8",
@@ -235,12 +236,14 @@ def test_grait_cli_selects_weights_and_reports(pool, tiny_chat_llama):
         outs[variant] = files.read_jsonl(out, check=files.check_example)
         summ = json.load(open(out + ".summary.json"))
         assert summ["grait"]["feature_path"] == "exact" and summ["grait"]["adam"]
-    ex = outs["paper"]
+        assert (summ["grait"]["weight_sign"], summ["grait"]["weight_scale"]) == (
+            (-1, 0.5) if variant == "inferred" else (None, None))
+    ex = outs["inferred"]
     idk = [e for e in ex if e["kind"] == "idk"]
     van = [e for e in ex if e["kind"] == "van"]
     assert len(idk) == 3 and len(van) == 8
     assert all(e["target"] == "I don't know" for e in idk) and all(e["weight"] == 1.0 for e in van)
-    assert abs(sum(e["weight"] for e in idk) / 3 - 1.0) < 1e-9          # paper: mean weight 1
+    assert abs(sum(e["weight"] for e in idk) / 3 - 0.5) < 1e-9          # inferred: mean 0.5
     states = {json.loads(l)["id"]: json.loads(l)["mu"] for l in open(state)}
     assert all(states[e["id"]] <= 0.49 for e in idk)                     # IdK from idk_all only
     top = sorted((m, i) for i, m in states.items() if m >= 0.51)[::-1]
@@ -298,51 +301,162 @@ def test_greedy_ties_go_to_the_lowest_index():
     assert picked == [0, 1, 2]
 
 
+# Four candidates with 2-d IDK-view features and one van item k1 with van feature (1, 0):
+# s0 = <z_j, (1, 0)> = (1, 0, 0, 0.6); K_ii = Z Z^T.
+Z4 = torch.tensor([[1, 0], [0, 1], [0, -1], [0.6, 0.8]], dtype=torch.float64)
+
+
 def test_released_select_hand_case_and_definition():
+    """SPEC 5.4 quirk (b): exactly k greedy picks, then the min(k, n - k) lowest-scoring
+    remaining candidates, ascending, ties by index."""
     score0 = torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0])
     zero = lambda j: torch.zeros(5)                             # noqa: E731
     # greedy takes 4 then 0; the rest {1, 2, 3} have scores 1, 2, 1 -> lowest two, ties by index
     assert C.released_select(score0, zero, 2) == [1, 3]
+    # k = 3 of n = 4 (min(k, n - k) = 1): greedy picks 0 (s = 1), then s += K_ii[:, 0] =
+    # (1, 0, 0, 0.6) -> (2, 0, 0, 1.2): 3; s += K_ii[:, 3] = (0.6, 0.8, -0.8, 1) ->
+    # (2.6, 0.8, -0.8, 2.2): 1. Candidate 2 is all that remains. (Only min(k, n - k) = 1 greedy
+    # pick, the old call, would leave {1, 2, 3} with scores (0, 0, 1.2) and return [1].)
+    got = C.released_select(Z4 @ torch.tensor([1.0, 0.0], dtype=torch.float64),
+                            lambda j: Z4 @ Z4[j], 3)
+    assert got == [2], f"3 greedy picks (0, 3, 1) leave candidate 2 alone, got {got}"
     g = torch.Generator().manual_seed(9)
     A = torch.randn(10, 10, generator=g, dtype=torch.float64)
     Kii, s0 = A + A.T, torch.randn(10, generator=g, dtype=torch.float64)
-    picked, s = C.greedy_select(s0, lambda j: Kii[:, j], 3)
-    rest = sorted((j for j in range(10) if j not in picked), key=lambda j: (float(s[j]), j))
-    assert C.released_select(s0, lambda j: Kii[:, j], 3) == rest[:3]
-    assert C.released_select(s0, lambda j: Kii[:, j], 4, n_greedy=3) == rest[:4]
+    for k in (3, 6):                                              # 7 and 4 remain
+        picked, s = C.greedy_select(s0, lambda j: Kii[:, j], k)
+        rest = sorted((j for j in range(10) if j not in picked), key=lambda j: (float(s[j]), j))
+        assert C.released_select(s0, lambda j: Kii[:, j], k) == rest[:k]
 
 
 def test_grait_weights_each_variant_equals_its_formula():
+    """w = scale * N * softmax(sign * delta / T) (SPEC 5.5, 9 #8), by hand with N = 4:
+    delta / T = ln 2 * (0, 0, 1, 2), so exp(+delta/T) = (1, 1, 2, 4) (sum 8) and
+    exp(-delta/T) = (1, 1, 1/2, 1/4) (sum 11/4)."""
     T = 0.05
-    delta = torch.tensor([0.0, T * math.log(3)])                 # exp(-d/T) = 1, 1/3
-    assert torch.allclose(C.grait_weights(delta, T, "paper"),
-                          torch.tensor([1.5, 0.5], dtype=torch.float64))   # 2 * (3/4, 1/4)
-    assert torch.allclose(C.grait_weights(delta, T, "code"),
-                          torch.tensor([0.25, 0.75], dtype=torch.float64))  # 1 * (1/4, 3/4)
-    assert torch.equal(C.grait_weights(delta, T, "uniform"), torch.ones(2, dtype=torch.float64))
+    delta = T * math.log(2) * torch.tensor([0.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    assert C.WEIGHT_VARIANTS == {"inferred": (-1, 0.5), "code": (1, 0.5), "uniform": None}
+    want = {
+        # inferred: softmax(-delta/T) = (4, 4, 2, 1) / 11, times 0.5 * N = 2: sum 2 = N/2
+        "inferred": [8 / 11, 8 / 11, 4 / 11, 2 / 11],
+        # code: softmax(+delta/T) = (1, 1, 2, 4) / 8, times 0.5 * N = 2: sum 2 = N/2
+        "code": [1 / 4, 1 / 4, 1 / 2, 1],
+        # inferred with --grait-weight-scale 1 (the former `paper`): N softmax(-delta/T), mean 1
+        ("inferred", None, 1.0): [16 / 11, 16 / 11, 8 / 11, 4 / 11],
+        # inferred with --grait-weight-sign 1: the released formula
+        ("inferred", 1, None): [1 / 4, 1 / 4, 1 / 2, 1],
+        # code with sign -1 and scale 0.25: 0.25 * 4 * (4, 4, 2, 1) / 11
+        ("code", -1, 0.25): [4 / 11, 4 / 11, 2 / 11, 1 / 11],
+    }
+    for case, w in want.items():
+        variant, sign, scale = (case, None, None) if isinstance(case, str) else case
+        got = C.grait_weights(delta, T, *C.weight_params(variant, sign, scale))
+        assert torch.allclose(got, torch.tensor(w, dtype=torch.float64)), (
+            f"{case}: want scale * N * softmax(sign * delta / T) = {w}, got {got.tolist()}")
+    assert torch.allclose(C.grait_weights(delta, T), torch.tensor(want["inferred"],
+                                                                  dtype=torch.float64))
     d = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 0.05
-    assert math.isclose(float(C.grait_weights(d).mean()), 1.0, rel_tol=1e-12)
-    assert math.isclose(float(C.grait_weights(d, variant="code").sum()), 500.0, rel_tol=1e-12)
+    for variant in ("inferred", "code"):                          # sum N/2 = 500, as released
+        w = C.grait_weights(d, C.GRAIT_T, *C.WEIGHT_VARIANTS[variant])
+        assert math.isclose(float(w.sum()), 500.0, rel_tol=1e-12), f"{variant}: sum {w.sum()}"
     w = C.grait_weights(d)
-    assert w[d.argmax()] == w.min()                              # paper: larger delta, less weight
-    with pytest.raises(ValueError):
-        C.grait_weights(d, variant="other")
+    assert w[d.argmax()] == w.min()                           # inferred: larger delta, less weight
+
+
+def test_weight_params_overrides_and_errors():
+    assert C.weight_params("inferred") == (-1, 0.5) and C.weight_params("code") == (1, 0.5)
+    assert C.weight_params("code", sign=-1) == (-1, 0.5)
+    assert C.weight_params("inferred", scale=2.0) == (-1, 2.0)
+    assert C.weight_params("uniform") is None
+    for args, msg in ((("paper",), "renamed"), (("other",), "unknown GRAIT weight variant"),
+                      (("uniform", 1), "do not apply"), (("uniform", None, 1.0), "do not apply"),
+                      (("inferred", 0), "sign must be"), (("inferred", None, 0.0), "finite and > 0"),
+                      (("inferred", None, -1.0), "finite and > 0"),
+                      (("code", None, math.nan), "finite and > 0"),
+                      (("code", None, math.inf), "finite and > 0")):
+        with pytest.raises(ValueError, match=msg):
+            C.weight_params(*args)
+
+
+GRAIT_ARGS = ["--method", "grait", "--items", "i.jsonl", "--state", "s.jsonl", "--out", "o.jsonl",
+              "--model", "m", "--warmup", "w"]
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--grait-weights", "paper"], "renamed"),
+    (["--grait-weights", "uniform", "--grait-weight-sign", "1"], "do not apply"),
+    (["--grait-weight-scale", "0"], "--grait-weight-scale must be finite and > 0"),
+    (["--grait-weight-scale", "nan"], "--grait-weight-scale must be finite and > 0"),
+    (["--grait-weight-scale", "inf"], "--grait-weight-scale must be finite and > 0"),
+    (["--grait-weight-sign", "2"], "invalid choice"),
+    (["--grait-temperature", "nan"], "--grait-temperature must be finite and > 0")])
+def test_grait_weight_flag_errors(flags, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse_args(GRAIT_ARGS + flags)
+    assert e.value.code == 2 and msg in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# The hand pool of test_grait_hand_case: 2-d unit features, by hand (SPEC 5.2-5.5)
+HAND_STATES = [S("k1", 0.9, 0), S("k2", 0.8, 0), S("u1", 0.1, 0), S("u2", 0.2, 0), S("u3", 0.3, 0)]
+HAND_Z = {"idk": {"k1": (1, 0), "k2": (1, 0), "u1": (1, 0), "u2": (0, 1), "u3": (0.6, 0.8)},
+          "van": {"k1": (1, 0), "k2": (0, 1)}}
+
+
+def hand_features(rows, view):
+    return torch.tensor([HAND_Z[view][r["id"]] for r in rows], dtype=torch.float64)
+
+
+# delta = mean over ik_all (k1, k2) - mean over idk_all (u1, u2, u3) of <z_i, z_k> (SPEC 5.5)
+HAND_D1, HAND_D3 = 1.0 - (1 + 0 + 0.6) / 3, 0.6 - (0.6 + 0.8 + 1.0) / 3      # u1, u3
 
 
 def test_grait_hand_case():
     """GRAIT end to end on 2-d unit features, by hand (SPEC 5.2-5.5)."""
-    st = [S("k1", 0.9, 0), S("k2", 0.8, 0), S("u1", 0.1, 0), S("u2", 0.2, 0), S("u3", 0.3, 0)]
-    z = {"idk": {"k1": (1, 0), "k2": (1, 0), "u1": (1, 0), "u2": (0, 1), "u3": (0.6, 0.8)},
-         "van": {"k1": (1, 0), "k2": (0, 1)}}
-
-    def features(rows, view):
-        return torch.tensor([z[view][r["id"]] for r in rows], dtype=torch.float64)
-    van, idk, w = C.grait(st, "mcqa", 1, 2, features, weights="paper", T=1.0)
+    van, idk, w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, T=1.0)
     assert ids(van) == ["k1"], f"D_ik_sel: the known item with the highest mu (k1), got {ids(van)}"
     # s = <z_j, z_van(k1)> = (1, 0, 0.6): u1 first; then s += K_ii[:, u1] = (., 0, 0.6): u3 (1.2)
     assert ids(idk) == ["u1", "u3"], f"greedy IdK picks: u1 then u3, got {ids(idk)}"
-    # delta = mean over ik_all (k1, k2) - mean over idk_all (u1, u2, u3) of <z_i, z_k>
-    d1, d3 = 1.0 - (1 + 0 + 0.6) / 3, 0.6 - (0.6 + 0.8 + 1.0) / 3
-    e1, e3 = math.exp(-d1), math.exp(-d3)
-    want = {"u1": 2 * e1 / (e1 + e3), "u3": 2 * e3 / (e1 + e3)}     # N softmax(-delta / T)
-    assert w == pytest.approx(want), f"weights {w}, want N * softmax(-delta / T) = {want}"
+    e1, e3 = math.exp(-HAND_D1), math.exp(-HAND_D3)
+    want = {"u1": 0.5 * 2 * e1 / (e1 + e3), "u3": 0.5 * 2 * e3 / (e1 + e3)}
+    assert w == pytest.approx(want), f"weights {w}, want N/2 * softmax(-delta / T) = {want}"
+    assert C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, weights="uniform")[2] == {
+        "u1": 1.0, "u3": 1.0}
+
+
+def test_grait_released_hand_case():
+    """--grait-select released through grait(): k = 3 greedy picks of the 4 candidates of Z4
+    (u1, u4, u2), then the one remaining, u3 (see test_released_select_hand_case_and_definition).
+    The old call made min(k, n - k) = 1 greedy pick and returned u2. One item: weight 0.5."""
+    st = [S("k1", 0.9, 0)] + [S(f"u{i + 1}", 0.1, 0) for i in range(4)]
+    z = {"idk": {"k1": Z4[0], **{f"u{i + 1}": Z4[i] for i in range(4)}}, "van": {"k1": Z4[0]}}
+
+    def features(rows, view):
+        return torch.stack([z[view][r["id"]] for r in rows])
+    van, idk, w = C.grait(st, "mcqa", 1, 3, features, select="released")
+    assert ids(van) == ["k1"] and ids(idk) == ["u3"], (
+        f"released: 3 greedy picks (u1, u4, u2), then the remaining u3; got {ids(idk)}")
+    assert w == pytest.approx({"u3": 0.5}), f"inferred, N = 1: 0.5 * 1 * softmax = 0.5, got {w}"
+
+
+@pytest.mark.parametrize("flags, sign, scale", [
+    ([], -1, 0.5),
+    (["--grait-weights", "code"], 1, 0.5),
+    (["--grait-weights", "inferred", "--grait-weight-sign", "1", "--grait-weight-scale", "1"], 1, 1.0),
+    (["--grait-weights", "code", "--grait-weight-scale", "0.25"], 1, 0.25),
+    (["--grait-weights", "uniform"], None, None),
+    (["--grait-select", "released"], -1, 0.5)])
+def test_grait_weight_flags_reach_grait(flags, sign, scale, monkeypatch):
+    """The command line's --grait-select/--grait-weights/--grait-weight-sign/-scale reach grait()
+    (run_grait with the hand features in place of the model's gradients) and the summary."""
+    monkeypatch.setattr(C, "grait_features", lambda *a, **k: (hand_features, {}))
+    a = C.parse_args(GRAIT_ARGS + ["--grait-temperature", "1"] + flags)
+    van, idk, w, extra = C.run_grait(a, {}, HAND_STATES, "mcqa", 1, 2)
+    if "released" in flags:              # 2 greedy picks (u1, u3) leave u2 alone
+        assert w == pytest.approx({"u2": 0.5}), w
+    elif sign is None:
+        assert w == {"u1": 1.0, "u3": 1.0}
+    else:
+        e1, e3 = math.exp(sign * HAND_D1), math.exp(sign * HAND_D3)
+        want = {"u1": scale * 2 * e1 / (e1 + e3), "u3": scale * 2 * e3 / (e1 + e3)}
+        assert w == pytest.approx(want), f"{flags}: weights {w}, want {want}"
+    assert (extra["grait"]["weight_sign"], extra["grait"]["weight_scale"]) == (sign, scale)

@@ -143,28 +143,69 @@ def delta_sums_not_means(z_sel, z_ik, z_idk):
     return (z_sel @ z_ik.T).double().sum(1) - (z_sel @ z_idk.T).double().sum(1)
 
 
-def weights_sign_flip(delta, T=C.GRAIT_T, variant="paper"):
+def released_min_picks(score0, col_fn, k):
+    """The old call: min(k, n - k) greedy picks instead of k."""
+    m = min(k, score0.shape[0] - k)
+    picked, s = C.greedy_select(score0, col_fn, m)
+    rest = [j for j in range(score0.shape[0]) if j not in picked]
+    return sorted(rest, key=lambda j: (float(s[j]), j))[:m]
+
+
+def released_highest_remaining(score0, col_fn, k):
+    picked, s = C.greedy_select(score0, col_fn, k)
+    rest = [j for j in range(score0.shape[0]) if j not in picked]
+    return sorted(rest, key=lambda j: (-float(s[j]), j))[:k]
+
+
+def released_keeps_greedy_set(score0, col_fn, k):
+    return C.greedy_select(score0, col_fn, k)[0]
+
+
+def weights_sign_flip(delta, T=C.GRAIT_T, sign=-1, scale=0.5):
     d = torch.as_tensor(delta, dtype=torch.float64)
-    return d.shape[0] * torch.softmax(d / T, dim=0)
+    return scale * d.shape[0] * torch.softmax(-sign * d / T, dim=0)
 
 
-def weights_not_renormalised(delta, T=C.GRAIT_T, variant="paper"):
+def weights_sign_ignored(delta, T=C.GRAIT_T, sign=-1, scale=0.5):
     d = torch.as_tensor(delta, dtype=torch.float64)
-    return d.shape[0] * torch.exp(-d / T)
+    return scale * d.shape[0] * torch.softmax(-d / T, dim=0)
 
 
-def weights_no_scale(delta, T=C.GRAIT_T, variant="paper"):
-    return torch.softmax(-torch.as_tensor(delta, dtype=torch.float64) / T, dim=0)
+def weights_not_renormalised(delta, T=C.GRAIT_T, sign=-1, scale=0.5):
+    d = torch.as_tensor(delta, dtype=torch.float64)
+    return scale * d.shape[0] * torch.exp(sign * d / T)
+
+
+def weights_no_scale(delta, T=C.GRAIT_T, sign=-1, scale=0.5):
+    return torch.softmax(sign * torch.as_tensor(delta, dtype=torch.float64) / T, dim=0)
+
+
+def weights_mean_one(delta, T=C.GRAIT_T, sign=-1, scale=0.5):
+    """The former `paper` scale: N softmax, mean 1, whatever the scale."""
+    d = torch.as_tensor(delta, dtype=torch.float64)
+    return d.shape[0] * torch.softmax(sign * d / T, dim=0)
+
+
+def weights_scale_fixed_half(delta, T=C.GRAIT_T, sign=-1, scale=0.5):
+    """N/2 written in: right for inferred and code, wrong for --grait-weight-scale."""
+    d = torch.as_tensor(delta, dtype=torch.float64)
+    return d.shape[0] / 2 * torch.softmax(sign * d / T, dim=0)
 
 
 def grait_released_selection(states, task, n_van, n_idk, features, select="greedy",
-                             weights="paper", T=C.GRAIT_T):
-    return REAL["construct.py::grait"](states, task, n_van, n_idk, features, "released", weights, T)
+                             weights="inferred", T=C.GRAIT_T, sign=None, scale=None):
+    return REAL["construct.py::grait"](states, task, n_van, n_idk, features, "released", weights,
+                                       T, sign, scale)
 
 
 def grait_uniform_weights(states, task, n_van, n_idk, features, select="greedy",
-                          weights="paper", T=C.GRAIT_T):
+                          weights="inferred", T=C.GRAIT_T, sign=None, scale=None):
     return REAL["construct.py::grait"](states, task, n_van, n_idk, features, select, "uniform", T)
+
+
+def grait_code_weights(states, task, n_van, n_idk, features, select="greedy",
+                       weights="inferred", T=C.GRAIT_T, sign=None, scale=None):
+    return REAL["construct.py::grait"](states, task, n_van, n_idk, features, select, "code", T)
 
 
 MODULES = {"kernels/ths.py": kt, "probe.py": probe, "rehearse.py": rehearse, "construct.py": C}
@@ -182,8 +223,12 @@ MUTANTS = {
     "construct.py::craft": [craft_without_flow, craft_swapped_certainty],
     "construct.py::greedy_select": [greedy_no_exclusion, greedy_no_update],
     "construct.py::grait_delta": [delta_sign_flip, delta_sums_not_means],
-    "construct.py::grait_weights": [weights_sign_flip, weights_not_renormalised, weights_no_scale],
-    "construct.py::grait": [grait_released_selection, grait_uniform_weights],
+    "construct.py::released_select": [released_min_picks, released_highest_remaining,
+                                      released_keeps_greedy_set],
+    "construct.py::grait_weights": [weights_sign_flip, weights_sign_ignored,
+                                    weights_not_renormalised, weights_no_scale, weights_mean_one,
+                                    weights_scale_fixed_half],
+    "construct.py::grait": [grait_released_selection, grait_uniform_weights, grait_code_weights],
 }
 
 
