@@ -42,7 +42,7 @@ from rait import files
 from rait import models
 from rait import runs
 from kernels import lora
-from rait.checkpoint import LOG, gather_rng, open_log, resume, save_state, write_checkpoint
+from rait.checkpoint import gather_rng, open_log, resume, save_state, write_checkpoint
 
 # Defaults: SPEC 9 #12 = the released MCQA recipe (SPEC 6) without 4-bit quantisation
 LR = 2e-4               # SPEC 6 MCQA RAIT

@@ -157,7 +157,7 @@ def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
     """Issue 13: `make all WORLDS="0 1"` builds one world per seed (runs/world, runs/world-w1),
     runs each with its own run seed and writes runs/worlds.md with mean ± std over the worlds,
     the Oracle-RAIT row and the static-conflict / quadrant table."""
-    r = sh("pipeline.py", "--world-args", "--preset small --epochs 1", "--worlds", "0", "1",
+    sh("pipeline.py", "--world-args", "--preset small --epochs 1", "--worlds", "0", "1",
            "--tasks", "oeqa", "--methods", "cor", "oracle", "--jobs", "2", "--out", str(tmp_path))
     for d in ("world/oeqa/s0", "world-w1/oeqa/s1"):
         assert (tmp_path / d / "report.md").is_file(), d

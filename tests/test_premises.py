@@ -9,7 +9,6 @@ Formulas can be right while the experiment is wrong: these tests fail when
     and empty values included; with an identity adapter, zero LoRA B, every flow is exactly 0).
 """
 import json
-import os
 import shutil
 import subprocess
 import sys
