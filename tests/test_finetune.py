@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from rait import files
 from rait import models
 from rait import runs
+from rait import checkpoint
 import finetune
 from conftest import ROOT
 from kernels import lora
@@ -50,7 +51,7 @@ def adapter(folder):
 
 
 def log_rows(folder):
-    with open(os.path.join(folder, finetune.LOG)) as f:
+    with open(os.path.join(folder, checkpoint.LOG)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rait import files, models
+from rait import checkpoint, files, models
 from rait.runs import cli
 from conftest import ROOT
 
@@ -668,9 +668,9 @@ def test_train_log_torn_by_a_kill_is_cut_at_the_checkpoint(tmp_path):
     import finetune
     lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)]
     done = json.dumps({"done": True, "steps": 4}) + "\n"    # killed before the final save
-    (tmp_path / finetune.LOG).write_text("".join(lines) + done + '{"step": 5, "lo')
+    (tmp_path / checkpoint.LOG).write_text("".join(lines) + done + '{"step": 5, "lo')
     finetune.open_log(str(tmp_path), 3).close()
-    assert (tmp_path / finetune.LOG).read_text() == "".join(lines[:3])
+    assert (tmp_path / checkpoint.LOG).read_text() == "".join(lines[:3])
 
 
 def test_kill_after_the_final_save_is_completed_by_a_rerun(runs, tmp_path, monkeypatch, capsys):
