@@ -233,9 +233,10 @@ def answer(args):
             rows.append({"id": it["id"], "response": text, "label": lab, "parsed": letter,
                          "other_refusal": other_refusal(text) if lab != "refuse" else None})
         return rows
-    key = files.stable_hash(args.model, args.adapter, file_sha(args.items), args.prompt,
-                            args.mcqa_reader, max_new, args.strict_refusal, args.batch_size,
-                            newline)
+    key = {"args": str(files.stable_hash(args.model, args.adapter, args.prompt, args.mcqa_reader,
+                                         max_new, args.strict_refusal, args.batch_size, newline)),
+           **{name: files.digest(path) for name, path in (
+               ("items", args.items), ("model", args.model), ("adapter", args.adapter))}}
     rows = runs.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key)
     if rows is None:
         return
@@ -251,12 +252,6 @@ def answer(args):
     print(f"[evaluate] {args.out}: Pc {r[0]:.1f}  Pw {r[1]:.1f}  Pr {r[2]:.1f}  unparsed "
           f"{r[3]:.1f} (micro, %); other refusal phrasings in {summary['other_refusal']} "
           "non-refused responses")
-
-
-def file_sha(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

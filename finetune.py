@@ -130,7 +130,31 @@ def run_key(args, examples, world):
     dests = {x.dest for x in add_train_args(argparse.ArgumentParser())._actions} - NOT_IN_KEY
     cfg = {k: getattr(args, k) for k in sorted(dests) if k != "help"}
     data = "".join(files.dumps(e) for e in examples)
-    return str(files.stable_hash(args.model, json.dumps(cfg, sort_keys=True), data, world))
+    return str(files.stable_hash(args.model, files.digest(args.model),     # issue 17: contents
+                                 json.dumps(cfg, sort_keys=True), data, world))
+
+
+def final_problem(out_dir, full):
+    """Why a finished run's final files cannot be used (None if they can): the weights and
+    config a later stage loads are present, the config is JSON, and every safetensors file is
+    whole (header and size; a kill or a full disk can truncate one after the trainer state)."""
+    need = ["config.json"] if full else [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
+    names = sorted(set(need) | {n for n in os.listdir(out_dir) if n.endswith(".safetensors")})
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if name.endswith(".json"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError) as e:
+                return f"{name} is not JSON ({e})"
+        else:
+            problem = files.safetensors_problem(path)
+            if problem:
+                return f"{name}: {problem}"
+    return None
 
 
 def lr_at(step, total, lr, warmup_ratio, warmup_start=WARMUP_START):
@@ -282,7 +306,13 @@ def train(args, examples, out_dir):
     rank, world = runs.dist_init()
     key = run_key(args, examples, world)
     final = os.path.join(out_dir, lora.TRAINER_STATE)
-    if os.path.isfile(final) and lora.load_trainer_state(final)[1].get("run_key") == key:
+    done = (os.path.isfile(final) and not files.safetensors_problem(final)
+            and lora.load_trainer_state(final)[1].get("run_key") == key)
+    problem = done and final_problem(out_dir, args.full)
+    if problem and rank == 0:
+        print(f"[finetune] {out_dir}: finished before, but {problem}; training again",
+              file=sys.stderr)
+    if done and not problem:
         if rank == 0:   # a kill right after the final save can leave checkpoints behind
             for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
                 shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)

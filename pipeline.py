@@ -41,41 +41,30 @@ from world import RECIPE as WORLD_RECIPE
 REHEARSAL_SHARE = 0.1   # rehearsal set: 10% of a small pool, at most SPEC 3's 1,000 (of 14k)
 
 
-def file_key(path):
-    """Content hash of an input file or folder (size + mtime for files over 64 MiB)."""
-    h = hashlib.sha256()
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
-        if not f.endswith((".stage.json", ".config.json")) and "checkpoint" not in d)
-    for p in paths:
-        st = os.stat(p)
-        h.update(p.encode())
-        if st.st_size > 64 << 20:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        else:
-            with open(p, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
-
-
 def run_stage(label, cmd, out, inputs, env, running):
-    """Run one stage's command (env: its environment settings) unless `out` exists with the same
-    command and inputs; returns (label, seconds, how). A failure ends the run with one line."""
+    """Run one stage's command (env: its environment settings) unless `out` is still what an
+    earlier run of the same command on inputs of the same contents made (its digest is in the
+    stage marker); returns (label, seconds, how). A failure ends the run with one line."""
     # the key leaves out the interpreter's path (cmd[0]): a moved checkout or venv reuses its runs
-    key = hashlib.sha256(json.dumps([cmd[1:], [file_key(i) for i in inputs]]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([cmd[1:], [files.digest(i) for i in inputs]]).encode()).hexdigest()
     marker = out and out.rstrip("/") + ".stage.json"
     if out and os.path.exists(out) and os.path.exists(marker):
         with open(marker) as f:
-            if json.load(f).get("key") == key:
-                print(f"[pipeline] skip {label}: unchanged", file=sys.stderr)
-                return label, 0.0, "skipped"
+            made = json.load(f)
+        if made.get("key") == key and made.get("out") == files.digest(out):
+            print(f"[pipeline] skip {label}: unchanged", file=sys.stderr)
+            return label, 0.0, "skipped"
+        if made.get("key") == key:      # truncated, edited or half-replaced since (issue 17)
+            print(f"[pipeline] {label}: {out} changed since this stage made it; running again",
+                  file=sys.stderr)
     t0 = time.time()
     rc = runs.run_command(cmd, env, log=f"[pipeline] {label}: ", running=running, check=False)
     if rc:
         sys.exit(f"[pipeline] {label} failed (exit {rc}); rerun the same command to resume")
     dt = time.time() - t0
     if out:     # world.py keeps its own cache (world.config.json)
-        files.write_json(marker, {"key": key, "seconds": round(dt, 1), "cmd": cmd, "env": env})
+        files.write_json(marker, {"key": key, "out": files.digest(out), "seconds": round(dt, 1),
+                                  "cmd": cmd, "env": env})
     return label, dt, "ran"
 
 

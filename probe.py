@@ -365,11 +365,17 @@ def main(argv=None):
             f"max_new_tokens={args.max_new_tokens}; embedder {args.embedder} "
             f"(mean pooling, L2, transformers AutoModel)")
         fn = lambda b, s: read_samples(model, tok, embedder, b, shots_for, args, s)  # noqa
-    key = files.stable_hash(json.dumps({k: v for k, v in vars(args).items() if k != "out"},
-                                        sort_keys=True),
-                            *[it["id"] for it in items], *[s.get("id", "") for s in pool])
+    # resume key: the arguments and the contents of every input (issue 17: an item fixed after a
+    # kill, or a retrained adapter, must not keep its old answers)
+    key = {"args": str(files.stable_hash(json.dumps({k: v for k, v in vars(args).items()
+                                                     if k != "out"}, sort_keys=True),
+                                         *[it["id"] for it in items],
+                                         *[s.get("id", "") for s in pool])),
+           **{name: files.digest(path) for name, path in (
+               ("items", args.items), ("shots", args.shots), ("model", args.model),
+               ("adapter", args.adapter), ("embedder", args.embedder))}}
     rows = runs.resumable_batches(items, fn, args.out, args.batch_size, f"probe {reader}",
-                                  seed=args.seed, key=str(key))
+                                  seed=args.seed, key=key)
     if rank == 0:
         files.write_config(args.out, args, **extra)
         report(rows, items)

@@ -3,6 +3,7 @@
 JSONL readers that validate every line (`file:line: reason`), the five record checkers, atomic
 writes, the output pre-check and the `<out>.config.json` every stage writes.
 """
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -241,6 +242,58 @@ def _unlock(lock):
         except OSError:
             pass
         os.close(fd)
+
+
+BIG_FILE = 64 << 20   # bytes: a file this large enters a digest by size and modification time
+
+
+def digest(path):
+    """Content digest of an input, for resume and skip keys (issue 17): a file's bytes, or every
+    file's name (relative) and bytes under a folder, leaving out what runs write beside their
+    outputs (checkpoints, partial, lock and temporary files, configs and stage markers). A file
+    over BIG_FILE (model weights) enters by size and modification time instead of its bytes. A
+    name that is not a local path (a hub id) is its own digest; None gives None."""
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        return f"name:{path}"
+    h = hashlib.sha256()
+    if os.path.isfile(path):
+        paths = [path]
+    else:
+        paths = sorted(os.path.join(d, f) for d, sub, fs in os.walk(path) for f in fs
+                       if "checkpoint" not in os.path.relpath(d, path)
+                       and not f.endswith((".stage.json", ".config.json", ".lock"))
+                       and ".part" not in f and ".tmp" not in f)
+    for p in paths:
+        st = os.stat(p)
+        h.update(os.path.relpath(p, path).encode() + b"\0")
+        if st.st_size > BIG_FILE:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            with open(p, "rb") as f:
+                h.update(f.read())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def safetensors_problem(path):
+    """Why a .safetensors file cannot be whole (None if it can): the 8-byte header length, the
+    JSON header, and a size that ends exactly where the last tensor does. Reads only the header,
+    so a truncated final adapter is caught before `already trained` without loading weights."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"header length {n} does not fit the file's {size} bytes"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({e})"
+    end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] or [0])
+    if size != 8 + n + end:
+        return f"{size} bytes where the header needs {8 + n + end} (truncated or padded)"
+    return None
 
 
 def holds_model(folder):

@@ -137,13 +137,23 @@ def _read_partial(path, key):
                 break
             if n == 0:
                 if o.get("_key") != key:
-                    print(f"[resume] {path}: made with other arguments, starting over",
-                          file=sys.stderr)
+                    print(f"[resume] {path}: made with {changed(o.get('_key'), key)}, starting "
+                          "over", file=sys.stderr)
                     os.remove(path)
                     return {}
                 continue
             done[o["_batch"]] = o["rows"]
     return done
+
+
+def changed(old, new):
+    """What differs between two resume keys, in words: `other items, model` for dict keys
+    ({"args": ..., "items": digest, ...}), else `other arguments or inputs`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        names = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if names:
+            return "other " + ", ".join(names)
+    return "other arguments or inputs"
 
 
 def resumable_batches(items, fn, out, batch_size, desc, seed=0, key=""):
@@ -152,8 +162,10 @@ def resumable_batches(items, fn, out, batch_size, desc, seed=0, key=""):
     Batches are fixed by position and each gets its own seed, so the result does not depend on
     interruptions or on how many processes share the work. Each process appends finished batches
     to `<out>.part<rank>` (flushed per batch); a rerun skips them; rank 0 merges in item order and
-    writes `out` atomically. `key` (e.g. a hash of the arguments) guards against resuming from a
-    partial file of another configuration. Returns the merged rows on rank 0 (None elsewhere)."""
+    writes `out` atomically. `key` ({"args": hash of the arguments, "items": files.digest(...),
+    "model": ...}) guards against resuming from a partial file made with other arguments or other
+    contents of the inputs (issue 17); a mismatch starts over and says which part changed.
+    Returns the merged rows on rank 0 (None elsewhere)."""
     rank, world = dist_info()
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     mine = [b for b in range(len(batches)) if b % world == rank]

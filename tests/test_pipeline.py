@@ -201,3 +201,23 @@ def test_run_command_passes_ctrl_c_on_and_ends_quietly(monkeypatch, capfd):
     assert e.value.code == 130 and time.time() - t0 < 30
     lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
     assert lines[-1].startswith("interrupted: ") and sum("interrupted" in ln for ln in lines) == 1
+
+
+def test_a_stage_is_skipped_only_while_its_inputs_and_output_are_as_made(tmp_path, capsys):
+    """Issue 17: the stage marker keys the command and the contents of its inputs, and records
+    the output's digest; an input edited in place, or an output truncated or edited since, runs
+    the stage again (make all once skipped a finetune whose final adapter was cut short)."""
+    import pipeline
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("one\n")
+    cmd = [sys.executable, "-c", f"import shutil; shutil.copy({str(src)!r}, {str(out)!r})"]
+
+    def how():
+        return pipeline.run_stage("copy", cmd, str(out), [str(src)], {}, set())[2]
+    assert how() == "ran" and how() == "skipped"
+    src.write_text("two\n")                            # the same path, other contents
+    assert how() == "ran" and out.read_text() == "two\n"
+    out.write_text("tw")                               # the output cut short afterwards
+    assert how() == "ran" and out.read_text() == "two\n"
+    assert "changed since this stage made it; running again" in capsys.readouterr().err
+    assert how() == "skipped"

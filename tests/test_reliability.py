@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from rait import checkpoint, files, models
 from rait.runs import cli
+from kernels import lora
 from conftest import ROOT
 
 PY = os.path.join(ROOT, ".venv", "bin", "python")
@@ -263,6 +264,97 @@ def test_evaluate_killed_then_rerun_equals_uninterrupted(runs, tmp_path):
     assert "[resume]" in r.stderr
     assert read(out) == read(f"{runs.A}/craft/pred.jsonl")
     assert not glob.glob(out + ".part*")
+
+
+# ----------------------------------------------------------------------------------------------
+# stale work (issue 17): resume and "already done" are keyed by the contents of the inputs
+def with_flag(cmd, flag, value):
+    cmd = list(cmd)
+    cmd[cmd.index(flag) + 1] = value
+    return cmd
+
+
+def test_probe_killed_then_an_item_fixed_starts_over(runs, tmp_path):
+    """Kill a probe, fix an item's answer (as the README advises for a bad item), rerun: the
+    partial work of the old items is not reused; the result equals a fresh run on the fixed
+    items."""
+    items, out, fresh = tmp_path / "items.jsonl", str(tmp_path / "p.jsonl"), str(tmp_path / "f.jsonl")
+    shutil.copy(runs.pool, items)
+    cmd = with_flag(runs.probe(out), "--items", str(items))
+    code, _ = interrupt(runs, cmd, batches_done(out + ".part0", 3), signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL
+    rows = files.read_jsonl(str(items))
+    first = rows[0]                                  # in the first batch: already probed
+    first["answer"] = "ABCD"[("ABCD".index(first["answer"]) + 1) % 4]
+    files.write_jsonl(str(items), rows)
+    r = runs.run(cmd)
+    assert "made with other items, starting over" in r.stderr, r.stderr[-2000:]
+    runs.run(with_flag(cmd, "--out", fresh))
+    assert read(out) == read(fresh)
+    old = files.read_jsonl(f"{runs.A}/probe.jsonl")[0]
+    assert files.read_jsonl(out)[0]["mu"] != old["mu"]     # the fix changed this item's answer
+
+
+def test_evaluate_killed_then_the_adapter_retrained_starts_over(runs, tmp_path):
+    """Kill an evaluation, replace the adapter in place by another training's, rerun: no
+    prediction of the old adapter survives."""
+    adapter, out = tmp_path / "adapter", str(tmp_path / "pred.jsonl")
+    shutil.copytree(f"{runs.A}/craft/adapter", adapter)
+    cmd = runs.evaluate(str(adapter), out)
+    code, _ = interrupt(runs, cmd, batches_done(out + ".part0", 3), signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL
+    for name in (lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS):     # "retrained in place"
+        shutil.copy(f"{runs.A}/rehearsal/adapter/{name}", adapter / name)
+    r = runs.run(cmd)
+    assert "made with other adapter, starting over" in r.stderr, r.stderr[-2000:]
+    fresh = str(tmp_path / "fresh.jsonl")
+    runs.run(runs.evaluate(f"{runs.A}/rehearsal/adapter", fresh))
+    assert read(out) == read(fresh)
+
+
+def test_a_truncated_final_adapter_is_trained_again(runs, tmp_path):
+    """A finished run whose adapter weights were cut short (a kill or a full disk after the
+    trainer state) is not `already trained`: the rerun trains again and gets the same weights."""
+    out = tmp_path / "adapter"
+    shutil.copytree(f"{runs.A}/craft/adapter", out)
+    w = out / lora.ADAPTER_WEIGHTS
+    w.write_bytes(w.read_bytes()[:-100])
+    r = runs.run(runs.finetune(f"{runs.A}/craft/train.jsonl", str(out)))
+    assert "already trained" not in r.stderr
+    assert f"{lora.ADAPTER_WEIGHTS}: " in r.stderr and "training again" in r.stderr
+    assert_same_weights(f"{runs.A}/craft/adapter", str(out), atol=1e-6)
+
+
+def test_the_training_key_follows_the_base_model_contents(runs, tmp_path):
+    """The same arguments on a base model whose weights changed are another run (its checkpoint
+    and final adapter are not reused)."""
+    import argparse
+    import finetune
+    model = tmp_path / "model"
+    shutil.copytree(runs.model, model)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    finetune.add_train_args(ap)
+    args = ap.parse_args(["--model", str(model)])
+    ex = [{"id": "x", "prompt": "q", "target": "a", "weight": 1.0}]
+    k1 = finetune.run_key(args, ex, 1)
+    assert finetune.run_key(args, ex, 1) == k1
+    w = model / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1                                  # one bit of one weight
+    w.write_bytes(bytes(data))
+    assert finetune.run_key(args, ex, 1) != k1
+
+
+def test_safetensors_problem_finds_truncation_and_garbage(runs, tmp_path):
+    good = os.path.join(runs.A, "craft", "adapter", lora.ADAPTER_WEIGHTS)
+    assert files.safetensors_problem(good) is None
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(read(good)[:-1])
+    assert "truncated" in files.safetensors_problem(str(cut))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\0\0\0\0\0\0\0not json at all!")
+    assert "header" in files.safetensors_problem(str(junk))
 
 
 # ----------------------------------------------------------------------------------------------
