@@ -38,7 +38,6 @@ import csv
 import fnmatch
 import glob
 import hashlib
-import json
 import os
 import random
 import sys
@@ -138,15 +137,6 @@ def arc_items(path, released=False):
     return items, counts
 
 
-def read_json(path, what):
-    """A whole JSON file; any error is one line naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise InputError(f"{path}: not a {what} JSON file ({str(e).splitlines()[0][:200]})") from None
-
-
 def qa_array(path, data):
     """The JSON-array form the papers' authors distribute for NQ and TriviaQA:
     [{"qid", "question", "answer", "answers"}, ...] -> [(id, question, answer, answer list)].
@@ -166,7 +156,7 @@ def qa_array(path, data):
 def trivia_items(path, limit=None, seed=0):
     """TriviaQA unfiltered JSON ({"Data": [...]}) or the authors' JSON-array form -> items;
     --limit: seeded subsample."""
-    data = read_json(path, "TriviaQA")
+    data = files.read_json(path, "TriviaQA")
     if isinstance(data, dict) and isinstance(data.get("Data"), list):
         data = data["Data"]
         rows = None
@@ -228,7 +218,7 @@ def nq_items(path):
                     raise InputError(f"{path}:{n}: expected qid, question and an answers "
                                      "list") from None
     elif path.endswith(".json"):
-        data = read_json(path, "NQ")
+        data = files.read_json(path, "NQ")
         if not isinstance(data, list):
             raise InputError(f"{path}: expected a JSON array of {{qid, question, answer, "
                              "answers}} records")

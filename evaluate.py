@@ -41,7 +41,6 @@ rare Init-Basic refusal or parse failure counts as unknown.
 """
 import argparse
 import glob
-import json
 import os
 import re
 import sys
@@ -261,9 +260,9 @@ def items_for(d, split, given):
     if given:
         return given
     for cfg in sorted(glob.glob(os.path.join(d, "*", f"pred_{split}.jsonl.config.json"))):
-        with open(cfg, encoding="utf-8") as f:
-            c = json.load(f)
-        path = c.get("items_path") or c.get("args", {}).get("items")
+        c = files.read_json(cfg, "prediction config")
+        c = c if isinstance(c, dict) else {}
+        path = c.get("items_path") or (c.get("args") or {}).get("items")
         if path and os.path.isfile(path):
             return path
     return None

@@ -49,8 +49,12 @@ def run_stage(label, cmd, out, inputs, env, running):
     key = hashlib.sha256(json.dumps([cmd[1:], [files.digest(i) for i in inputs]]).encode()).hexdigest()
     marker = out and out.rstrip("/") + ".stage.json"
     if out and os.path.exists(out) and os.path.exists(marker):
-        with open(marker) as f:
-            made = json.load(f)
+        try:
+            made = files.read_json(marker, "stage marker")
+        except files.InputError as e:      # damaged: the stage runs again
+            print(f"[pipeline] {e}", file=sys.stderr)
+            made = {}
+        made = made if isinstance(made, dict) else {}
         if made.get("key") == key and made.get("out") == files.digest(out):
             print(f"[pipeline] skip {label}: unchanged", file=sys.stderr)
             return label, 0.0, "skipped"
@@ -249,7 +253,7 @@ def seed_table(title, what_varies, folders):
     lines = [f"# {title}", "", "Rates in % of all test items; ± is the sample standard deviation "
              f"over the runs. {what_varies}", ""]
     for task, dirs in folders.items():
-        res = [json.load(open(os.path.join(d, "results.json"))) for d in dirs]
+        res = [files.read_json(os.path.join(d, "results.json"), "results") for d in dirs]
         rows = list((res[0]["id"] or res[0]["ood"])["rows"])
         lines += [f"## {task}", "", "| method | ID Pc | ID Pw | ID Pr | ID THS | OOD Pc | OOD Pw | "
                   "OOD Pr | OOD THS |", "|---|" + "---|" * 8]
@@ -269,7 +273,7 @@ def seed_table(title, what_varies, folders):
             for d in dirs:
                 p = os.path.join(d, row, "train.jsonl.summary.json")
                 if os.path.isfile(p):
-                    share = json.load(open(p))["idk"].get("m0_greedy_correct_share")
+                    share = files.read_json(p, "summary")["idk"].get("m0_greedy_correct_share")
                     if share is not None:
                         known.append(100 * share)
             q = [r["id"]["rows"][row].get("quadrants_init", {}) for r in res
@@ -313,6 +317,8 @@ def main():
                    "thread (default: the CPU count for the world, 1 for a real model, whose "
                    "stages share one accelerator)")
     a = p.parse_args()
+    if a.limit < 0:
+        p.error(f"--limit must be >= 0 (0 = all items), got {a.limit}")
     if a.model == "world" and a.data != "world":
         raise files.InputError("--data paper needs --model (a chat model hub id or folder)")
     if a.methods is None:

@@ -43,10 +43,14 @@ TRIVIAQA_SHOTS = [
     {"question": "Where in England was Dame Judi Dench born?", "answer": "York"},
 ]
 HINT_CUT = models.OEQA_BASIC2[:40]   # SPEC 2.2: cut at the first 40 characters of the hint
+# Below this temperature float32 logits / T overflow to inf (1e-300 crashed the sampler); sampling
+# is then greedy decoding in all but name anyway.
+MIN_TEMPERATURE = 0.01
 
 
 # ----------------------------------------------------------------------------------------------
 # The paper's formulas (pure; each has its own test)
+
 def mcqa_state(probs, gold_index, certainty="neg-entropy"):
     """SPEC 2.1 / 9 #4. probs: the model's probabilities of the K choices (letters or options).
 
@@ -275,7 +279,8 @@ def parse_args(argv=None):
                    help="MCQA sigma over renormalised (paper) or raw (released) probs, SPEC 9 #4")
     # OEQA sampling, SPEC 2.2: released runs use the chat models' generation_config
     p.add_argument("--n-samples", type=int, default=10, help="samples per question (N)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help=f"sampling temperature, >= {MIN_TEMPERATURE}")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus; Llama chat config 0.9")
     p.add_argument("--top-k", type=int, default=50, help="top-k (HF default 50); 0 = off")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens per sample")
@@ -296,8 +301,10 @@ def parse_args(argv=None):
         args.n_shots = 3 if args.task == "oeqa" else (5 if args.mcqa_reader == "letter" else 0)
     if args.n_samples < 2 or args.batch_size < 1 or args.n_shots < 0 or args.top_k < 0:
         p.error("--n-samples must be >= 2, --batch-size >= 1, --n-shots and --top-k >= 0")
-    if not (args.temperature > 0 and 0 < args.top_p <= 1 and args.max_new_tokens >= 1):
-        p.error("need --temperature > 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
+    if not (MIN_TEMPERATURE <= args.temperature < math.inf and 0 < args.top_p <= 1
+            and args.max_new_tokens >= 1):
+        p.error(f"need {MIN_TEMPERATURE} <= --temperature < inf, 0 < --top-p <= 1, "
+                "--max-new-tokens >= 1")
     return args
 
 

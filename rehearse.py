@@ -34,7 +34,6 @@ Where we differ from the released code (SPEC 3, 6, 9):
 """
 import argparse
 import collections
-import json
 import math
 import os
 import random
@@ -142,8 +141,7 @@ def probe_argv(state_path, model, items, adapter, out):
     if not os.path.isfile(cfg_path):
         raise files.InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
                                 "arguments, recorded there by probe.py")
-    with open(cfg_path) as f:
-        args = dict(json.load(f)["args"], model=model, items=items, adapter=adapter, out=out)
+    args = dict(recorded_args(cfg_path), model=model, items=items, adapter=adapter, out=out)
     argv = []
     for k, v in args.items():
         flag = "--" + k.replace("_", "-")
@@ -154,12 +152,20 @@ def probe_argv(state_path, model, items, adapter, out):
     return argv
 
 
+def recorded_args(cfg_path):
+    """The `args` a stage recorded in its `<out>.config.json` (files.write_config)."""
+    cfg = files.read_json(cfg_path, "stage config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("args"), dict):
+        raise files.InputError(f"{cfg_path}: no 'args' object (not written by probe.py?)")
+    return cfg["args"]
+
+
 def check_same_query(state0, state1):
     """The premise of knowledge flow: M~ was asked exactly what M0 was asked. Compares the two
     probes' recorded arguments, all but PROBE_PLACE_ARGS; stops with the differences otherwise."""
     def query(path):
-        with open(f"{path}.config.json") as f:
-            return {k: v for k, v in json.load(f)["args"].items() if k not in PROBE_PLACE_ARGS}
+        return {k: v for k, v in recorded_args(f"{path}.config.json").items()
+                if k not in PROBE_PLACE_ARGS}
     a0, a1 = query(state0), query(state1)
     diff = sorted(k for k in set(a0) | set(a1) if a0.get(k) != a1.get(k))
     if diff:

@@ -27,7 +27,6 @@ knowledge.{md,json} (what the model learned, by exposure bin), world.config.json
 RECIPE below holds the flags each stage gets on the world in `make all`, with how each was chosen.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -558,11 +557,15 @@ def main(argv=None):
     key = config_key(a)
     cfg_path = os.path.join(a.out, "world.config.json")
     if not a.force and os.path.exists(cfg_path) and os.path.exists(os.path.join(a.out, "knowledge.json")):
-        with open(cfg_path) as f:
-            if json.load(f).get("key") == key:
-                print(f"[world] {a.out}: cached world with the same configuration, reused",
-                      file=sys.stderr)
-                return
+        try:
+            cached = files.read_json(cfg_path, "world config")
+        except files.InputError as e:      # a damaged cache is rebuilt, not an error
+            print(f"[world] {e}", file=sys.stderr)
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key:
+            print(f"[world] {a.out}: cached world with the same configuration, reused",
+                  file=sys.stderr)
+            return
         print(f"[world] {a.out}: configuration changed, rebuilding", file=sys.stderr)
     people, values = build_world(a)
     items = make_items(people, values, a.seed)

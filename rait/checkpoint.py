@@ -63,8 +63,18 @@ def resume(out_dir, key, args, model, opt, params, rank):
     """Load the checkpoint's weights, Adam moments and this rank's RNG state when it was made with
     the same arguments (or with --resume). Returns (steps done, {epoch: saved data order})."""
     from safetensors.torch import load_file
-    ck = next((os.path.join(out_dir, d) for d in ("checkpoint", "checkpoint.old")
-               if os.path.isfile(os.path.join(out_dir, d, lora.TRAINER_STATE))), None)
+    ck = None
+    for d in ("checkpoint", "checkpoint.old"):    # the newest whole one (a kill, a full disk)
+        d = os.path.join(out_dir, d)
+        names = [lora.TRAINER_STATE, FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS]
+        if not os.path.isfile(os.path.join(d, names[0])):
+            continue
+        problems = [(n, files.safetensors_problem(os.path.join(d, n))) for n in names]
+        problems = [f"{n}: {p}" for n, p in problems if p]
+        if not problems:
+            ck = d
+            break
+        print(f"[resume] {d}: damaged ({problems[0]}), not used", file=sys.stderr)
     if ck is None:
         if args.resume:
             raise files.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")

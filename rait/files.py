@@ -118,6 +118,15 @@ def _no_duplicates(pairs):
     return dict(pairs)
 
 
+def read_json(path, what):
+    """A whole JSON file; any error is one line naming the file (`what`: the kind of file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"{path}: not a {what} JSON file ({str(e).splitlines()[0][:200]})") from None
+
+
 def read_jsonl(path, check=None, unique_ids=True, allow_empty=False):
     """Read a JSONL file of objects; any malformed line raises InputError(`path:line: reason`)."""
     if not os.path.isfile(path):

@@ -221,3 +221,14 @@ def test_a_stage_is_skipped_only_while_its_inputs_and_output_are_as_made(tmp_pat
     assert how() == "ran" and out.read_text() == "two\n"
     assert "changed since this stage made it; running again" in capsys.readouterr().err
     assert how() == "skipped"
+    (tmp_path / "out.txt.stage.json").write_text('{"key": ')     # a damaged marker: run again
+    assert how() == "ran" and "not a stage marker JSON file" in capsys.readouterr().err
+    assert how() == "skipped"
+
+
+def test_a_negative_limit_is_a_usage_error(tmp_path):
+    """--limit -1 used to run the whole pipeline as if it were 0."""
+    r = subprocess.run([sys.executable, "pipeline.py", "--limit", "-1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--limit must be >= 0" in r.stderr.splitlines()[-1]
+    assert not os.listdir(tmp_path)

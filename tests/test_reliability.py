@@ -325,6 +325,31 @@ def test_a_truncated_final_adapter_is_trained_again(runs, tmp_path):
     assert_same_weights(f"{runs.A}/craft/adapter", str(out), atol=1e-6)
 
 
+def test_a_damaged_checkpoint_is_not_resumed(runs, tmp_path):
+    """A checkpoint cut short (a kill or a full disk while it was written) is passed over with
+    one line; the run trains from the start and gets the uninterrupted run's weights."""
+    out = tmp_path / "adapter"
+    shutil.copytree(f"{runs.A}/craft/adapter", out / "checkpoint")
+    state = out / "checkpoint" / lora.TRAINER_STATE
+    state.write_bytes(state.read_bytes()[:300])
+    r = runs.run(runs.finetune(f"{runs.A}/craft/train.jsonl", str(out)))
+    assert "checkpoint: damaged (trainer_state.safetensors: header length" in r.stderr
+    assert "continuing after step" not in r.stderr
+    assert_same_weights(f"{runs.A}/craft/adapter", str(out), atol=1e-6)
+
+
+def test_a_damaged_probe_config_is_one_line(runs, tmp_path):
+    """rehearse.py repeats the initial probe's recorded arguments; a damaged record is a
+    one-line error naming it, not a JSONDecodeError."""
+    state = tmp_path / "probe.jsonl"
+    shutil.copy(f"{runs.A}/probe.jsonl", state)
+    (tmp_path / "probe.jsonl.config.json").write_text('{"args": ')
+    r = runs.run(runs.rehearse(str(state), str(tmp_path / "rehearsal")), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"error: {state}.config.json: not a stage config JSON file")
+
+
 def test_the_training_key_follows_the_base_model_contents(runs, tmp_path):
     """The same arguments on a base model whose weights changed are another run (its checkpoint
     and final adapter are not reused)."""
@@ -700,6 +725,8 @@ def run_flags(stage, argv, monkeypatch, capsys):
     ("finetune", ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
     ("rehearse", ["--size", "0"], "--size must be >= 1"),
     ("rehearse", ["--train-args", "--lr '1e-3"], "--train-args: No closing quotation"),
+    ("probe", ["--temperature", "1e-300"],           # was a RuntimeError in the sampler
+     "need 0.01 <= --temperature < inf, 0 < --top-p <= 1, --max-new-tokens >= 1"),
 ])
 def test_training_flags_out_of_range(stage, flags, message, runs, tmp_path, monkeypatch, capsys):
     """They used to end in a ZeroDivisionError traceback (batch 0, r 0), in an "adapter" trained
