@@ -22,6 +22,7 @@ def cli(main):
     and exit code 130 (partial work stays on disk for resuming)."""
     term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        fair_threads()
         main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -32,6 +33,49 @@ def cli(main):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, term)
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads on a shared machine (issue 17): torch takes one OpenMP thread per core; beside a busy
+# process the thread that shares its core holds every other one up at each parallel region
+# (world pre-training ran 3-9x slower, measured). With as many threads as idle cores it runs at
+# the one-thread speed instead (the world's pre-training gives the same bytes on 1 or 2 threads).
+IDLE_WINDOW = 0.25      # s over which /proc/stat is sampled
+
+
+def idle_cpus(seconds=IDLE_WINDOW):
+    """CPUs idle over a short window, from /proc/stat (None where there is no /proc/stat)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return v[3] + v[4], sum(v)                  # idle + iowait, all (guest time is in user)
+    try:
+        idle0, all0 = snap()
+        time.sleep(seconds)
+        idle1, all1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(all1 - all0, 1)
+
+
+def fair_threads(idle=None):
+    """Unless OMP_NUM_THREADS chooses, use as many torch threads as CPUs are idle now (at least
+    one): torch.set_num_threads for a stage that has imported torch, else OMP_NUM_THREADS for the
+    import to come (and for the commands it runs). Says so in one line when it takes fewer."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    idle = idle_cpus() if idle is None else idle
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if idle is None or not cores:
+        return
+    n = max(1, min(cores, int(idle + 0.5)))
+    if n >= cores:
+        return
+    print(f"[threads] {idle:.1f} of {cores} CPUs idle: {n} torch thread(s) (set OMP_NUM_THREADS "
+          "to choose)", file=sys.stderr)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 # ----------------------------------------------------------------------------------------------

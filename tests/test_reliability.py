@@ -806,3 +806,26 @@ def test_kill_after_the_final_save_is_completed_by_a_rerun(runs, tmp_path, monke
     cli(finetune.main)
     assert "already trained" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == sorted(os.listdir(f"{runs.A}/craft/adapter"))
+
+
+def test_fair_threads_takes_the_idle_cpus_only(monkeypatch):
+    """Issue 17 point 8: beside a busy process a stage takes as many torch threads as CPUs are
+    idle (the world's pre-training ran 3x slower on 2 threads beside one busy process, at the
+    one-thread speed with 1); an explicit OMP_NUM_THREADS always wins."""
+    from rait import runs
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("needs 2 CPUs")
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    try:
+        runs.fair_threads(idle=cores - 1.4)             # one CPU busy (and a bit)
+        assert os.environ["OMP_NUM_THREADS"] == str(cores - 1) == str(torch.get_num_threads())
+        runs.fair_threads(idle=0.0)                     # chosen already: left alone
+        assert os.environ["OMP_NUM_THREADS"] == str(cores - 1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "")
+        runs.fair_threads(idle=cores - 0.2)             # all idle: torch's default stays
+        assert os.environ["OMP_NUM_THREADS"] == ""
+        assert runs.idle_cpus(0.05) is not None         # /proc/stat reads on Linux
+    finally:
+        torch.set_num_threads(before)
