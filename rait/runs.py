@@ -2,6 +2,7 @@
 one entry point rehearse.py and pipeline.py use), torchrun plumbing, resumable batched maps, and
 the world's exposure bins used by the stages' tables.
 """
+import errno
 import json
 import math
 import os
@@ -16,10 +17,15 @@ from rait.files import dumps, write_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # Errors: one line, no traceback, non-zero exit (DESIGN "Readers validate")
+# the machine's, not the input's: a full disk or quota, a read-only or failing file system
+MACHINE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 def cli(main):
     """Run a stage's main(); turn InputError into one line on stderr and exit code 2, Ctrl-C (or
     SIGTERM: `kill`, a job scheduler, a pipeline stopping its other stages) into a one-line message
-    and exit code 130 (partial work stays on disk for resuming)."""
+    and exit code 130 (partial work stays on disk for resuming), a full disk or a failing file
+    system (MACHINE_ERRORS) into one line and exit code 1."""
     term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         fair_threads()
@@ -27,6 +33,12 @@ def cli(main):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in MACHINE_ERRORS:
+            raise
+        print(f"error: {e.filename or 'writing'}: {e.strerror}; completed work is kept, rerun "
+              "the same command to resume", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: partial results are kept; rerun the same command to resume",
               file=sys.stderr)

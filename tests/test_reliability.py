@@ -432,6 +432,17 @@ BAD_CASES = {
     "items_task_mismatch.jsonl": ("probe", "--items", 2, "item task 'oeqa' does not match --task"),
     "items_meta_not_object.jsonl": ("probe", "--items", 2, "'meta' must be an object"),
     "items_oeqa_empty_aliases.jsonl": ("probe", "--items", 2, "needs 'aliases', a non-empty list"),
+    # issue 17: values that used to pass and give wrong results, or a traceback
+    "items_answer_two_letters.jsonl": ("probe", "--items", 2,
+                                       "answer 'BC' is not one of the letters ABCD"),
+    "items_answer_empty.jsonl": ("probe", "--items", 2, "answer '' is not one of the letters ABCD"),
+    "items_duplicate_key.jsonl": ("probe", "--items", 2, "duplicate key 'answer' in one object"),
+    "items_nan_in_meta.jsonl": ("probe", "--items", 2, "'meta.exposure' must be a finite number"),
+    "items_huge_integer.jsonl": ("probe", "--items", 2, "invalid JSON (Exceeds the limit"),
+    "items_deep_nesting.jsonl": ("probe", "--items", 2, "invalid JSON (nested too deep)"),
+    "items_oeqa_blank_alias.jsonl": ("probe", "--items", 2, "a non-empty list of non-blank strings"),
+    "adapter_negative_alpha": ("probe", "--adapter", None,
+                               "lora_alpha must be a finite number > 0, got -8"),
     "items_mixed_tasks.jsonl": ("evaluate", "--items", None, "mixes tasks ['mcqa', 'oeqa']"),
     "10 MB line (made in the test)": ("probe", "--items", 2, "bytes exceeds 1048576"),
     "state_mu_out_of_range.jsonl": ("rehearse", "--state", 2, "'mu' must lie in [0, 1], got 1.5"),
@@ -829,3 +840,20 @@ def test_fair_threads_takes_the_idle_cpus_only(monkeypatch):
         assert runs.idle_cpus(0.05) is not None         # /proc/stat reads on Linux
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_full_disk_is_one_line(runs, tmp_path, monkeypatch, capsys):
+    """No space left while writing the output: one line naming the file, exit 1, no output."""
+    import errno
+    out = tmp_path / "train.jsonl"
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(files, "write_jsonl", full)
+    argv = [a if a != "OUT" else str(out) for a in UNWRITABLE["construct"](runs)]
+    code, err = run_stage("construct", argv, monkeypatch, capsys)
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert code == 1 and "Traceback" not in err
+    assert last == (f"error: {out}: No space left on device; completed work is kept, rerun the "
+                    "same command to resume")
+    assert not out.exists()
