@@ -3,7 +3,7 @@
 The refusal-aware instruction tuning (RAIT) step shared by every method: CRaFT's stage 2 (and
 Van-Tuning, Cor-RAIT/R-Tuning and the ablations) trains M0 on one method's training set with the
 xtuner recipe (SPEC 6); GRAIT weights each sample's loss (SPEC 5.6, average of w_i * grad l_i).
-rehearse.py reuses train() for CRaFT's stage-1 rehearsal (SPEC 3). LoRA by default; `--full`
+rehearse.py runs this script (`--warmup-ratio 0`) for CRaFT's stage-1 rehearsal (SPEC 3). LoRA by default; `--full`
 fine-tunes every weight (the OEQA recipe).
 
     python finetune.py --model runs/world/model --train runs/world/mcqa/craft/train.jsonl \\
@@ -56,9 +56,8 @@ MAX_LEN = 2048          # SPEC 6 sequence length
 MEGABATCH = 16          # global batches per length-sorting window (HF's LengthGroupedSampler: 50)
 
 
-def add_train_args(parser, **defaults):
-    """Add every training flag to `parser` (not --model/--train/--out); `defaults` override ours,
-    e.g. add_train_args(p, warmup_ratio=0.0) for the rehearsal run (SPEC 6)."""
+def add_train_args(parser):
+    """Add every training flag to `parser` (not --model/--train/--out); SPEC 6 defaults."""
     a = parser.add_argument
     a("--epochs", type=int, default=EPOCHS, help="passes over the training set (SPEC 6: 3)")
     a("--lr", type=float, default=LR, help="peak learning rate (SPEC 6: 2e-4 LoRA, 8e-6 full)")
@@ -93,11 +92,6 @@ def add_train_args(parser, **defaults):
       "other arguments (it is used automatically when the arguments match)")
     a("--stop-after-steps", type=int, default=0, help="stop after N optimizer steps, leaving a "
       "checkpoint to resume from (time-limited jobs)")
-    known = {x.dest for x in parser._actions}
-    unknown = set(defaults) - known
-    if unknown:
-        raise ValueError(f"add_train_args: unknown defaults {sorted(unknown)}")
-    parser.set_defaults(**defaults)
     return parser
 
 
