@@ -3,8 +3,8 @@
 The refusal-aware instruction tuning (RAIT) step shared by every method: CRaFT's stage 2 (and
 Van-Tuning, Cor-RAIT/R-Tuning and the ablations) trains M0 on one method's training set with the
 xtuner recipe (SPEC 6); GRAIT weights each sample's loss (SPEC 5.6, average of w_i * grad l_i).
-rehearse.py runs this script (`--warmup-ratio 0`) for CRaFT's stage-1 rehearsal (SPEC 3). LoRA by default; `--full`
-fine-tunes every weight (the OEQA recipe).
+rehearse.py runs this script (`--warmup-ratio 0`) for CRaFT's stage-1 rehearsal (SPEC 3). LoRA
+by default; `--full` fine-tunes every weight (the OEQA recipe).
 
     python finetune.py --model runs/world/model --train runs/world/mcqa/craft/train.jsonl \\
         --out runs/world/mcqa/craft/adapter
@@ -133,22 +133,8 @@ def final_problem(out_dir, full):
     config a later stage loads are present, the config is JSON, and every safetensors file is
     whole (header and size; a kill or a full disk can truncate one after the trainer state)."""
     need = ["config.json"] if full else [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
-    names = sorted(set(need) | {n for n in os.listdir(out_dir) if n.endswith(".safetensors")})
-    for name in names:
-        path = os.path.join(out_dir, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if name.endswith(".json"):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    json.load(f)
-            except (OSError, ValueError) as e:
-                return f"{name} is not JSON ({e})"
-        else:
-            problem = files.safetensors_problem(path)
-            if problem:
-                return f"{name}: {problem}"
-    return None
+    return files.files_problem(out_dir, sorted(set(need) | {
+        n for n in os.listdir(out_dir) if n.endswith(".safetensors")}))
 
 
 def lr_at(step, total, lr, warmup_ratio, warmup_start=WARMUP_START):

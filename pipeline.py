@@ -49,12 +49,7 @@ def run_stage(label, cmd, out, inputs, env, running):
     key = hashlib.sha256(json.dumps([cmd[1:], [files.digest(i) for i in inputs]]).encode()).hexdigest()
     marker = out and out.rstrip("/") + ".stage.json"
     if out and os.path.exists(out) and os.path.exists(marker):
-        try:
-            made = files.read_json(marker, "stage marker")
-        except files.InputError as e:      # damaged: the stage runs again
-            print(f"[pipeline] {e}", file=sys.stderr)
-            made = {}
-        made = made if isinstance(made, dict) else {}
+        made = files.read_cache(marker, "stage marker", "[pipeline]")   # damaged: runs again
         if made.get("key") == key and made.get("out") == files.digest(out):
             print(f"[pipeline] skip {label}: unchanged", file=sys.stderr)
             return label, 0.0, "skipped"

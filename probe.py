@@ -50,7 +50,6 @@ MIN_TEMPERATURE = 0.01
 
 # ----------------------------------------------------------------------------------------------
 # The paper's formulas (pure; each has its own test)
-
 def mcqa_state(probs, gold_index, certainty="neg-entropy"):
     """SPEC 2.1 / 9 #4. probs: the model's probabilities of the K choices (letters or options).
 

@@ -557,12 +557,8 @@ def main(argv=None):
     key = config_key(a)
     cfg_path = os.path.join(a.out, "world.config.json")
     if not a.force and os.path.exists(cfg_path) and os.path.exists(os.path.join(a.out, "knowledge.json")):
-        try:
-            cached = files.read_json(cfg_path, "world config")
-        except files.InputError as e:      # a damaged cache is rebuilt, not an error
-            print(f"[world] {e}", file=sys.stderr)
-            cached = {}
-        if isinstance(cached, dict) and cached.get("key") == key:
+        cached = files.read_cache(cfg_path, "world config", "[world]")   # damaged: rebuilt
+        if cached.get("key") == key:
             print(f"[world] {a.out}: cached world with the same configuration, reused",
                   file=sys.stderr)
             return

@@ -69,12 +69,11 @@ def resume(out_dir, key, args, model, opt, params, rank):
         names = [lora.TRAINER_STATE, FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS]
         if not os.path.isfile(os.path.join(d, names[0])):
             continue
-        problems = [(n, files.safetensors_problem(os.path.join(d, n))) for n in names]
-        problems = [f"{n}: {p}" for n, p in problems if p]
-        if not problems:
+        problem = files.files_problem(d, names)
+        if problem is None:
             ck = d
             break
-        print(f"[resume] {d}: damaged ({problems[0]}), not used", file=sys.stderr)
+        print(f"[resume] {d}: damaged ({problem}), not used", file=sys.stderr)
     if ck is None:
         if args.resume:
             raise files.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")

@@ -305,6 +305,36 @@ def safetensors_problem(path):
     return None
 
 
+def files_problem(folder, names):
+    """Why the named files of a folder cannot be used (None if they can): one missing, a .json
+    that does not parse, or a .safetensors file that is not whole (safetensors_problem)."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if name.endswith(".json"):
+            try:
+                read_json(path, "config")
+            except InputError as e:
+                return str(e)
+        elif name.endswith(".safetensors"):
+            problem = safetensors_problem(path)
+            if problem:
+                return f"{name}: {problem}"
+    return None
+
+
+def read_cache(path, what, tag):
+    """A JSON object that only saves work (a stage marker, a world's config): a damaged one is
+    said in one line (`tag`, e.g. "[pipeline]") and read as empty, so the work is done again."""
+    try:
+        o = read_json(path, what)
+    except InputError as e:
+        print(f"{tag} {e}", file=sys.stderr)
+        return {}
+    return o if isinstance(o, dict) else {}
+
+
 def holds_model(folder):
     """A model folder: config.json beside safetensors weights that are not a LoRA adapter."""
     if not os.path.isdir(folder):
