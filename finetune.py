@@ -244,18 +244,30 @@ def trainable(model, full):
     return {lora.peft_key(n): p for n, p in lora.lora_parameters(model)}
 
 
-def train_step(net, opt, params, enc, weights, gb, lr, args, accum, world, rank, pad, device):
+def micro_batches(n, batch_size, world, rank):
+    """Positions in the global batch of this rank's micro-batches: chunks of batch_size, dealt
+    round-robin over ranks; under DDP a rank with fewer chunks than ceil(chunks / world) gets one
+    empty chunk (a zero-weight pass) so that every rank makes the same number of passes."""
+    chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    mine = chunks[rank::world]
+    if world > 1:
+        mine += [[]] * (math.ceil(len(chunks) / world) - len(mine))
+    return mine
+
+
+def train_step(net, opt, params, enc, weights, gb, lr, args, world, rank, pad, device):
     """One optimizer step on the global batch `gb`; this process takes its micro-batches
-    (round-robin), a short last step pads with zero-weight dummies so that DDP stays in step.
+    (round-robin). One process runs only real micro-batches. Under DDP every rank must make the
+    same number of passes (the last one reduces the gradients), so a rank with one micro-batch
+    fewer than the others (a short step) adds one zero-weight pass; never more than one.
     Returns (loss, non-pad tokens) of this process's share, and the pre-clip gradient norm."""
-    B = args.batch_size
-    micro = [gb[s:s + B] for s in range(0, len(gb), B)][rank::world]
-    micro += [[]] * (accum - len(micro))
+    micro = micro_batches(len(gb), args.batch_size, world, rank)
     cuda = device.type == "cuda"
     loss_sum, tokens = torch.zeros((), device=device), 0
-    for j, idx in enumerate(micro):
+    for j, rows in enumerate(micro):
+        idx = [gb[i] for i in rows]
         b = collate(enc, idx or gb[:1], [weights[k] for k in idx] or [0.0], pad, device)
-        sync = world == 1 or j == accum - 1
+        sync = world == 1 or j == len(micro) - 1
         with contextlib.nullcontext() if sync else net.no_sync():   # DDP: reduce once per step
             with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
                 per_example = example_losses(net, b)
@@ -368,7 +380,7 @@ def train(args, examples, out_dir):
             epoch, i = divmod(step, per_epoch)
             lr = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start)
             loss, tokens, norm = train_step(net, opt, params, enc, weights,
-                                            order(epoch)[i * G:(i + 1) * G], lr, args, accum,
+                                            order(epoch)[i * G:(i + 1) * G], lr, args,
                                             world, rank, tok.pad_token_id, device)
             if world > 1:   # the step's loss and tokens over all processes
                 s = torch.tensor([loss, tokens], dtype=torch.float64, device=device)

@@ -129,7 +129,7 @@ def prepare(a, root, task, seed, paths):
         args += ["--mcqa-reader", reader] + ([] if reader == "option" else ["--shots", shots])
     elif not world and os.path.exists(shots):
         args += ["--shots", shots]
-    args += WORLD_RECIPE["probe"][task] if world else []
+    args += (WORLD_RECIPE["probe"][task] if world else []) + shlex.split(a.probe_args)
     stages = [(f"{tag} probe", runs.stage_command("probe.py", args), state, [model, pool])]
     if a.until == "probe":
         return stages
@@ -161,6 +161,7 @@ def method(a, root, task, seed, paths, m):
         if m == "grait":
             args += ["--model", model, "--warmup", f"{R}/rehearsal/adapter"]
             args += WORLD_RECIPE["grait"][task] if world else []
+        args += shlex.split(a.construct_args)
         stages.append((f"{tag} construct {m}", runs.stage_command("construct.py", args), train,
                        [pool, state, flow]))
         if a.until == "construct":
@@ -303,7 +304,12 @@ def main():
     p.add_argument("--world-args", default="", help="extra world.py flags (e.g. --preset small)")
     p.add_argument("--until", choices=("probe", "rehearse", "construct", "finetune", "all"),
                    default="all", help="stop after this stage (make probe / rehearse / ...)")
-    p.add_argument("--stage-args", default="", help="extra finetune.py flags for the method runs")
+    p.add_argument("--probe-args", default="", help="extra probe.py flags (the rehearsal's "
+                   "re-probe repeats them, SPEC 3), e.g. --batch-size 8")
+    p.add_argument("--construct-args", default="", help="extra construct.py flags for every "
+                   "method, e.g. \"--grad-batch-size 8 --projection rademacher\" for GRAIT")
+    p.add_argument("--stage-args", "--finetune-args", default="",
+                   help="extra finetune.py flags for the method runs, e.g. --epochs 2")
     p.add_argument("--rehearse-args", default="",
                    help="extra finetune.py flags for the rehearsal run (rehearse.py --train-args, "
                         "after the world's recipe); a single flag as --rehearse-args=--full")

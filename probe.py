@@ -144,7 +144,7 @@ def letter_token_ids(tok, k):
 def read_letters(model, tok, items, shots_for, letters, certainty):
     """SPEC 2.1: one left-padded forward pass, softmax at the position after "Answer:"."""
     shared, ids = letters
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []   # opencompass adds BOS
+    bos = models.raw_prompt_bos(tok)                                     # opencompass adds BOS
     seqs = [bos + tok(letter_prompt(it, shots_for[it["id"]]), add_special_tokens=False)
             ["input_ids"] + shared for it in items]
     logp = last_logprobs(model, seqs, tok.pad_token_id)
@@ -351,7 +351,8 @@ def main(argv=None):
     if reader == "letter":
         letters = letter_token_ids(tok, max(len(it["choices"]) for it in items))
         extra["letter_token_ids"] = letters[1]
-        log(f"raw LM prompt, BOS, no chat template (SPEC 2.1); letter tokens "
+        log(f"raw LM prompt, {'BOS' if models.raw_prompt_bos(tok) else 'no BOS'}, no chat template "
+            f"(SPEC 2.1); letter tokens "
             f"{tok.convert_ids_to_tokens(letters[1])} after {letters[0] or 'Answer:'}")
         fn = lambda b, s: read_letters(model, tok, b, shots_for, letters, args.certainty)  # noqa
     elif reader == "option":

@@ -258,8 +258,42 @@ def print_table(title, rows):
               f"{fmt(ratio(cloop, c), '.1f')} | {r['note']} |")
 
 
+# ----------------------------------------------------------------------------------------------
+# Does the sketch change GRAIT's choice? Rerun a finished GRAIT construct with each projection
+def idk_ids(path):
+    return {e["id"].split("#")[0] for e in map(json.loads, open(path)) if e["kind"] == "idk"}
+
+
+def selection_overlap(run_dirs, out):
+    """For each run folder (e.g. runs/world/mcqa/s0), replay its GRAIT construct command (from
+    grait/train.jsonl.config.json) with --projection rademacher (the released dense map) and
+    sketch, same seed, and print |IdK(sketch) & IdK(dense)| / |IdK(dense)| with both times."""
+    print("\n| run | IdK dense | IdK sketch | overlap | dense s | sketch s |\n|---|---|---|---|---|---|")
+    for run in run_dirs:
+        argv = json.load(open(os.path.join(run, "grait", "train.jsonl.config.json")))["argv"]
+        argv = [x for i, x in enumerate(argv) if x != "--projection"
+                and (i == 0 or argv[i - 1] != "--projection")]
+        sets, secs = {}, {}
+        for proj in ("rademacher", "sketch"):
+            dest = os.path.join(out, run.strip("/").replace("/", "_") + f"_{proj}.jsonl")
+            cmd = [sys.executable, *argv, "--projection", proj]
+            cmd[cmd.index("--out") + 1] = dest
+            t0 = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+            secs[proj], sets[proj] = time.perf_counter() - t0, idk_ids(dest)
+        both = len(sets["rademacher"] & sets["sketch"])
+        print(f"| {run} | {len(sets['rademacher'])} | {len(sets['sketch'])} | "
+              f"{both / max(1, len(sets['rademacher'])):.1%} | {secs['rademacher']:.0f} | "
+              f"{secs['sketch']:.0f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--overlap", nargs="+", metavar="RUN",
+                    help="instead of timing: GRAIT's IdK set with the sketch against the dense "
+                         "projection, for these finished run folders (e.g. runs/world/mcqa/s0)")
+    ap.add_argument("--overlap-out", default="/tmp/grait_overlap",
+                    help="where the replayed construct outputs go")
     ap.add_argument("--model", help="a model folder (e.g. runs/world/model) instead of the "
                     "random world-size Llama")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
@@ -281,6 +315,9 @@ def main():
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.overlap:
+        os.makedirs(args.overlap_out, exist_ok=True)
+        return selection_overlap(args.overlap, args.overlap_out)
     if args._child:
         name, B, method = args._child.split(":")
         return child_peak(args, name, int(B), method)

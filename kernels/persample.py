@@ -187,13 +187,17 @@ def flat_grads(grads):
 
 # ----------------------------------------------------------------------------------------------
 # 3. Adam preconditioning and normalisation (SPEC 5.3 steps 4-5)
-def adam_precondition(g, exp_avg, exp_avg_sq, beta1=ADAM_BETA1, beta2=ADAM_BETA2, eps=ADAM_EPS):
+def adam_precondition(g, exp_avg, exp_avg_sq, beta1=ADAM_BETA1, beta2=ADAM_BETA2, eps=ADAM_EPS,
+                      out=None, work=None):
     """SPEC 5.3 step 4 (LESS): one virtual Adam step from the warm-up moments m, v:
     m' = b1 m + (1-b1) g;  v' = b2 v + (1-b2) g^2;  u = m' / sqrt(v' + eps).
-    No bias correction; eps inside the square root. g [B, *shape]; moments [*shape]."""
-    m = exp_avg.to(g.dtype) * beta1 + g * (1 - beta1)
-    v = (g * g).mul_(1 - beta2).add_(exp_avg_sq.to(g.dtype) * beta2)
-    return m.div_(v.add_(eps).sqrt_())
+    No bias correction; eps inside the square root. g [B, *shape]; moments [*shape].
+    out, work: optional tensors of g's shape that receive u and v' (out may be g itself, which is
+    then overwritten). batch_features passes them so that no [B, *shape] buffer is allocated per
+    parameter: on CPU, fresh pages cost more than these four passes (bench/persample.py)."""
+    v = torch.addcmul(exp_avg_sq.to(g.dtype) * beta2 + eps, g, g, value=1 - beta2, out=work)
+    m = torch.add(exp_avg.to(g.dtype) * beta1, g, alpha=1 - beta1, out=out)
+    return m.div_(v.sqrt_())                                     # m' / sqrt(v' + eps)
 
 
 def normalise_rows(z):
@@ -265,23 +269,42 @@ def project(u, seed, index, k, out=None):
 
 
 _SKETCH_CACHE = {}
-SKETCH_CACHE_ENTRIES = 1 << 24     # keep up to 16M coordinates' maps (~150 MB) between batches
+SKETCH_CACHE_ENTRIES = 1 << 25     # keep up to 32M coordinates' maps (8 bytes each) between batches
 
 
 def sketch_hash(seed, index, D, k, device="cpu"):
     """The count-sketch map of parameter `index`: a bucket h[j] in [0, k) and a sign s[j] = +-1
     for each of its D coordinates, drawn from stable_hash(seed, index) (CPU generator, so the
-    map is the same on every device). Small maps are cached, since every batch reuses them."""
-    key = (seed, index, D, k, str(device))
-    if key in _SKETCH_CACHE:
-        return _SKETCH_CACHE[key]
+    map is the same on every device)."""
     gen = torch.Generator().manual_seed(stable_hash("sketch", seed, index))
     h = torch.randint(0, k, (D,), generator=gen)
     s = (torch.randint(0, 2, (D,), generator=gen) * 2 - 1).to(torch.int8)
-    h, s = h.to(device), s.to(device)
-    if sum(v[0].numel() for v in _SKETCH_CACHE.values()) + D <= SKETCH_CACHE_ENTRIES:
-        _SKETCH_CACHE[key] = (h, s)
-    return h, s
+    return h.to(device), s.to(device)
+
+
+def sketch_slots(seed, index, D, k, device="cpu"):
+    """The same map as one index into a two-sided accumulator [B, 2k]: slot h[j] for sign +1,
+    k + h[j] for sign -1, so the sketch is one index_add with no multiply pass over u and
+    z = acc[:, :k] - acc[:, k:] (fold_sketch). Cached, since every batch reuses them."""
+    key = (seed, index, D, k, str(device))
+    if key not in _SKETCH_CACHE:
+        h, s = sketch_hash(seed, index, D, k, device)
+        slots = h + k * (s < 0)
+        if sum(v.numel() for v in _SKETCH_CACHE.values()) + D > SKETCH_CACHE_ENTRIES:
+            return slots
+        _SKETCH_CACHE[key] = slots
+    return _SKETCH_CACHE[key]
+
+
+def sketch_add(u, seed, index, k, acc):
+    """Add the sketch of u [B, D_index] into a two-sided accumulator acc [B, 2k]."""
+    return acc.index_add_(1, sketch_slots(seed, index, u.shape[1], k, u.device), u)
+
+
+def fold_sketch(acc):
+    """[B, 2k] two-sided accumulator -> the sketch [B, k]."""
+    k = acc.shape[1] // 2
+    return acc[:, :k] - acc[:, k:]
 
 
 def sketch(u, seed, index, k, out=None):
@@ -290,10 +313,9 @@ def sketch(u, seed, index, k, out=None):
     2014): z[:, h[j]] += s[j] u[:, j]. E<S a, S b> = <a, b>, with the same variance as a dense
     sign projection up to the diagonal term, at O(D) instead of O(D k) cost per example.
     Adds into `out` [B, k] when given."""
-    B, D = u.shape
-    z = out if out is not None else torch.zeros(B, k, dtype=u.dtype, device=u.device)
-    h, s = sketch_hash(seed, index, D, k, u.device)
-    return z.index_add_(1, h, u * s.to(u.dtype))
+    acc = torch.zeros(u.shape[0], 2 * k, dtype=u.dtype, device=u.device)
+    z = fold_sketch(sketch_add(u, seed, index, k, acc))
+    return out.add_(z) if out is not None else z
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +325,10 @@ def lora_dim(model):
     return sum(p.numel() for _, p in lora_parameters(model))
 
 
-PROJECTIONS = {"rademacher": ("projected", project), "sketch": ("sketched", sketch)}
+# name -> (feature path, add one parameter's u into the accumulator, accumulator width per
+# output dimension, accumulator -> features)
+PROJECTIONS = {"rademacher": ("projected", project, 1, lambda z: z),
+               "sketch": ("sketched", sketch_add, 2, fold_sketch)}
 
 
 def feature_path(model, grad_dim=GRAD_DIM, projection="rademacher"):
@@ -328,16 +353,20 @@ def batch_features(model, input_ids, attention_mask, labels, moments=None, grad_
     if moments is not None:
         check_moments(model, moments)
     path = feature_path(model, grad_dim, projection)
-    reduce = PROJECTIONS[projection][1]
+    _, reduce, width, finish = PROJECTIONS[projection]
     index = {n: i for i, n in enumerate(names)}
-    state = {"z": None, "parts": {}}
+    state = {"z": None, "parts": {}, "work": None}
 
     def precondition(name, g):
         g = g if g.dtype == torch.float64 else g.float()        # features in fp32 (fp64 in tests)
         if moments is None:
             return g.flatten(1)
+        if state["work"] is None or state["work"].numel() < g.numel():   # v', reused
+            state["work"] = torch.empty(g.numel(), dtype=g.dtype, device=g.device)
         m, v = moments[name]
-        return adam_precondition(g, m.to(g.device), v.to(g.device)).flatten(1)
+        work = state["work"][:g.numel()].view_as(g)
+        out = None if path == "exact" else g                    # u in g's own memory
+        return adam_precondition(g, m.to(g.device), v.to(g.device), out=out, work=work).flatten(1)
 
     def consume(name, g):
         u = precondition(name, g)
@@ -345,14 +374,15 @@ def batch_features(model, input_ids, attention_mask, labels, moments=None, grad_
             state["parts"][name] = u
         else:
             if state["z"] is None:
-                state["z"] = torch.zeros(u.shape[0], grad_dim, dtype=u.dtype, device=u.device)
-            reduce(u, seed, index[name], grad_dim, out=state["z"])
+                state["z"] = torch.zeros(u.shape[0], width * grad_dim, dtype=u.dtype,
+                                         device=u.device)
+            reduce(u, seed, index[name], grad_dim, state["z"])
 
     per_sample_grads(model, input_ids, attention_mask, labels, consume=consume)
     if path == "exact":
         z = torch.cat([state["parts"][n] for n in names], dim=1)
     else:
-        z = state["z"]
+        z = finish(state["z"])
     if not torch.isfinite(z).all():
         bad = (~torch.isfinite(z).all(1)).nonzero().flatten().tolist()
         raise FloatingPointError(f"non-finite gradient features for batch rows {bad}")

@@ -66,6 +66,19 @@ def encode(tokenizer, text):
     return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
 
 
+def raw_prompt_bos(tokenizer):
+    """[BOS id] to start a raw (not chat-templated) prompt, as opencompass's HF wrapper does for
+    the letter reader (SPEC 2.1), or [] when there is none or when the BOS is a chat control token
+    that the chat template writes itself (SmolLM2's BOS is `<|im_start|>`, which opens a chat
+    turn: a raw prompt must not start with it). Llama-2/3 templates write BOS through the
+    `bos_token` variable, so their BOS stays."""
+    bos = tokenizer.bos_token
+    if tokenizer.bos_token_id is None or not bos:
+        return []
+    template = getattr(tokenizer, "chat_template", None)
+    return [] if isinstance(template, str) and bos in template else [tokenizer.bos_token_id]
+
+
 def encode_example(tokenizer, prompt_text, target, max_len=None):
     """(input_ids, labels) for SFT: rendered prompt + target + EOS, loss on target tokens only.
 

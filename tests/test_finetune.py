@@ -208,6 +208,30 @@ def test_resume_equals_uninterrupted(tiny_chat_llama, tmp_path, capsys, full):
     assert "already trained" in capsys.readouterr().err
 
 
+def test_micro_batches_pad_only_where_ddp_must():
+    """Issue 16 (a): one process runs only real micro-batches (a short step used to be padded to
+    --grad-accum with zero-weight passes: 16 passes for 6 examples); under DDP every rank makes
+    the same number of passes, with at most one empty one, and the ranks cover each row once."""
+    assert finetune.micro_batches(6, 1, 1, 0) == [[i] for i in range(6)]
+    assert finetune.micro_batches(5, 2, 1, 0) == [[0, 1], [2, 3], [4]]
+    for n, B, world in [(1, 2, 2), (9, 2, 2), (4, 2, 2), (7, 1, 4), (64, 4, 3)]:
+        ranks = [finetune.micro_batches(n, B, world, r) for r in range(world)]
+        assert len({len(m) for m in ranks}) == 1                      # in step
+        assert all(sum(1 for c in m if not c) <= 1 for m in ranks)    # at most one dummy
+        assert sorted(i for m in ranks for c in m for i in c) == list(range(n))
+
+
+def test_a_short_step_runs_no_zero_weight_pass(tiny_chat_llama, tmp_path, monkeypatch):
+    """The premise of issue 16 (a), end to end: 6 examples at batch 1 with accumulation 16 run
+    exactly 6 forward passes per epoch, not 16."""
+    calls = []
+    real = finetune.example_losses
+    monkeypatch.setattr(finetune, "example_losses", lambda net, b: calls.append(1) or real(net, b))
+    finetune.train(make_args(tiny_chat_llama, "--lora-r", "2", "--epochs", "2", "--batch-size", "1",
+                             "--grad-accum", "16"), examples(6), str(tmp_path / "a"))
+    assert len(calls) == 12
+
+
 def test_torchrun_two_processes_equal_double_accumulation(tiny_chat_llama, tmp_path):
     """9 examples, global batch 4: the last step holds one example, so rank 1 runs a dummy."""
     ex = examples(9)
