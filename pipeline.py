@@ -78,7 +78,9 @@ def world_dir(out, w):
 
 def task_inputs(a, root, task):
     """(model, pool, shots, test_id, test_ood, mcqa reader) for a task; root: the run folder of
-    the model (for the world: the world's own folder, which holds its model and items)."""
+    the model (for the world: the world's own folder, which holds its model and items). MCQA is
+    read by option text on the world and on geo (SPEC 10; small models are at chance with
+    letters), by letter on the paper benchmarks (SPEC 2.1)."""
     if a.model == "world":
         w = root
         d = os.path.join(w, task)
@@ -88,12 +90,13 @@ def task_inputs(a, root, task):
     paths = [f"{d}/{s}.jsonl" for s in ("train", "shots", "test_id", "test_ood")]
     missing = [f for f in paths if not os.path.isfile(f) and "shots" not in f]
     if missing:
-        raise files.InputError(f"{missing[0]}: missing; convert the benchmarks first "
-                                "(make data DATA=paper, see data.py --help)")
+        how = "data.py geo" if a.data == "geo" else "data.py <benchmark>"
+        raise files.InputError(f"{missing[0]}: missing; convert the benchmarks first (make data "
+                               f"DATA={a.data}, or {how} --out {a.data_dir}; see data.py --help)")
     if a.limit:
         paths = [limited(f, a.limit, os.path.join(root, task, "items"))
                  if os.path.isfile(f) and "shots" not in f else f for f in paths]
-    return (a.model, *paths, "letter")
+    return (a.model, *paths, "option" if a.data == "geo" else "letter")
 
 
 def limited(path, n, folder):
@@ -285,9 +288,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="world", help="`world` (embedded default) or a hub id / folder")
-    p.add_argument("--data", choices=("world", "paper"), default="world",
-                   help="`paper`: MMLU->ARC (MCQA) and TriviaQA->NQ (OEQA) items from --data-dir")
-    p.add_argument("--data-dir", default="runs/data", help="data.py item root (--data paper)")
+    p.add_argument("--data", choices=("world", "paper", "geo"), default="world",
+                   help="`paper`: MMLU->ARC (MCQA) and TriviaQA->NQ (OEQA) items from --data-dir "
+                        "(make data DATA=paper); `geo`: GeoNames facts from --data-dir, MCQA by "
+                        "the option reader (make data DATA=geo, or data.py geo)")
+    p.add_argument("--data-dir", default="runs/data",
+                   help="data.py item root (--data paper or geo)")
     p.add_argument("--tasks", nargs="+", default=list(files.TASKS), help="mcqa and/or oeqa")
     p.add_argument("--methods", nargs="+", default=None,
                    help="RAIT methods to construct, train and evaluate (default: van cor corcer "
@@ -300,7 +306,8 @@ def main():
                         "has mean ± std over them")
     p.add_argument("--out", default="runs", help="run root")
     p.add_argument("--limit", type=int, default=0,
-                   help="--data paper: at most this many items per file (seeded subsample; 0 = all)")
+                   help="--data paper or geo: at most this many items per file (seeded subsample; "
+                        "0 = all)")
     p.add_argument("--world-args", default="", help="extra world.py flags (e.g. --preset small)")
     p.add_argument("--until", choices=("probe", "rehearse", "construct", "finetune", "all"),
                    default="all", help="stop after this stage (make probe / rehearse / ...)")
@@ -321,7 +328,7 @@ def main():
     if a.limit < 0:
         p.error(f"--limit must be >= 0 (0 = all items), got {a.limit}")
     if a.model == "world" and a.data != "world":
-        raise files.InputError("--data paper needs --model (a chat model hub id or folder)")
+        raise files.InputError(f"--data {a.data} needs --model (a chat model hub id or folder)")
     if a.methods is None:
         a.methods = list(PAPER_METHODS) + (["oracle"] if a.model == "world" else [])
     if a.jobs is None:
