@@ -21,6 +21,7 @@ Output: training examples (id, prompt, target, weight, kind, method) and `<out>.
 import argparse
 import math
 import random
+import resource
 import sys
 
 from rait import files, models, runs
@@ -413,7 +414,9 @@ def run_grait(a, items_by_id, rows, task, n_van, n_idk):
     extra = {"grait": {**info, "select": a.grait_select, "weights": a.grait_weights,
                        "weight_sign": sign, "weight_scale": scale,
                        "ik_all": len(ik_all), "idk_all": len(idk_all),
-                       "weight_stats": stats([{"w": x} for x in w], "w")}}
+                       "weight_stats": stats([{"w": x} for x in w], "w"),
+                       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                             / 1024)}}
     if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
         craft_idk = {s["id"] for s in craft(rows, task, n_van, n_idk, random.Random(0))[1]}
         extra["grait"]["overlap_with_craft_idk"] = len(craft_idk & set(weights)) / max(1, len(idk))
