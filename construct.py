@@ -15,11 +15,14 @@ Methods (SPEC 4 table; paper names in brackets):
         --flow rehearsal/flow.jsonl --out craft/train.jsonl
 
 Inputs: the pool items, the initial knowledge state (probe.py), the knowledge flow (rehearse.py;
-craft, wocer). GRAIT also needs the model and the rehearsal adapter with its Adam moments.
+craft, wocer). GRAIT also needs the model and a warm-up adapter with its Adam moments: the
+rehearsal adapter (default, SPEC 9 #10) or the LESS warm-up (SPEC 5.3 step 1; pipeline.py's
+grait-less row trains it with finetune.py).
 Output: training examples (id, prompt, target, weight, kind, method) and `<out>.summary.json`.
 """
 import argparse
 import math
+import os
 import random
 import resource
 import sys
@@ -279,10 +282,11 @@ def grait(states, task, n_van, n_idk, features, select="greedy", weights="inferr
 
 
 def grait_features(model_name, warmup, items_by_id, task, reader, grad_dim, projection, seed,
-                   batch_size, adam=True, trust_remote_code=False):
-    """The features function GRAIT needs: per-sample LoRA gradients at the warm-up (rehearsal)
-    adapter, Adam-preconditioned with its moments, projected, normalised (SPEC 5.3,
-    kernels/persample.py), both views with the REFUSE prompt (SPEC 5.3 step 2).
+                   batch_size, adam=True, trust_remote_code=False, fmt="chat"):
+    """The features function GRAIT needs: per-sample LoRA gradients at the warm-up adapter
+    (rehearse.py's, or the LESS warm-up: SPEC 9 #10), Adam-preconditioned with its moments,
+    projected, normalised (SPEC 5.3, kernels/persample.py), both views with the REFUSE prompt
+    (SPEC 5.3 step 2) rendered in `fmt`, the format the warm-up was trained in (warmup_format).
     Returns (features(rows, view), info for the summary)."""
     from kernels import lora, persample
     model, tok = models.load_model(model_name, adapter=warmup, trust_remote_code=trust_remote_code)
@@ -296,13 +300,32 @@ def grait_features(model_name, warmup, items_by_id, task, reader, grad_dim, proj
         for s in rows:
             it = items_by_id[s["id"]]
             target = models.IDK[task] if view == "idk" else models.target_of(it, reader)
-            prompt = models.render(tok, models.user_prompt(it, "refuse"))
-            enc.append(models.encode_example(tok, prompt, target)[:2])
+            enc.append(models.encode_sft(tok, models.user_prompt(it, "refuse"), target, fmt)[:2])
         z, info["feature_path"] = persample.example_features(
             model, enc, tok.pad_token_id, moments=moments, grad_dim=grad_dim, seed=seed,
             batch_size=batch_size, projection=projection, desc=f"{view.upper()} view, {len(rows)} items")
         return z
     return features, info
+
+
+def warmup_format(warmup, given=None):
+    """The format the GRAIT views are rendered in: the one the warm-up adapter was trained in.
+
+    SPEC 5.3 step 2 names the prompt of the two views (REFUSE) but not their rendering; LESS
+    takes its gradients through the same encoding it trains its warm-up with (tulu, SPEC 5.3
+    step 1), and a gradient at an adapter is only informative on inputs shaped like the ones
+    it was fitted to, so we render the views as the warm-up was trained: the chat rendering for
+    rehearse.py's adapter (SPEC 9 #10 default), tulu for the LESS warm-up. finetune.py records
+    its --format in <warmup>.config.json; an adapter trained before that flag existed was chat.
+    `given` (--warmup-format) is for adapters without that record; it must agree with one."""
+    cfg = f"{warmup.rstrip('/')}.config.json"
+    if not os.path.isfile(cfg):
+        return given or "chat"
+    made = files.read_json(cfg, "finetune config").get("args", {}).get("format", "chat")
+    if given is not None and given != made:
+        raise files.InputError(f"--warmup-format {given}: the warm-up {warmup} was trained with "
+                               f"--format {made} ({cfg})")
+    return made
 
 
 def make_examples(items_by_id, van, idk, method, reader, weights=None):
@@ -402,9 +425,13 @@ def run_grait(a, items_by_id, rows, task, n_van, n_idk):
     if not ik_all:   # a model that knows nothing (e.g. a random dry-run model): say it loudly
         print(f"[construct] WARNING: no known items (mu > {TAU}): no van set, and the IdK "
               "selection and weights use idk-idk influences only", file=sys.stderr)
+    a.warmup_format = warmup_format(a.warmup, a.warmup_format)    # recorded in <out>.config.json
+    print(f"[construct] GRAIT features at the warm-up {a.warmup}, views rendered in the "
+          f"{a.warmup_format} format it was trained in (SPEC 5.3 step 2)", file=sys.stderr)
     features, info = grait_features(a.model, a.warmup, items_by_id, task, a.mcqa_reader,
                                     a.grad_dim, a.projection, a.seed, a.grad_batch_size,
-                                    adam=not a.no_adam, trust_remote_code=a.trust_remote_code)
+                                    adam=not a.no_adam, trust_remote_code=a.trust_remote_code,
+                                    fmt=a.warmup_format)
     van, idk, weights = grait(rows, task, n_van, n_idk, features, a.grait_select,
                               a.grait_weights, a.grait_temperature, a.grait_weight_sign,
                               a.grait_weight_scale)
@@ -447,7 +474,12 @@ def parse_args(argv=None):
                    help="sample with replacement (released MCQA code, SPEC 9 #6)")
     g = p.add_argument_group("GRAIT (SPEC 5, SPEC 9 #7-#10)")
     g.add_argument("--model", help="M0, for the gradient features")
-    g.add_argument("--warmup", help="warm-up adapter with Adam moments (rehearse.py's adapter/)")
+    g.add_argument("--warmup", help="warm-up adapter with Adam moments: rehearse.py's adapter/ "
+                   "(SPEC 9 #10 default) or a LESS-recipe one (finetune.py, SPEC 5.3 step 1)")
+    g.add_argument("--warmup-format", choices=models.FORMATS,
+                   help="how the warm-up was trained to see prompts, so the feature views are "
+                        "rendered alike (SPEC 5.3 step 2); default: what finetune.py recorded "
+                        "in <warmup>.config.json (chat when there is none)")
     g.add_argument("--grad-dim", type=int, default=8192,
                    help="feature size: exact gradients when the LoRA vector is at most this long, "
                         "else a seeded Rademacher projection to it (SPEC 5.3 step 5)")

@@ -55,8 +55,14 @@ from kernels.ths import BOOTSTRAP, bootstrap_ci, quadrants, rates, summarize, th
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
 LABELS = ("correct", "wrong", "refuse", "unparsed")
-ROWS = ("init_basic", "init_refuse", "van", "cor", "corcer", "wocer", "craft", "grait", "oracle")
+GRAIT_ABLATIONS = ("grait-code", "grait-uniform", "grait-released", "grait-less")   # issue 15,
+                                                        # pipeline.py GRAIT_ROWS: run when asked
+ROWS = ("init_basic", "init_refuse", "van", "cor", "corcer", "wocer", "craft", "grait",
+        *GRAIT_ABLATIONS, "oracle")
 ROW_NAMES = {"init_basic": "Init-Basic", "init_refuse": "Init-Refuse", "oracle": "Oracle-RAIT"}
+# Rows in a report only where their predictions exist (the world's diagnostic and the ablations);
+# any other row without predictions is reported as missing
+OPTIONAL_ROWS = {"oracle", *GRAIT_ABLATIONS}
 SPLITS = ("id", "ood")
 KNOWN_EXPOSURE = 8          # DESIGN: world greedy accuracy is ~0.5 at 8-15 exposures per epoch
 OTHER_REFUSALS = re.compile(   # SPEC 9 #14: counted and reported, never a label
@@ -345,8 +351,9 @@ def md_table(res, cols, cell):
     lines = ["| method | " + " | ".join(f"{s.upper()} {c}" for s in SPLITS for c in cols) + " |",
              "|---|" + "---|" * (len(SPLITS) * len(cols))]
     for r in ROWS:
-        if r == "oracle" and not any((res.get(s) or {}).get("rows", {}).get(r) for s in SPLITS):
-            continue                        # a world-only diagnostic: no row off the world
+        if r in OPTIONAL_ROWS and not any((res.get(s) or {}).get("rows", {}).get(r)
+                                          for s in SPLITS):
+            continue                        # not run: no row
         cells = []
         for s in SPLITS:
             e = (res.get(s) or {}).get("rows", {}).get(r)

@@ -11,7 +11,8 @@ by default; `--full` fine-tunes every weight (the OEQA recipe).
     torchrun --nproc_per_node 2 finetune.py --model ... --train ... --out ...   # DDP: gloo/NCCL
 
 Input: training examples JSONL (DESIGN: id, prompt, target, weight, kind, method); the prompt goes
-through models.render (chat template or plain prompt) and the loss covers target tokens + EOS only.
+through models.render (chat template or plain prompt) and the loss covers target tokens + EOS only
+(`--format tulu`: LESS's `<|user|>` / `<|assistant|>` text, GRAIT's LESS warm-up, SPEC 5.3).
 Output (--out DIR): adapter_config.json + adapter_model.safetensors in peft's format (`--full`: a
 safetensors model folder instead), trainer_state.safetensors (Adam moments keyed like the weights,
 step, RNG, data order; for resuming and for GRAIT's Adam preconditioning), train_log.jsonl, and
@@ -24,7 +25,9 @@ Implementation details, and where we differ from the released xtuner runs (SPEC 
   of the optimizer step (so N processes x accumulation k == 1 process x accumulation N*k).
 - left padding + `logits_to_keep`: the LM head and the cross-entropy run on target positions only.
 - LoRA weights in fp32 with bf16 autocast on GPU (no 4-bit base, no fp16 loss scale); fp32 on CPU.
-- warm-up: linear from 1e-5 x lr over int(ratio x steps) steps, then cosine to 0 (xtuner).
+- warm-up: linear from 1e-5 x lr over int(ratio x steps) steps, then cosine to 0 (xtuner);
+  `--schedule linear` decays linearly to 0 instead (LESS's warm-up, SPEC 5.3 step 1; HF Trainer
+  warms up over ceil(ratio x steps) steps from 0, we keep the xtuner warm-up for both shapes).
 """
 import argparse
 import contextlib
@@ -51,6 +54,7 @@ EFFECTIVE_BATCH = 64    # SPEC 6: 1/device x accum 16 x 4 GPUs
 BATCH_SIZE = 4          # per device; --grad-accum is derived from EFFECTIVE_BATCH unless given
 WARMUP_RATIO = 0.03     # SPEC 6: 3% of the steps
 WARMUP_START = 1e-5     # SPEC 6: xtuner LinearLR start_factor
+SCHEDULES = ("cosine", "linear")   # after warm-up: SPEC 6 xtuner cosine; SPEC 5.3 LESS linear
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 64, 16, 0.1   # SPEC 6 QLoRA recipe
 MAX_LEN = 2048          # SPEC 6 sequence length
 MEGABATCH = 16          # global batches per length-sorting window (HF's LengthGroupedSampler: 50)
@@ -68,6 +72,12 @@ def add_train_args(parser):
       help="fraction of the optimizer steps with linear warm-up (0: cosine from step 0)")
     a("--warmup-start", type=float, default=WARMUP_START,
       help="warm-up starts at this fraction of --lr (xtuner start_factor)")
+    a("--schedule", choices=SCHEDULES, default="cosine",
+      help="decay to 0 after the warm-up: cosine (SPEC 6, xtuner) or linear (SPEC 5.3, LESS)")
+    a("--format", choices=models.FORMATS, default="chat",
+      help="prompt rendering: chat (the model's chat template, or the plain prompt without one: "
+           "what evaluation uses) or tulu (LESS's `<|user|>\\n{prompt}\\n<|assistant|>\\n"
+           "{answer}{eos}\\n`, GRAIT's warm-up, SPEC 5.3 step 1)")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (SPEC 6: 0)")
     a("--adam-beta1", type=float, default=0.9, help="AdamW beta1 (SPEC 6)")
     a("--adam-beta2", type=float, default=0.999, help="AdamW beta2 (SPEC 6)")
@@ -137,13 +147,22 @@ def final_problem(out_dir, full):
         n for n in os.listdir(out_dir) if n.endswith(".safetensors")}))
 
 
-def lr_at(step, total, lr, warmup_ratio, warmup_start=WARMUP_START):
-    """SPEC 6 schedule: linear warm-up from warmup_start x lr over int(ratio x total) steps, then
-    cosine from lr to 0 over the remaining steps (xtuner LinearLR + CosineAnnealingLR)."""
+def lr_at(step, total, lr, warmup_ratio, warmup_start=WARMUP_START, schedule="cosine"):
+    """The learning rate of optimizer step `step` (0-based) of `total`: linear warm-up from
+    warmup_start x lr over int(ratio x total) steps (xtuner LinearLR), then from lr to 0 over the
+    remaining steps, either
+    cosine (SPEC 6, xtuner CosineAnnealingLR): lr * (1 + cos(pi * k / n)) / 2, or
+    linear (SPEC 5.3 step 1, LESS / HF get_linear_schedule_with_warmup): lr * (n - k) / n,
+    with k = step - warm and n = total - warm (so the last step is at lr / n, not 0)."""
     warm = int(warmup_ratio * total)
     if step < warm:
         return lr * (warmup_start + (1 - warmup_start) * step / warm)
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    k, n = step - warm, max(1, total - warm)
+    if schedule == "linear":
+        return lr * (n - k) / n
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r} (expected one of {', '.join(SCHEDULES)})")
+    return lr * 0.5 * (1 + math.cos(math.pi * k / n))
 
 
 def epoch_order(lengths, global_batch, seed, epoch, grouped=True):
@@ -164,12 +183,12 @@ def epoch_order(lengths, global_batch, seed, epoch, grouped=True):
     return [i for b in full + rest for i in b]
 
 
-def encode_all(tok, examples, max_len):
-    """(ids, labels) per example, prompt rendered as at evaluation; count of left-cut prompts."""
+def encode_all(tok, examples, max_len, fmt="chat"):
+    """(ids, labels) per example, rendered in `fmt` (chat: as at evaluation; tulu: LESS's format,
+    models.encode_sft); count of left-cut prompts."""
     enc, n_cut = [], 0
     for e in examples:
-        ids, labels, cut = models.encode_example(tok, models.render(tok, e["prompt"]),
-                                                 e["target"], max_len)
+        ids, labels, cut = models.encode_sft(tok, e["prompt"], e["target"], fmt, max_len)
         if len(ids) > max_len:
             raise files.InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
                                    f"with EOS, more than --max-len {max_len}")
@@ -315,7 +334,7 @@ def train(args, examples, out_dir):
                        folder=True)                   # fail before loading anything
     try:
         model, tok = build_model(args)
-        enc, n_cut = encode_all(tok, examples, args.max_len)
+        enc, n_cut = encode_all(tok, examples, args.max_len, args.format)
     except files.InputError:
         if created and rank == 0 and not os.listdir(out_dir):
             os.rmdir(out_dir)
@@ -341,7 +360,8 @@ def train(args, examples, out_dir):
               f"process(es){ddp}; {what}, {sum(p.numel() for p in params.values()):,} trainable "
               "parameters", file=sys.stderr)
         print(f"[finetune] effective batch {G} = {B} per device x {accum} accumulation x {world} "
-              f"process(es); {total} optimizer steps ({per_epoch} per epoch x {args.epochs})",
+              f"process(es); {total} optimizer steps ({per_epoch} per epoch x {args.epochs}), "
+              f"{args.schedule} schedule; prompts: {models.format_note(tok, args.format)}",
               file=sys.stderr)
         if n_cut:
             print(f"[finetune] {n_cut} of {len(enc)} examples exceed --max-len {args.max_len}: "
@@ -378,7 +398,7 @@ def train(args, examples, out_dir):
         for step in range(start, stop):
             t0, c0 = time.perf_counter(), time.process_time()
             epoch, i = divmod(step, per_epoch)
-            lr = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start)
+            lr = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start, args.schedule)
             loss, tokens, norm = train_step(net, opt, params, enc, weights,
                                             order(epoch)[i * G:(i + 1) * G], lr, args,
                                             world, rank, tok.pad_token_id, device)

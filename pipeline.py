@@ -8,7 +8,8 @@
 Per task and seed, in runs/<model-slug>/<task>/s<seed>/ (world seed w > 0: runs/world-w<w>/):
   probe.py -> probe_init.jsonl; rehearse.py -> rehearsal/; construct.py -> <method>/train.jsonl;
   finetune.py -> <method>/adapter/; evaluate.py -> {init_basic,init_refuse,<method>}/pred_{id,ood}
-  .jsonl; evaluate.py --report -> report.md, results.json, ths.svg.
+  .jsonl; evaluate.py --report -> report.md, results.json, ths.svg. The grait-less row first
+  trains the LESS warm-up, finetune.py -> less-warmup/adapter/ (GRAIT_ROWS, LESS_WARMUP).
 Each stage runs as the command a user would type, in a subprocess, printed first with any
 environment setting it gets (copy it into a shell at the repository root to make the same file).
 Independent stages (tasks, seeds, methods) run at once, --jobs of them, each with one torch
@@ -35,10 +36,31 @@ import time
 
 from rait import files
 from rait import runs
-from construct import PAPER_METHODS
+from construct import METHODS, PAPER_METHODS
 from world import RECIPE as WORLD_RECIPE
 
 REHEARSAL_SHARE = 0.1   # rehearsal set: 10% of a small pool, at most SPEC 3's 1,000 (of 14k)
+
+# GRAIT's rows (issue 15 ablations): row -> (construct.py flags after --method grait, warm-up).
+# Each row is a method folder and report row of its own (construct -> finetune -> evaluate); the
+# variants run only when asked: --methods grait grait-code grait-uniform grait-released grait-less
+GRAIT_ROWS = {
+    "grait": ([], "rehearsal"),                             # SPEC 9 #7-#10 defaults
+    "grait-code": (["--grait-weights", "code"], "rehearsal"),       # SPEC 5.5: released formula
+    "grait-uniform": (["--grait-weights", "uniform"], "rehearsal"),  # SPEC 5.5 (i): what ran
+    "grait-released": (["--grait-select", "released"], "rehearsal"),  # SPEC 5.4 quirk (b)
+    "grait-less": ([], "less"),                             # SPEC 5.3 step 1: the LESS warm-up
+}
+# The default warm-up is rehearse.py's adapter (SPEC 9 #10): the pipeline trains it anyway, it is
+# trained on CRaFT's rehearsal set, which is what GRAIT's LESS warm-up was trained on too, and it
+# costs nothing extra. `less` reproduces the released warm-up instead: finetune.py on the same
+# rehearsal set with LESS's recipe (SPEC 5.3 step 1, LESS scripts/train/base_training_args.sh),
+# on the world as on a real model (it reproduces a recipe; nothing in it was tuned here).
+LESS_WARMUP = ["--lora-r", "128", "--lora-alpha", "512", "--lora-dropout", "0.1",
+               "--target-modules", "q_proj,k_proj,v_proj,o_proj",
+               "--lr", "2e-5", "--schedule", "linear", "--warmup-ratio", "0.03",
+               "--weight-decay", "0", "--epochs", "4", "--format", "tulu",
+               "--batch-size", "1", "--grad-accum", "32"]    # per device 1 x accumulation 32
 
 
 def run_stage(label, cmd, out, inputs, env, running):
@@ -159,14 +181,24 @@ def method(a, root, task, seed, paths, m):
     state, flow, adapter = f"{R}/probe_init.jsonl", f"{R}/rehearsal/flow.jsonl", None
     if not m.startswith("init_"):
         train, adapter = f"{R}/{m}/train.jsonl", f"{R}/{m}/adapter"
-        args = ["--method", m, "--items", pool, "--state", state, "--flow", flow, "--out", train,
-                "--mcqa-reader", reader, "--seed", str(seed)]
-        if m == "grait":
-            args += ["--model", model, "--warmup", f"{R}/rehearsal/adapter"]
+        args = ["--method", "grait" if m in GRAIT_ROWS else m, "--items", pool, "--state", state,
+                "--flow", flow, "--out", train, "--mcqa-reader", reader, "--seed", str(seed)]
+        inputs = [pool, state, flow]
+        if m in GRAIT_ROWS:
+            flags, warm = GRAIT_ROWS[m]
+            warmup = f"{R}/rehearsal/adapter"
+            if warm == "less":      # SPEC 5.3 step 1 on the rehearsal set, for this row only
+                rehearsal, warmup = f"{R}/rehearsal/train.jsonl", f"{R}/less-warmup/adapter"
+                cmd = ["--model", model, "--train", rehearsal, "--out", warmup, "--seed",
+                       str(seed)] + LESS_WARMUP
+                stages.append((f"{tag} finetune less-warmup", runs.stage_command(
+                    "finetune.py", cmd), warmup, [model, rehearsal]))
+            args += ["--model", model, "--warmup", warmup] + flags
             args += WORLD_RECIPE["grait"][task] if world else []
+            inputs.append(warmup)
         args += shlex.split(a.construct_args)
         stages.append((f"{tag} construct {m}", runs.stage_command("construct.py", args), train,
-                       [pool, state, flow]))
+                       inputs))
         if a.until == "construct":
             return stages
         args = ["--model", model, "--train", train, "--out", adapter, "--seed", str(seed)]
@@ -297,7 +329,8 @@ def main():
     p.add_argument("--tasks", nargs="+", default=list(files.TASKS), help="mcqa and/or oeqa")
     p.add_argument("--methods", nargs="+", default=None,
                    help="RAIT methods to construct, train and evaluate (default: van cor corcer "
-                        "wocer craft grait, and on the world the oracle row)")
+                        "wocer craft grait, and on the world the oracle row); GRAIT's ablation "
+                        f"rows on request: {' '.join(list(GRAIT_ROWS)[1:])} (GRAIT_ROWS)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="pipeline seeds (default: the world's own seed; 0 for a real model)")
     p.add_argument("--worlds", nargs="+", type=int, default=None,
@@ -331,6 +364,10 @@ def main():
         raise files.InputError(f"--data {a.data} needs --model (a chat model hub id or folder)")
     if a.methods is None:
         a.methods = list(PAPER_METHODS) + (["oracle"] if a.model == "world" else [])
+    unknown = [m for m in a.methods if m not in METHODS and m not in GRAIT_ROWS]
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)} (expected some of "
+                f"{', '.join(dict.fromkeys([*METHODS, *GRAIT_ROWS]))})")
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:

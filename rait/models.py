@@ -1,6 +1,7 @@
 """rait/models.py: talking to a model: the SPEC 2.3 prompts and the one function that renders
-them, tokenisation of (prompt, target) pairs, answer matching, and model loading (safetensors
-only, DESIGN security).
+them, tokenisation of (prompt, target) pairs (the chat rendering, or LESS's tulu format for
+GRAIT's LESS warm-up, SPEC 5.3), answer matching, and model loading (safetensors only, DESIGN
+security).
 """
 import os
 
@@ -86,11 +87,63 @@ def encode_example(tokenizer, prompt_text, target, max_len=None):
     Returns (ids, labels, n_cut)."""
     p = encode(tokenizer, prompt_text)
     t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return _join(p, t, max_len)
+
+
+def _join(p, t, max_len):
+    """(prompt ids + answer ids, labels -100 on the prompt, n_cut): a prompt too long for max_len
+    loses tokens from its left, the answer never."""
     cut = 0
     if max_len is not None and len(p) + len(t) > max_len:
         cut = min(len(p), len(p) + len(t) - max_len)
         p = p[cut:]
     return p + t, [-100] * len(p) + t, cut
+
+
+# LESS's "tulu" chat format (SPEC 5.3 step 1; LESS less/data_selection/get_training_dataset.py,
+# concat_messages + encode_with_messages_format): GRAIT's released warm-up adapter was trained in
+# it, not in the model's own chat template. The user part, `<|assistant|>\n` included, gets no loss.
+TULU_PROMPT = "<|user|>\n{user}\n<|assistant|>\n"
+TULU_ANSWER = "{answer}{eos}\n"
+FORMATS = ("chat", "tulu")          # finetune.py --format, construct.py --warmup-format
+
+
+def tulu_text(user, answer, eos):
+    """SPEC 5.3 step 1: `<|user|>\n{prompt}\n<|assistant|>\n{answer}{eos}\n`, each message
+    stripped of surrounding whitespace as LESS's concat_messages does (so the MCQA body's
+    trailing space after `Answer:` goes). Returns (prompt part, whole text)."""
+    prompt = TULU_PROMPT.format(user=user.strip())
+    return prompt, prompt + TULU_ANSWER.format(answer=answer.strip(), eos=eos)
+
+
+def encode_sft(tokenizer, user, target, fmt="chat", max_len=None):
+    """(input_ids, labels, n_cut) of one training example: the user turn `user` (not yet
+    templated) answered with `target`, loss on the answer only; finetune.py trains on it and
+    construct.py's GRAIT feature views take gradients of it.
+
+    chat: render() (the chat template, or the plain prompt) + target + EOS (encode_example).
+    tulu: LESS's format (SPEC 5.3 step 1) tokenized as one text with the tokenizer's special
+      tokens, labels -100 on the tokens of the prompt part (`<|user|>\n{user}\n<|assistant|>\n`),
+      as LESS masks it; the loss covers `{answer}{eos}\n`.
+    A prompt too long for max_len loses tokens from its left (both formats)."""
+    if fmt == "chat":
+        return encode_example(tokenizer, render(tokenizer, user), target, max_len)
+    if fmt != "tulu":
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    prompt, text = tulu_text(user, target, tokenizer.eos_token)
+    ids = tokenizer(text)["input_ids"]
+    n = len(tokenizer(prompt)["input_ids"])
+    return _join(ids[:n], ids[n:], max_len)
+
+
+def format_note(tokenizer, fmt):
+    """One line on how `fmt` renders prompts for this tokenizer (said out loud, STYLE)."""
+    if fmt == "tulu":
+        unk = tokenizer.unk_token_id
+        lost = unk is not None and unk in tokenizer(TULU_PROMPT.format(user=""))["input_ids"]
+        return ("LESS tulu format (SPEC 5.3)" + ("; this tokenizer reads its <|user|> / "
+                "<|assistant|> markers as unknown tokens" if lost else ""))
+    return "the chat template" if has_chat_template(tokenizer) else "plain prompt (no chat template)"
 
 
 def stop_token_ids(model, tok):

@@ -460,3 +460,26 @@ def test_grait_weight_flags_reach_grait(flags, sign, scale, monkeypatch):
         want = {"u1": scale * 2 * e1 / (e1 + e3), "u3": scale * 2 * e3 / (e1 + e3)}
         assert w == pytest.approx(want), f"{flags}: weights {w}, want {want}"
     assert (extra["grait"]["weight_sign"], extra["grait"]["weight_scale"]) == (sign, scale)
+
+
+def test_grait_views_follow_the_warmups_training_format(tmp_path, monkeypatch):
+    """SPEC 5.3 step 2 (our decision): the feature views are rendered in the format the warm-up
+    was trained in, read from finetune.py's <warmup>.config.json (chat without one; an adapter
+    from before --format existed was chat); --warmup-format must agree with the record. The
+    resolved format reaches grait_features and the construct config."""
+    warm = tmp_path / "adapter"
+    assert C.warmup_format(str(warm)) == "chat" and C.warmup_format(str(warm), "tulu") == "tulu"
+    cfg = tmp_path / "adapter.config.json"
+    cfg.write_text(json.dumps({"args": {"lr": 2e-4}}))                    # before --format
+    assert C.warmup_format(str(warm) + "/") == "chat"
+    cfg.write_text(json.dumps({"args": {"format": "tulu"}}))
+    assert C.warmup_format(str(warm)) == "tulu" == C.warmup_format(str(warm), "tulu")
+    with pytest.raises(files.InputError, match=r"^--warmup-format chat: the warm-up .* was "
+                       r"trained with --format tulu"):
+        C.warmup_format(str(warm), "chat")
+    seen = {}
+    monkeypatch.setattr(C, "grait_features",
+                        lambda *a, **k: (seen.update(k), (hand_features, {}))[1])
+    a = C.parse_args(GRAIT_ARGS[:-1] + [str(warm)])
+    C.run_grait(a, {}, HAND_STATES, "mcqa", 1, 2)
+    assert seen["fmt"] == "tulu" and a.warmup_format == "tulu"

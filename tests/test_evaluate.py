@@ -440,6 +440,25 @@ def test_report(task_dir, tmp_path):
     assert "| Init-Basic | " in md and "| craft | " in md and "known = meta.exposure" in md
 
 
+def test_report_shows_grait_ablation_rows_only_when_run(task_dir, tmp_path):
+    """Issue 15: a GRAIT ablation row (pipeline.py GRAIT_ROWS) is a report row of its own where
+    its predictions exist, and no row where they do not (a paper row without them says missing)."""
+    d, ids, ood = task_dir
+    for m in ("grait-code", "grait-less"):
+        (d / m).mkdir()
+        write_preds(d / m / "pred_id.jsonl", ids, ["refuse"] * 10)
+        write_preds(d / m / "pred_ood.jsonl", ood, ["correct"] * 8)
+    assert run_main(["--report", str(d), "--items-id", str(tmp_path / "id.jsonl"),
+                     "--items-ood", str(tmp_path / "ood.jsonl")]) == 0
+    res = json.load(open(d / "results.json"))
+    assert res["id"]["rows"]["grait-less"]["rates"]["pr"] == 100.0
+    assert res["ood"]["rows"]["grait-code"]["rates"]["pc"] == 100.0
+    md = (d / "report.md").read_text()
+    assert "| grait-code | " in md and "| grait-less | " in md
+    assert "grait-uniform" not in md and "grait-released" not in md
+    assert "missing: grait/pred_id.jsonl" in md
+
+
 def test_report_when_init_basic_is_never_wrong(tmp_path):
     items = [{"id": f"i{k}", "task": "oeqa", "question": "q", "answer": "x", "aliases": ["x"]}
              for k in range(4)]

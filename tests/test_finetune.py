@@ -74,6 +74,68 @@ def test_schedule():
     assert finetune.lr_at(0, 10, 2.0, 0.0) == 2.0                      # no warm-up
 
 
+def test_linear_schedule_hand_values():
+    """--schedule linear (SPEC 5.3 step 1, LESS): the same warm-up, then lr (n - k) / n with
+    k = step - warm-up steps, n = total - warm-up steps. 100 steps at ratio 0.03: warm-up 3."""
+    lr = [finetune.lr_at(s, 100, 2e-5, 0.03, schedule="linear") for s in range(100)]
+    assert lr[0] == pytest.approx(2e-5 * 1e-5)                         # warm-up from 1e-5 x lr
+    assert lr[3] == 2e-5                                               # warm-up end: the peak
+    assert lr[3 + 48] == pytest.approx(2e-5 * 49 / 97)                 # middle of the decay
+    assert lr[99] == pytest.approx(2e-5 / 97)                          # last step: not yet 0
+    assert all(a > b for a, b in zip(lr[3:], lr[4:]))
+    # LESS's own size (12 steps on 8 GPUs, SPEC 5.3): int(0.36) = 0 warm-up steps
+    assert [finetune.lr_at(s, 12, 1.0, 0.03, schedule="linear") for s in (0, 6, 11)] == \
+        pytest.approx([1.0, 0.5, 1 / 12])
+    # the default is the cosine of SPEC 6, unchanged
+    assert all(finetune.lr_at(s, 100, 1.0, 0.03) == finetune.lr_at(s, 100, 1.0, 0.03, 1e-5,
+                                                                   "cosine") for s in range(100))
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        finetune.lr_at(50, 100, 1.0, 0.0, schedule="step")
+
+
+def word_tokenizer(words):
+    """A WordLevel tokenizer over `words` (newline its own token) that adds BOS like Llama's."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers, processors
+    from tokenizers import models as tk_models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "<unk>", "\n", *words])}
+    tk = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[ \t]+"), "removed"),
+                                                pre_tokenizers.Split("\n", "isolated")])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>"), vocab
+
+
+def test_tulu_rendering_is_the_spec_string_with_loss_on_the_answer_only():
+    """SPEC 5.3 step 1: `<|user|>\\n{prompt}\\n<|assistant|>\\n{answer}{eos}\\n`, tokenized as one
+    text; labels -100 on `<|user|>...<|assistant|>\\n` (BOS included), the answer, EOS and the
+    final newline keep theirs (LESS encode_with_messages_format)."""
+    tok, v = word_tokenizer(["<|user|>", "<|assistant|>", "Where", "is", "Oslo", "?", "Answer:",
+                             "Norway"])
+    prompt, text = models.tulu_text("Where is Oslo ?", "Norway", "</s>")
+    assert text == "<|user|>\nWhere is Oslo ?\n<|assistant|>\nNorway</s>\n"
+    assert prompt == "<|user|>\nWhere is Oslo ?\n<|assistant|>\n"
+    # LESS strips each message: the MCQA body's trailing space after `Answer:` goes
+    assert models.tulu_text("Where is Oslo ?\nAnswer: ", " Norway", "</s>")[1] == \
+        "<|user|>\nWhere is Oslo ?\nAnswer:\n<|assistant|>\nNorway</s>\n"
+    ids, labels, cut = models.encode_sft(tok, "Where is Oslo ?", "Norway", "tulu")
+    want = ["<s>", "<|user|>", "\n", "Where", "is", "Oslo", "?", "\n", "<|assistant|>", "\n",
+            "Norway", "</s>", "\n"]
+    assert ids == [v[w] for w in want] and cut == 0
+    assert labels == [-100] * 10 + [v["Norway"], v["</s>"], v["\n"]]
+    # cut from the left of the prompt only, as the chat format
+    ids2, labels2, cut2 = models.encode_sft(tok, "Where is Oslo ?", "Norway", "tulu", max_len=5)
+    assert (ids2, labels2, cut2) == (ids[8:], [-100, -100] + labels[10:], 8)
+    # chat is today's rendering; the model's tokenizer is told about the markers it lacks
+    assert models.encode_sft(tok, "Where is Oslo ?", "Norway") == models.encode_example(
+        tok, models.render(tok, "Where is Oslo ?"), "Norway")
+    assert "unknown tokens" not in models.format_note(tok, "tulu")
+    assert "unknown tokens" in models.format_note(word_tokenizer(["Oslo"])[0], "tulu")
+    with pytest.raises(ValueError, match="unknown format 'alpaca'"):
+        models.encode_sft(tok, "Where is Oslo ?", "Norway", "alpaca")
+
+
 def test_epoch_order_is_length_grouped_and_seeded():
     g = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in torch.randint(5, 500, (103,), generator=g)]

@@ -232,3 +232,85 @@ def test_a_negative_limit_is_a_usage_error(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--limit must be >= 0" in r.stderr.splitlines()[-1]
     assert not os.listdir(tmp_path)
+
+
+def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
+    """Issue 15: each GRAIT ablation row is `construct.py --method grait` with its flags into its
+    own folder, then finetune and evaluate there, and a report input; grait-less first trains
+    the LESS warm-up (SPEC 5.3 step 1) on the rehearsal set and builds on it. The default grait
+    row's commands are what they were before the rows existed."""
+    import types
+    import evaluate
+    import pipeline
+    root, R = "runs/world", "runs/world/mcqa/s0"
+    paths = ("runs/world/model", "runs/world/mcqa/train.jsonl", "shots", "id.jsonl", "ood.jsonl",
+             "option")
+    a = types.SimpleNamespace(model="world", until="all", construct_args="", stage_args="",
+                              eval_args="", methods=list(pipeline.GRAIT_ROWS))
+
+    def argvs(m):
+        return {label.split(" ", 1)[1]: cmd[2:] for label, cmd, _, _ in
+                pipeline.method(a, root, "mcqa", 0, paths, m)}
+    assert argvs("grait") == {
+        "construct grait": ["--method", "grait", "--items", paths[1], "--state",
+                            f"{R}/probe_init.jsonl", "--flow", f"{R}/rehearsal/flow.jsonl",
+                            "--out", f"{R}/grait/train.jsonl", "--mcqa-reader", "option",
+                            "--seed", "0", "--model", paths[0], "--warmup",
+                            f"{R}/rehearsal/adapter", "--projection", "sketch"],
+        "finetune grait": ["--model", paths[0], "--train", f"{R}/grait/train.jsonl", "--out",
+                           f"{R}/grait/adapter", "--seed", "0", "--batch-size", "8",
+                           "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16", "--epochs", "3"],
+        **{f"evaluate grait {s}": ["--model", paths[0], "--items", f"{s}.jsonl", "--prompt",
+                                   "refuse", "--out", f"{R}/grait/pred_{s}.jsonl",
+                                   "--mcqa-reader", "option", "--adapter", f"{R}/grait/adapter"]
+           for s in ("id", "ood")}}
+    assert evaluate.GRAIT_ABLATIONS == tuple(pipeline.GRAIT_ROWS)[1:]   # each a report row
+    report_inputs = pipeline.report(a, root, "mcqa", 0, paths)[0][3]
+    for m, (flags, warm) in pipeline.GRAIT_ROWS.items():
+        got = argvs(m)
+        warmup = f"{R}/{'rehearsal' if warm == 'rehearsal' else 'less-warmup'}/adapter"
+        base = argvs("grait")["construct grait"]
+        assert got[f"construct {m}"] == [x.replace("/grait/", f"/{m}/") for x in base[:17]] + [
+            warmup] + flags + ["--projection", "sketch"]
+        assert got[f"finetune {m}"][got[f"finetune {m}"].index("--train") + 1] == \
+            f"{R}/{m}/train.jsonl"
+        assert got[f"evaluate {m} id"][-1] == f"{R}/{m}/adapter"
+        assert f"{R}/{m}/pred_id.jsonl" in report_inputs
+        assert ("finetune less-warmup" in got) == (m == "grait-less")
+    less = argvs("grait-less")
+    assert list(less)[0] == "finetune less-warmup"                      # before its construct
+    assert less["finetune less-warmup"] == ["--model", paths[0], "--train",
+                                            f"{R}/rehearsal/train.jsonl", "--out",
+                                            f"{R}/less-warmup/adapter", "--seed", "0",
+                                            *pipeline.LESS_WARMUP]
+
+
+def test_grait_less_trains_the_less_warmup_and_builds_on_it(tmp_path, small_world):
+    """`--methods grait-less` on the small world (MCQA, up to construct): the LESS warm-up is a
+    LoRA r 128, alpha 512, dropout 0.1 on q/k/v/o (its adapter_config.json), trained on the
+    rehearsal set in the tulu format with the linear schedule (train_log against lr_at), and
+    GRAIT's construct took its features there, in that format (its config)."""
+    import finetune
+    shutil.copytree(small_world, tmp_path / "world")
+    r = sh("pipeline.py", "--world-args", "--preset small", "--tasks", "mcqa", "--methods",
+           "grait-less", "--until", "construct", "--jobs", "2", "--out", str(tmp_path))
+    R = tmp_path / "world" / "mcqa" / "s0"
+    warm = R / "less-warmup" / "adapter"
+    assert "world/mcqa/s0 finetune less-warmup: " in r.stderr
+    cfg = json.loads((warm / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (128, 512, 0.1)
+    assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {"q_proj", "k_proj",
+                                                                    "v_proj", "o_proj"}
+    made = json.loads((R / "less-warmup" / "adapter.config.json").read_text())["args"]
+    assert made["train"] == str(R / "rehearsal" / "train.jsonl")
+    assert (made["format"], made["schedule"], made["lr"], made["epochs"]) == ("tulu", "linear",
+                                                                              2e-5, 4)
+    log = [json.loads(x) for x in open(warm / "train_log.jsonl")]
+    steps = log[-1]["steps"]
+    assert [row["lr"] for row in log[:-1]] == [
+        finetune.lr_at(s, steps, 2e-5, 0.03, schedule="linear") for s in range(steps)]
+    c = json.loads((R / "grait-less" / "train.jsonl.config.json").read_text())["args"]
+    assert (c["method"], c["warmup"], c["warmup_format"]) == ("grait", str(warm), "tulu")
+    ex = files.read_jsonl(str(R / "grait-less" / "train.jsonl"), check=files.check_example)
+    assert {e["kind"] for e in ex} == {"van", "idk"}
+    assert not (R / "grait").exists() and not (R / "grait-less" / "adapter").exists()
