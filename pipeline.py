@@ -154,6 +154,8 @@ def prepare(a, root, task, seed, paths):
         args += ["--mcqa-reader", reader] + ([] if reader == "option" else ["--shots", shots])
     elif not world and os.path.exists(shots):
         args += ["--shots", shots]
+    if task == "mcqa" and a.data == "geo":     # the bare question: README "A real chat model"
+        args += ["--option-context", "question"]
     args += (WORLD_RECIPE["probe"][task] if world else []) + shlex.split(a.probe_args)
     stages = [(f"{tag} probe", runs.stage_command("probe.py", args), state, [model, pool])]
     if a.until == "probe":

@@ -156,12 +156,20 @@ def read_letters(model, tok, items, shots_for, letters, certainty):
     return rows
 
 
-def read_options(model, tok, items, certainty):
+OPTION_CONTEXTS = ("prompt", "question")
+
+
+def read_options(model, tok, items, certainty, context="prompt"):
     """SPEC 10: summed log-likelihood of each option's text after the rendered 0-shot BASIC
-    prompt; one batched pass over item x option; softmax over the options."""
+    prompt (context "prompt": the options listed, as the world learned it) or after the rendered
+    question alone (context "question": the option text as the answer to the bare question; a
+    small chat model that sees the listed options and the A-D hint expects a letter, and its
+    option-text likelihoods are at chance even for facts it knows: README "A real chat model");
+    one batched pass over item x option; softmax over the options."""
     ctx, cont = [], []
     for it in items:
-        c = models.encode(tok, models.render(tok, models.user_prompt(it, "basic")))
+        user = models.user_prompt(it, "basic") if context == "prompt" else it["question"]
+        c = models.encode(tok, models.render(tok, user))
         for o in it["choices"]:
             t = tok(o, add_special_tokens=False)["input_ids"]
             if not t:
@@ -274,6 +282,10 @@ def parse_args(argv=None):
     # MCQA
     p.add_argument("--mcqa-reader", default="letter", choices=("letter", "option"),
                    help="letter: SPEC 2.1 (real models); option: SPEC 10 (the world, 0-shot)")
+    p.add_argument("--option-context", default="prompt", choices=OPTION_CONTEXTS,
+                   help="option reader: score each option's text after the BASIC prompt with the "
+                        "options listed (default, the world) or after the question alone (geo "
+                        "facts on a small chat model)")
     p.add_argument("--certainty", default="neg-entropy", choices=("neg-entropy", "raw-entropy"),
                    help="MCQA sigma over renormalised (paper) or raw (released) probs, SPEC 9 #4")
     # OEQA sampling, SPEC 2.2: released runs use the chat models' generation_config
@@ -356,9 +368,10 @@ def main(argv=None):
             f"{tok.convert_ids_to_tokens(letters[1])} after {letters[0] or 'Answer:'}")
         fn = lambda b, s: read_letters(model, tok, b, shots_for, letters, args.certainty)  # noqa
     elif reader == "option":
-        log(f"option log-likelihoods after the 0-shot BASIC prompt, "
+        log(f"option log-likelihoods after the 0-shot "
+            f"{'BASIC prompt' if args.option_context == 'prompt' else 'question alone'}, "
             f"{'chat template' if models.has_chat_template(tok) else 'plain prompt'} (SPEC 10)")
-        fn = lambda b, s: read_options(model, tok, b, args.certainty)  # noqa: E731
+        fn = lambda b, s: read_options(model, tok, b, args.certainty, args.option_context)  # noqa
     else:
         try:
             embedder = Embedder(args.embedder, device=model.device)
