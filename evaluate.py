@@ -65,6 +65,8 @@ ROW_NAMES = {"init_basic": "Init-Basic", "init_refuse": "Init-Refuse", "oracle":
 OPTIONAL_ROWS = {"oracle", *GRAIT_ABLATIONS}
 SPLITS = ("id", "ood")
 KNOWN_EXPOSURE = 8          # DESIGN: world greedy accuracy is ~0.5 at 8-15 exposures per epoch
+KNOWN_LOG_POP = 7.0         # geo facts: population >= 10M, where SmolLM2's capital curve passes
+                            # 50% (README "data.py geo": 40% in the middle fifth, 65% above)
 OTHER_REFUSALS = re.compile(   # SPEC 9 #14: counted and reported, never a label
     r"\b(i do not know|i'm not sure|i am not sure|i'm unsure|i (?:cannot|can't|am unable to) "
     r"(?:answer|determine|say|tell|provide|be certain)|i have no (?:idea|information)|no way to "
@@ -288,7 +290,8 @@ def row_labels(path, ids):
     return [preds[i] for i in ids]
 
 
-def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP):
+def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP,
+                  known_log_pop=KNOWN_LOG_POP):
     """results.json entry of one split: per row rates (macro and micro), THS, CIs, quadrants."""
     found = {r: os.path.join(d, r, f"pred_{split}.jsonl") for r in ROWS}
     found = {r: p for r, p in found.items() if os.path.isfile(p)}
@@ -307,6 +310,9 @@ def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP):
     exposure = [(it.get("meta") or {}).get("exposure") for it in items]
     oracle = (np.array(exposure) >= known_exposure) if all(
         isinstance(e, (int, float)) for e in exposure) else None
+    log_pop = [(it.get("meta") or {}).get("log_pop") for it in items]     # data.py geo
+    popular = (np.array(log_pop) >= known_log_pop) if all(
+        isinstance(e, (int, float)) for e in log_pop) else None
     out = {"items": items_path, "n": len(items), "task": items[0]["task"], "macro": macro,
            "subjects": len(subjects), "rows": {}}
     for r, y in lab.items():
@@ -327,9 +333,13 @@ def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP):
             res["quadrants_init"] = quadrants(init == 0, names)
         if oracle is not None:
             res["quadrants_exposure"] = quadrants(oracle, names)
+        if popular is not None:
+            res["quadrants_popularity"] = quadrants(popular, names)
         out["rows"][r] = res
     if oracle is not None:
         out["known_exposure"] = known_exposure
+    if popular is not None:
+        out["known_log_pop"] = known_log_pop
     return out
 
 
@@ -388,8 +398,11 @@ def report_md(d, res):
             "refusal precision": "refusal_precision"}
     known_exp = next((x["known_exposure"] for x in res.values() if x and "known_exposure" in x),
                      None)
+    known_pop = next((x["known_log_pop"] for x in res.values() if x and "known_log_pop" in x),
+                     None)
     for q, title in (("quadrants_init", "known = Init-Basic answered correctly"),
-                     ("quadrants_exposure", f"known = meta.exposure >= {known_exp} (oracle)")):
+                     ("quadrants_exposure", f"known = meta.exposure >= {known_exp} (oracle)"),
+                     ("quadrants_popularity", f"known = popular, meta.log_pop >= {known_pop}")):
         if any(q in e for x in res.values() if x for e in x["rows"].values()):
             lines += ["", f"Knowledge quadrants, {title} (%): over-refusal = refused among known, "
                       "hallucination = wrong among unknown, precision = refusals on unknown items.",
@@ -404,7 +417,7 @@ def report(args):
         raise InputError(f"{d}: no such folder")
     given = {"id": args.items_id, "ood": args.items_ood}
     res = {s: split_results(d, s, items_for(d, s, given[s]), args.seed, args.known_exposure,
-                            args.bootstrap) for s in SPLITS}
+                            args.bootstrap, args.known_log_pop) for s in SPLITS}
     if not any(res.values()):
         raise InputError(f"{d}: no <method>/pred_{{id,ood}}.jsonl files")
     files.write_json(os.path.join(d, "results.json"), res)
@@ -450,6 +463,8 @@ def parse_args(argv=None):
                    help="items of the OOD test (default: from the pred files' config)")
     g.add_argument("--known-exposure", type=int, default=KNOWN_EXPOSURE,
                    help="world oracle: a fact is known when meta.exposure >= this")
+    g.add_argument("--known-log-pop", type=float, default=KNOWN_LOG_POP,
+                   help="geo facts: a fact counts as known (popular) when meta.log_pop >= this")
     g.add_argument("--bootstrap", type=int, default=BOOTSTRAP,
                    help="resamples for the 95%% intervals")
     g.add_argument("--seed", type=int, default=0, help="bootstrap seed")

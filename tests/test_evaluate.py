@@ -392,7 +392,7 @@ def task_dir(tmp_path):
     """A task folder with ID (2 subjects, exposure meta) and OOD predictions; grait missing."""
     ids = [{"id": f"i{k}", "task": "mcqa", "question": "q", "answer": "C",
             "choices": ["a", "b", "c", "d"], "subject": "s1" if k < 6 else "s2",
-            "meta": {"exposure": k * 3}} for k in range(10)]
+            "meta": {"exposure": k * 3, "log_pop": k / 2}} for k in range(10)]
     ood = [{"id": f"o{k}", "task": "oeqa", "question": "q", "answer": "x", "aliases": ["x"]}
            for k in range(8)]
     files.write_jsonl(str(tmp_path / "id.jsonl"), ids)
@@ -414,7 +414,8 @@ def task_dir(tmp_path):
 def test_report(task_dir, tmp_path):
     d, ids, ood = task_dir
     assert run_main(["--report", str(d), "--items-id", str(tmp_path / "id.jsonl"),
-                     "--items-ood", str(tmp_path / "ood.jsonl"), "--known-exposure", "12"]) == 0
+                     "--items-ood", str(tmp_path / "ood.jsonl"), "--known-exposure", "12",
+                     "--known-log-pop", "2"]) == 0
     res = json.load(open(d / "results.json"))
     craft = res["id"]["rows"]["craft"]
     assert res["id"]["macro"] and res["id"]["subjects"] == 2 and not res["ood"]["macro"]
@@ -434,6 +435,10 @@ def test_report(task_dir, tmp_path):
     # exposure oracle: known = exposure >= 12 = items i4..i9
     assert craft["quadrants_exposure"]["n_known"] == 6
     assert craft["quadrants_exposure"]["over_refusal"] == pytest.approx(100 * 3 / 6)
+    # popularity (geo facts): known = log_pop >= 2.0 = the same items i4..i9
+    assert craft["quadrants_popularity"] == craft["quadrants_exposure"]
+    assert res["id"]["known_log_pop"] == 2.0 and "known = popular, meta.log_pop >= 2.0" in \
+        (d / "report.md").read_text()
     assert res["ood"]["rows"]["craft"]["rates"]["pr"] == pytest.approx(62.5)
     md = (d / "report.md").read_text()
     assert "missing: grait/pred_id.jsonl" in md and "missing: grait/pred_ood.jsonl" in md
