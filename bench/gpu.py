@@ -226,7 +226,7 @@ def bench_finetune(a, base, enc, order, device, state):
         for s in range(n):
             lr = finetune.lr_at(s, a.steps, targs.lr, targs.warmup_ratio, targs.warmup_start)
             loss, t, _ = finetune.train_step(model, opt, params, enc, weights,
-                                             order[s * B:(s + 1) * B], lr, targs, 1, 1, 0, PAD,
+                                             order[s * B:(s + 1) * B], lr, targs, 1, 0, PAD,
                                              device)
             tokens += t
         return tokens, finite("finetune.py loss", loss)
