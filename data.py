@@ -45,7 +45,6 @@ import ast
 import csv
 import fnmatch
 import glob
-import hashlib
 import importlib.metadata
 import math
 import os
@@ -432,14 +431,6 @@ def geo_splits(facts, task, seed, id_relations=GEO_ID, ood_relations=GEO_OOD, po
 
 # ----------------------------------------------------------------------------------------------
 # Download: resumable (HTTP Range), sha256 recorded / verified, unpacked once
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(url, dest, expected=None):
     """Fetch url to dest, continuing dest.part with a Range request; check sha256 if expected."""
     part = dest + ".part"
@@ -466,7 +457,7 @@ def download(url, dest, expected=None):
             for block in iter(lambda: resp.read(CHUNK), b""):
                 f.write(block)
                 bar.update(len(block))
-    digest = sha256_of(part)
+    digest = files.sha256_of(part)
     if expected and digest != expected:
         os.remove(part)                    # never resume from bytes that do not add up
         raise InputError(f"{url}: sha256 mismatch: expected {expected}, got {digest} "
@@ -493,7 +484,7 @@ def fetch(name, cache, base=None, sha256=None):
     sums = read_sums(sums_path)
     expected = sha256 or sums.get(rel)
     if os.path.exists(dest):
-        digest = sha256_of(dest)
+        digest = files.sha256_of(dest)
         if expected and digest != expected:
             raise InputError(f"{dest}: sha256 {digest} does not match the expected {expected}; "
                              "delete the file to download it again")

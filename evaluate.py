@@ -290,6 +290,14 @@ def row_labels(path, ids):
     return [preds[i] for i in ids]
 
 
+def meta_known(items, field, threshold):
+    """Known = meta[field] >= threshold for every item, or None when an item has no number there."""
+    values = [(it.get("meta") or {}).get(field) for it in items]
+    if not all(isinstance(v, (int, float)) for v in values):
+        return None
+    return np.array(values) >= threshold
+
+
 def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP,
                   known_log_pop=KNOWN_LOG_POP):
     """results.json entry of one split: per row rates (macro and micro), THS, CIs, quadrants."""
@@ -307,12 +315,8 @@ def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP,
     preds = {r: row_labels(path, ids) for r, path in found.items()}
     lab = {r: np.array([LABELS.index(p["label"]) for p in ps]) for r, ps in preds.items()}
     init = lab.get("init_basic")
-    exposure = [(it.get("meta") or {}).get("exposure") for it in items]
-    oracle = (np.array(exposure) >= known_exposure) if all(
-        isinstance(e, (int, float)) for e in exposure) else None
-    log_pop = [(it.get("meta") or {}).get("log_pop") for it in items]     # data.py geo
-    popular = (np.array(log_pop) >= known_log_pop) if all(
-        isinstance(e, (int, float)) for e in log_pop) else None
+    oracle = meta_known(items, "exposure", known_exposure)            # the world
+    popular = meta_known(items, "log_pop", known_log_pop)             # data.py geo
     out = {"items": items_path, "n": len(items), "task": items[0]["task"], "macro": macro,
            "subjects": len(subjects), "rows": {}}
     for r, y in lab.items():
@@ -396,10 +400,8 @@ def report_md(d, res):
         res, list(extra), lambda e, c: extra[c](e))
     quad = {"over-refusal": "over_refusal", "hallucination": "hallucination",
             "refusal precision": "refusal_precision"}
-    known_exp = next((x["known_exposure"] for x in res.values() if x and "known_exposure" in x),
-                     None)
-    known_pop = next((x["known_log_pop"] for x in res.values() if x and "known_log_pop" in x),
-                     None)
+    known_exp, known_pop = (next((x[k] for x in res.values() if x and k in x), None)
+                            for k in ("known_exposure", "known_log_pop"))
     for q, title in (("quadrants_init", "known = Init-Basic answered correctly"),
                      ("quadrants_exposure", f"known = meta.exposure >= {known_exp} (oracle)"),
                      ("quadrants_popularity", f"known = popular, meta.log_pop >= {known_pop}")):

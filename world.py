@@ -142,8 +142,8 @@ RECIPE = {
     # rehearse.py --train-args: brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
     "rehearse": {task: ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs",
                         "3", "--lora-r", "16"] for task in files.TASKS},
-    # construct.py --method grait: CountSketch instead of the dense projection on CPU
-    # (kernels/persample.py)
+    # construct.py --method grait: the CountSketch (kernels/persample.py), which --projection auto
+    # also picks on CPU; named here so that the world's GRAIT sets are the same on a GPU
     "grait": {task: ["--projection", "sketch"] for task in files.TASKS},
     # finetune.py: batch 8 at lr 3e-3; epochs measured with Cor-RAIT on the default world (seed 0,
     # ID test): OEQA refuses 36% after 5 epochs and 32% after 10; MCQA 25% after 3 and 35% after 5

@@ -256,6 +256,16 @@ def _unlock(lock):
 BIG_FILE = 64 << 20   # bytes: a file this large enters a digest by size and modification time
 
 
+def sha256_of(path):
+    """The sha256 hex digest of a file's bytes (downloads and shipped weights are checked
+    against a published sum: data.py, rait/smollm2.py)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def digest(path):
     """Content digest of an input, for resume and skip keys (issue 17): a file's bytes, or every
     file's name (relative) and bytes under a folder, leaving out what runs write beside their

