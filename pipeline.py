@@ -89,8 +89,14 @@ def run_stage(label, cmd, out, inputs, env, running):
     return label, dt, "ran"
 
 
-def slug(model):
-    return "world" if model == "world" else re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/"))
+def slug(model, data="paper"):
+    """The run folder's name: `world`; a hub id with `--` for `/` (meta-llama--Llama-2-7b-chat-hf);
+    a local model folder by its own name; `-geo` added on the GeoNames facts, so that one model's
+    paper and geo runs never share a folder."""
+    if model == "world":
+        return "world"
+    name = os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model.strip("/")
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", name) + ("-geo" if data == "geo" else "")
 
 
 def world_dir(out, w):
@@ -326,8 +332,9 @@ def main():
                    help="`paper`: MMLU->ARC (MCQA) and TriviaQA->NQ (OEQA) items from --data-dir "
                         "(make data DATA=paper); `geo`: GeoNames facts from --data-dir, MCQA by "
                         "the option reader (make data DATA=geo, or data.py geo)")
-    p.add_argument("--data-dir", default="runs/data",
-                   help="data.py item root (--data paper or geo)")
+    p.add_argument("--data-dir", default=None,
+                   help="data.py item root (default runs/data for --data paper, runs/data-geo for "
+                        "geo: separate, so that one's files never stand in for the other's)")
     p.add_argument("--tasks", nargs="+", default=list(files.TASKS), help="mcqa and/or oeqa")
     p.add_argument("--methods", nargs="+", default=None,
                    help="RAIT methods to construct, train and evaluate (default: van cor corcer "
@@ -370,6 +377,8 @@ def main():
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)} (expected some of "
                 f"{', '.join(dict.fromkeys([*METHODS, *GRAIT_ROWS]))})")
+    if a.data_dir is None:
+        a.data_dir = "runs/data-geo" if a.data == "geo" else "runs/data"
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:
@@ -380,7 +389,7 @@ def main():
         raise files.InputError("--worlds applies to the embedded world only (--model world)")
     t_start, times = time.time(), []
     roots = ([world_dir(a.out, w) for w in a.worlds] if a.model == "world"
-             else [os.path.join(a.out, slug(a.model))])
+             else [os.path.join(a.out, slug(a.model, a.data))])
     if a.model == "world":      # cached when a world's configuration is unchanged
         in_parallel(a.jobs, [build_world(r, w, a.world_args) for r, w in zip(roots, a.worlds)],
                     times)

@@ -238,6 +238,24 @@ def test_a_negative_limit_is_a_usage_error(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_run_folders_of_one_model_differ_by_data_and_name_a_local_model_by_its_folder(tmp_path):
+    """A paper run and a geo run of the same model once wrote one folder, named after the whole
+    local path (.venv--share--SmolLM2-135M-Instruct); and both read runs/data."""
+    import pipeline
+    local = tmp_path / ".venv" / "share" / "SmolLM2-135M-Instruct"
+    local.mkdir(parents=True)
+    assert pipeline.slug(str(local), "paper") == "SmolLM2-135M-Instruct"
+    assert pipeline.slug(str(local) + "/", "geo") == "SmolLM2-135M-Instruct-geo"
+    assert pipeline.slug("meta-llama/Llama-2-7b-chat-hf", "paper") == "meta-llama--Llama-2-7b-chat-hf"
+    assert pipeline.slug("world", "world") == "world"
+    # each data source has its own default item root (pipeline and data.py agree)
+    r = subprocess.run([sys.executable, "pipeline.py", "--model", str(local), "--data", "geo",
+                        "--out", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "runs/data-geo/mcqa/train.jsonl: missing" in r.stderr
+    assert data_mod.parse_args(["geo"]).out == "runs/data-geo"
+    assert data_mod.parse_args(["mmlu", "--src", "x"]).out == "runs/data"
+
+
 def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
     """Issue 15: each GRAIT ablation row is `construct.py --method grait` with its flags into its
     own folder, then finetune and evaluate there, and a report input; grait-less first trains
