@@ -120,8 +120,9 @@ data: $(VENV)/.installed
 	  $(PYTHON) data.py $$b --out $(OUT)/data $(if $(DATA_SRC),--src $(DATA_SRC),--download --cache $(OUT)/data/cache) || exit 1; done
 
 # one torch thread per test process: tiny models gain nothing from a second thread (measured up
-# to 20x slower when oversubscribed); TEST_WORKERS pytest-xdist workers share the tests (work
-# stealing: the long pipeline tests do not hold up the rest), one per core by default
+# to 20x slower when oversubscribed); TEST_WORKERS pytest-xdist workers share the tests, one per
+# core by default (--dist worksteal: the long pipeline tests do not hold the others up; the
+# session's small world is built once for all workers, conftest.built_once)
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(VENV)/.installed $(SMOLLM2)/config.json
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests

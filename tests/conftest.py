@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Llamas saved the way real models are, so every test exercises the
 real loading path (AutoModelForCausalLM / AutoTokenizer from a folder of safetensors)."""
+import fcntl
 import os
+import shutil
 import sys
 
 import pytest
@@ -51,13 +53,30 @@ def build_small_world(out, *extra):
                            "--out", str(out), *extra], capture_output=True, text=True, cwd=ROOT)
 
 
+def built_once(tmp_path_factory, name, build):
+    """Folder `name`, made by build(folder) once per test session and shared by the pytest-xdist
+    workers (`make test` runs several): the first to get here builds it under a lock, the others
+    wait and reuse it. For folders that tests only read, copy or add their own files to."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent              # <basetemp>/popen-gw<n> -> <basetemp>: one per session
+    out = root / name
+    with open(f"{out}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(f"{out}.built"):
+            shutil.rmtree(out, ignore_errors=True)      # a build that failed before
+            build(out)
+            open(f"{out}.built", "w").close()
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
-    """The `--preset small` world, built once per session."""
-    out = tmp_path_factory.mktemp("small_world")
-    r = build_small_world(out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
+    """The `--preset small` world, built once per session (for all workers)."""
+    def build(out):
+        r = build_small_world(out)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return built_once(tmp_path_factory, "small_world", build)
 
 
 @pytest.fixture(scope="session")

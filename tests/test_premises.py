@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, built_once
 
 sys.path.insert(0, ROOT)
 from rait import files, models  # noqa: E402
@@ -35,13 +35,13 @@ def run(*argv):
 def runs(tmp_path_factory, small_world):
     """pipeline.py on the small world up to the Cor-RAIT adapters, both tasks (what `make all`
     runs, with the small preset)."""
-    out = tmp_path_factory.mktemp("premises")
-    shutil.copytree(small_world, out / "world")       # cached: the same configuration
-    # the small world's pool is 8x smaller than the default's: 15 epochs make about as many
-    # optimizer steps as the default world's recipe (world.RECIPE["finetune"])
-    run("pipeline.py", "--out", str(out), "--world-args", "--preset small", "--methods", "cor",
-        "--until", "finetune", "--jobs", "2", "--stage-args", "--epochs 15")
-    return out
+    def build(out):
+        shutil.copytree(small_world, out / "world")       # cached: the same configuration
+        # the small world's pool is 8x smaller than the default's: 15 epochs make about as many
+        # optimizer steps as the default world's recipe (world.RECIPE["finetune"])
+        run("pipeline.py", "--out", str(out), "--world-args", "--preset small", "--methods", "cor",
+            "--until", "finetune", "--jobs", "2", "--stage-args", "--epochs 15")
+    return built_once(tmp_path_factory, "premises", build)     # once for all xdist workers
 
 
 def task_dir(runs, task):
