@@ -20,9 +20,11 @@ def read_bytes(p):
 
 
 def test_same_seed_same_world_and_cache(tmp_path):
-    # two builds of one configuration (1 epoch, to keep the suite short) are byte-identical
+    # two builds of one configuration (1 epoch of a 40-person world, to keep the suite short)
+    # are byte-identical
+    small = ("--epochs", "1", "--people", "40", "--hidden", "64", "--inter", "128")
     for d in ("a", "b"):
-        r = build(tmp_path / d, "--epochs", "1")
+        r = build(tmp_path / d, *small)
         assert r.returncode == 0, r.stderr[-2000:]
     for task in files.TASKS:
         for split in SPLITS:
@@ -34,9 +36,9 @@ def test_same_seed_same_world_and_cache(tmp_path):
     # same configuration: reused without retraining; changed configuration: rebuilt
     b = tmp_path / "b"
     mtime = os.path.getmtime(b / "model" / "model.safetensors")
-    r = build(b, "--epochs", "1")
+    r = build(b, *small)
     assert "cached world" in r.stderr and os.path.getmtime(b / "model" / "model.safetensors") == mtime
-    r = build(b, "--seed", "1", "--epochs", "1")
+    r = build(b, "--seed", "1", *small)
     assert r.returncode == 0 and "configuration changed" in r.stderr
     assert read_bytes(tmp_path / "a" / "oeqa" / "train.jsonl") != read_bytes(b / "oeqa" / "train.jsonl")
 
