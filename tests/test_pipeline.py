@@ -164,14 +164,14 @@ def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
     the Oracle-RAIT row and the static-conflict / quadrant table."""
     small = "--preset small --epochs 1 --people 40 --hidden 64 --inter 128"   # mechanics only
     sh("pipeline.py", "--world-args", small, "--worlds", "0", "1",
-           "--tasks", "oeqa", "--methods", "cor", "oracle", "--jobs", "2", "--out", str(tmp_path))
+           "--tasks", "oeqa", "--methods", "oracle", "--jobs", "2", "--out", str(tmp_path))
     for d in ("world/oeqa/s0", "world-w1/oeqa/s1"):
         assert (tmp_path / d / "report.md").is_file(), d
     a, b = ((tmp_path / w / "oeqa" / "train.jsonl").read_text() for w in ("world", "world-w1"))
     assert a != b                                           # two different worlds
     md = (tmp_path / "worlds.md").read_text()
     assert "mean ± std over worlds 0 1" in md
-    assert "| Oracle-RAIT | " in md and "| cor | " in md and "IdK set: M0 knows" in md
+    assert "| Oracle-RAIT | " in md and "| Init-Basic | " in md and "IdK set: M0 knows" in md
     oracle = [line for line in md.splitlines() if line.startswith("| Oracle-RAIT |")][-1]
     assert oracle.split("|")[2].strip().startswith("0.0 ± 0.0")    # the oracle's IdK: none known
     assert "| **wall** |" in (tmp_path / "times.md").read_text()
