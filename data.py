@@ -641,7 +641,7 @@ def parse_args(argv=None):
     if not a.src and not a.download and a.dataset != "geo":
         p.error("give --src or --download")
     if a.out is None:
-        a.out = "runs/data-geo" if a.dataset == "geo" else "runs/data"
+        a.out = files.default_data_dir(a.dataset)
     if a.pool < 1 or a.test < 1:
         p.error("--pool and --test must be positive")
     if a.limit is not None and a.limit < 1 or not 0 < a.holdout < 1:

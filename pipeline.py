@@ -378,7 +378,7 @@ def main():
         p.error(f"--methods: unknown {', '.join(unknown)} (expected some of "
                 f"{', '.join(dict.fromkeys([*METHODS, *GRAIT_ROWS]))})")
     if a.data_dir is None:
-        a.data_dir = "runs/data-geo" if a.data == "geo" else "runs/data"
+        a.data_dir = files.default_data_dir(a.data)
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:

@@ -17,6 +17,13 @@ from kernels.base import InputError, atomic_write_text, stable_hash  # noqa: F40
 LETTERS = "ABCDEFGHIJ"         # MCQA option letters
 TASKS = ("mcqa", "oeqa")
 
+
+def default_data_dir(data):
+    """data.py's item root for a data source (`geo` apart from the benchmarks, so that one's files
+    never stand in for the other's); data.py --out and pipeline.py --data-dir default to it."""
+    return "runs/data-geo" if data == "geo" else "runs/data"
+
+
 MAX_LINE = 1 << 20   # 1 MiB: no legitimate record is near this; a larger line is a broken file
 
 
