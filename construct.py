@@ -7,9 +7,10 @@ Methods (SPEC 4 table; paper names in brackets):
   wocer   [CRaFT w/o Cer]: the flow filter on idk candidates, then random draws as cor.
   craft   CRaFT (Alg. 1): the flow filter on idk candidates, then certainty ranking as corcer.
   grait   GRAIT (SPEC 5): correctness-ranked van, gradient-greedy idk, adaptive weights.
-  oracle  Oracle-RAIT, a diagnostic only the world allows (issue 13): van = the facts M0 answers
-          correctly (greedy, BASIC prompt: the items' meta.m0_greedy_correct), idk = the rest,
-          random draws as cor. The ground truth the other methods estimate from mu and sigma.
+  oracle  Oracle-RAIT, a diagnostic (issue 26): van = the facts M0 answers correctly, idk = the
+          rest, random draws as cor with the same counts. "Correctly" is what evaluate.py labels
+          correct for M0's greedy answer under the BASIC prompt (--known: the Init-Basic
+          predictions on the pool), the judgement the Init-Basic row uses.
 
     python construct.py --method craft --items pool.jsonl --state probe_init.jsonl \\
         --flow rehearsal/flow.jsonl --out craft/train.jsonl
@@ -18,7 +19,10 @@ Inputs: the pool items, the initial knowledge state (probe.py), the knowledge fl
 craft, wocer). GRAIT also needs the model and a warm-up adapter with its Adam moments: the
 rehearsal adapter (default, SPEC 9 #10) or the LESS warm-up (SPEC 5.3 step 1; pipeline.py's
 grait-less row trains it with finetune.py).
-Output: training examples (id, prompt, target, weight, kind, method) and `<out>.summary.json`.
+Output: training examples (id, prompt, target, weight, kind, method) and `<out>.summary.json`:
+counts, the selection pressure (candidates per requested example), mu / sigma / flow of each
+kind, and with --known the share of IdK examples M0 answers correctly; with --model the CRSS of
+the IdK set against the van set (SPEC 7); on the world the shares of planted twins and latent facts.
 """
 import argparse
 import math
@@ -36,6 +40,8 @@ THRESHOLDS = {"mcqa": (TAU, TAU), "oeqa": (0.51, 0.49)}        # (van if mu >=, 
 # SPEC 4: the paper's counts (IdK : van = 1 : 4) and the pools they were drawn from
 PAPER_COUNTS = {"mcqa": (4000, 1000), "oeqa": (8000, 2000)}     # (N_van, N_idk)
 PAPER_POOL = {"mcqa": 14042, "oeqa": 87622}                     # MMLU test, TriviaQA train
+TAU_SIM = 0.97           # SPEC 7: CRSS threshold, CRaFT's headline value
+TAU_SIM_SWEEP = (0.95, 0.96, 0.97, 0.98, 0.99)                  # SPEC 7: the swept range
 SCALED_IDK_SHARE = 0.1   # smaller pools (the world, --limit): N_idk = 10% of the pool, N_van = 4x
 PAPER_METHODS = ("van", "cor", "corcer", "wocer", "craft", "grait")   # the papers' rows
 METHODS = PAPER_METHODS + ("oracle",)                                # + the world's diagnostic
@@ -131,10 +137,34 @@ def oracle_split(states):
 
 
 def oracle_rait(states, n_van, n_idk, rng, with_replacement=False):
-    """Oracle-RAIT, a diagnostic only the world allows (issue 13): Cor-RAIT with the split by
-    the ground truth (the items' meta.m0_greedy_correct) instead of mu."""
+    """Oracle-RAIT, a diagnostic (issue 26): Cor-RAIT with the split by what M0 answers correctly
+    (the Init-Basic judgement, --known) instead of mu; the same counts as every method."""
     van, idk = oracle_split(states)
     return draw(van, n_van, rng, with_replacement), draw(idk, n_idk, rng, with_replacement)
+
+
+def crss(idk_reps, van_reps, tau=TAU_SIM):
+    """CRSS (CRaFT §4.2, SPEC 7): the share of IdK items whose question representation has cosine
+    similarity above tau with at least one van item's (rows of the two matrices)."""
+    import torch
+    if len(idk_reps) == 0 or len(van_reps) == 0:
+        return None
+    a = torch.nn.functional.normalize(torch.as_tensor(idk_reps, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(torch.as_tensor(van_reps, dtype=torch.float64), dim=-1)
+    return float(((a @ b.T).max(-1).values > tau).double().mean())
+
+
+def candidates(method, states, task, flow_rule="le0"):
+    """(van, idk) candidate pools a method selects from: what its selection pressure is measured
+    on (issue 26: known candidates >= 2x N_van, unknown >= 2x N_idk)."""
+    if method == "van":
+        return states, []
+    if method == "oracle":
+        return oracle_split(states)
+    if method == "grait":
+        return grait_split(states, task)
+    van, idk = correctness_split(states, task)
+    return van, (flow_filter(idk, flow_rule) if method in ("wocer", "craft") else idk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,18 +416,48 @@ def stats(rows, key):
     return {"mean": round(sum(v) / len(v), 4), "min": round(min(v), 4), "max": round(max(v), 4)}
 
 
-def summarize(method, van, idk, items_by_id, n_van, n_idk, extra=None):
-    """Counts per kind, mu / sigma / flow of the selected sets, and on the world the share of IdK
-    items whose fact the initial model answers correctly (greedy): CRaFT's static conflicts."""
-    s = {"method": method, "requested": {"van": n_van, "idk": n_idk}}
+def summarize(method, van, idk, items_by_id, n_van, n_idk, pools, extra=None):
+    """Counts per kind, the selection pressure (candidates per requested example: at most 1 means
+    the method took every candidate, nothing was selected), mu / sigma / flow of the selected
+    sets, the share of IdK examples M0 answers correctly (with --known: CRaFT's static conflicts
+    as the evaluator judges them), and on the world the planted twins and latent facts among them."""
+    s = {"method": method, "requested": {"van": n_van, "idk": n_idk},
+         "candidates": {"van": len(pools[0]), "idk": len(pools[1])},
+         "pressure": {k: round(len(pool) / n, 2) if n else None
+                      for k, pool, n in (("van", pools[0], n_van), ("idk", pools[1], n_idk))}}
     for kind, rows in (("van", van), ("idk", idk)):
         s[kind] = {"n": len(rows), "unique": len({r["id"] for r in rows}),
                    "mu": stats(rows, "mu"), "sigma": stats(rows, "sigma"), "flow": stats(rows, "flow")}
-        known = [items_by_id[r["id"]].get("meta", {}).get("m0_greedy_correct") for r in rows]
-        if rows and all(k is not None for k in known):
-            s[kind]["m0_greedy_correct_share"] = round(sum(map(bool, known)) / len(known), 4)
+        if rows and all("m0_known" in r for r in rows):
+            s[kind]["m0_known_share"] = round(sum(r["m0_known"] for r in rows) / len(rows), 4)
+        meta = [items_by_id[r["id"]].get("meta") or {} for r in rows]
+        if rows and all("latent" in m for m in meta):               # the world's planted facts
+            s[kind]["unseen_twin_share"] = round(sum(m.get("twin") == "unseen" for m in meta)
+                                                 / len(meta), 4)
+            s[kind]["latent_share"] = round(sum(bool(m["latent"]) for m in meta) / len(meta), 4)
     s.update(extra or {})
     return s
+
+
+def crss_summary(model_name, items_by_id, van, idk, trust_remote_code=False):
+    """CRSS of the IdK set against the van set at TAU_SIM and over the sweep (SPEC 7): M0's
+    last-layer states averaged over each question's tokens (the bare question, BASIC1
+    rendering), the same representation for both tasks. Not the last token's state alone: that
+    one predicts the answer, so near-identical questions with different answers get distant
+    states there (measured on world 0: median cosine 0.42 between twins, 0.94 mean-pooled)."""
+    import torch
+    from kernels.lm import mean_last_hidden
+    model, tok = models.load_model(model_name, trust_remote_code=trust_remote_code)
+
+    def reps(rows):
+        seqs = [models.encode(tok, models.render(tok, items_by_id[r["id"]]["question"]))
+                for r in rows]
+        return torch.cat([mean_last_hidden(model, seqs[i:i + 64], tok.pad_token_id)
+                          for i in range(0, len(seqs), 64)])
+    if not van or not idk:
+        return {"crss": None}
+    zi, zv = reps(idk), reps(van)
+    return {"crss": crss(zi, zv), "crss_sweep": {str(t): crss(zi, zv, t) for t in TAU_SIM_SWEEP}}
 
 
 def print_summary(s, file=sys.stderr):
@@ -408,9 +468,15 @@ def print_summary(s, file=sys.stderr):
     for kind in ("van", "idk"):
         k = s[kind]
         f = lambda st: f"{st['mean']:.3f}" if st else "-"  # noqa: E731
-        share = k.get("m0_greedy_correct_share")
+        share = k.get("m0_known_share")
         print(f"{kind:5} {k['n']:>6} {k['unique']:>7} {f(k['mu']):>7} {f(k['sigma']):>8} "
               f"{f(k['flow']):>7} {'-' if share is None else f'{share:.0%}':>9}", file=file)
+    p = s["pressure"]
+    print(f"selection pressure (candidates / requested): van {p['van']}, idk {p['idk']}"
+          + ("" if s["method"] == "van" else "" if (p["van"] or 2) > 1 and (p["idk"] or 2) > 1 else
+             "  (no choice: every candidate taken)"), file=file)
+    if s.get("crss") is not None:
+        print(f"CRSS (IdK vs van, tau_sim {TAU_SIM}): {s['crss']:.3f}", file=file)
 
 
 def run_grait(a, items_by_id, rows, task, n_van, n_idk):
@@ -466,6 +532,12 @@ def parse_args(argv=None):
                    "n-idk scaled to a small pool)")
     p.add_argument("--n-idk", type=int, help=f"IdK examples (default: SPEC 4 counts, or "
                    f"{SCALED_IDK_SHARE * 100:.0f}%% of a small pool)")
+    p.add_argument("--known", help="evaluate.py's Init-Basic predictions on the pool (M0, BASIC "
+                   "prompt, greedy): what M0 answers correctly. Needed by --method oracle; "
+                   "gives every summary the share of IdK examples M0 knows (issue 26)")
+    p.add_argument("--crss", action="store_true",
+                   help="compute CRSS (SPEC 7) of the IdK set against the van set with M0 "
+                        "(--model); GRAIT computes it whenever --model is given")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
     p.add_argument("--flow-rule", choices=("le0", "strict"), default="le0",
                    help="CRaFT flow rule (SPEC 9 #1): le0 keeps dmu <= 0; strict keeps dmu < 0 "
@@ -473,7 +545,7 @@ def parse_args(argv=None):
     p.add_argument("--with-replacement", action="store_true",
                    help="sample with replacement (released MCQA code, SPEC 9 #6)")
     g = p.add_argument_group("GRAIT (SPEC 5, SPEC 9 #7-#10)")
-    g.add_argument("--model", help="M0, for the gradient features")
+    g.add_argument("--model", help="M0, for the gradient features (and for --crss)")
     g.add_argument("--warmup", help="warm-up adapter with Adam moments: rehearse.py's adapter/ "
                    "(SPEC 9 #10 default) or a LESS-recipe one (finetune.py, SPEC 5.3 step 1)")
     g.add_argument("--warmup-format", choices=models.FORMATS,
@@ -525,6 +597,7 @@ def main(argv=None):
     if a.method not in METHODS:
         raise files.InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
     files.check_output(a.out, [("--items", a.items), ("--state", a.state), ("--flow", a.flow),
+                               ("--known", a.known),
                                ("--model", a.model), ("--warmup", a.warmup)])
     items = files.read_jsonl(a.items, check=files.check_item)
     tasks = {it["task"] for it in items}
@@ -534,15 +607,16 @@ def main(argv=None):
     items_by_id = {it["id"]: it for it in items}
     rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft") or
                        (a.method == "grait" and a.flow is not None))
-    if a.method == "oracle":
-        no_meta = [it["id"] for it in items if not isinstance(
-            (it.get("meta") or {}).get("m0_greedy_correct"), bool)]
-        if no_meta:
-            raise files.InputError(f"{a.items}: --method oracle needs meta.m0_greedy_correct (the "
-                                   f"world's items have it); missing for {len(no_meta)} items, "
-                                   f"e.g. {no_meta[0]!r}")
+    if a.method == "oracle" and not a.known:
+        raise files.InputError("--method oracle needs --known (evaluate.py's Init-Basic "
+                               "predictions on the pool: what M0 answers correctly)")
+    if a.crss and not a.model:
+        raise files.InputError("--crss needs --model (M0, whose representations it compares)")
+    if a.known:
+        labels = {p["id"]: p["label"] for p in files.read_jsonl(a.known, files.check_prediction)}
+        _same_ids(a.known, [it["id"] for it in items], labels)
         for r in rows:
-            r["m0_known"] = items_by_id[r["id"]]["meta"]["m0_greedy_correct"]
+            r["m0_known"] = labels[r["id"]] == "correct"
     d_van, d_idk = default_counts(task, len(items))
     n_van = d_van if a.n_van is None else a.n_van
     n_idk = d_idk if a.n_idk is None else a.n_idk
@@ -574,7 +648,10 @@ def main(argv=None):
                   "(SPEC 9 #6)", file=sys.stderr)
     examples = make_examples(items_by_id, van, idk, a.method, a.mcqa_reader, weights)
     random.Random(a.seed).shuffle(examples)       # a stable order; finetune shuffles anyway
-    summary = summarize(a.method, van, idk, items_by_id, n_van, n_idk, extra)
+    pools = candidates(a.method, rows, task, a.flow_rule)
+    if a.crss or (a.method == "grait" and a.model):
+        extra.update(crss_summary(a.model, items_by_id, van, idk, a.trust_remote_code))
+    summary = summarize(a.method, van, idk, items_by_id, n_van, n_idk, pools, extra)
     files.write_jsonl(a.out, examples)
     files.write_json(f"{a.out}.summary.json", summary)
     files.write_config(a.out, a)

@@ -51,7 +51,7 @@ from rait import files
 from rait import models
 from rait import runs
 from rait.files import InputError
-from kernels.ths import BOOTSTRAP, bootstrap_ci, quadrants, rates, summarize, ths_svg
+from kernels.ths import paired_diff, percentile_ci, BOOTSTRAP, bootstrap_ci, quadrants, rates, summarize, ths_svg
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
 LABELS = ("correct", "wrong", "refuse", "unparsed")
@@ -64,6 +64,7 @@ ROW_NAMES = {"init_basic": "Init-Basic", "init_refuse": "Init-Refuse", "oracle":
 # any other row without predictions is reported as missing
 OPTIONAL_ROWS = {"oracle", *GRAIT_ABLATIONS}
 SPLITS = ("id", "ood")
+CRSS_TAU = 0.97            # SPEC 7: CRSS's headline tau_sim (construct.py computes it)
 KNOWN_EXPOSURE = 8          # DESIGN: world greedy accuracy is ~0.5 at 8-15 exposures per epoch
 KNOWN_LOG_POP = 7.0         # geo facts: population >= 10M, where SmolLM2's capital curve passes
                             # 50% (README "data.py geo": 40% in the middle fifth, 65% above)
@@ -340,11 +341,83 @@ def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP,
         if popular is not None:
             res["quadrants_popularity"] = quadrants(popular, names)
         out["rows"][r] = res
+    if "cor" in lab and init is not None:      # every method minus Cor-RAIT, paired (issue 26)
+        for r, y in lab.items():
+            if r in ("cor", "init_basic"):
+                continue
+            table = np.zeros((len(subjects), 4, 4, 4), dtype=np.int64)
+            np.add.at(table, (s_idx, init, y, lab["cor"]), 1)
+            point, draws = paired_diff(table, macro, n=n_boot, seed=seed)
+            out["rows"][r]["vs_cor"] = {"ths": finite(point), "ci95": percentile_ci(draws)}
+    # the labels per item (LABELS' initials, in the items' order) and subjects: what a paired
+    # comparison over several runs needs (pipeline.py's worlds table)
+    out["item_labels"] = {r: "".join(LABELS[v][0] for v in y) for r, y in lab.items()}
+    out["item_subjects"] = s_idx.tolist()
     if oracle is not None:
         out["known_exposure"] = known_exposure
     if popular is not None:
         out["known_log_pop"] = known_log_pop
     return out
+
+
+def vs_cor_over_runs(splits, row, n=BOOTSTRAP, seed=0):
+    """THS(row) - THS(Cor-RAIT) averaged over runs (worlds or seeds), each run weighted equally,
+    with a paired bootstrap interval: each run's items are resampled on their own (stratified by
+    run and subject), the per-run differences of a resample averaged. splits: the results.json
+    entries of one split, one per run. Returns (mean, [lo, hi]) or None without both rows."""
+    points, draws = [], []
+    for x in splits:
+        labs = x.get("item_labels") or {}
+        if not all(k in labs for k in ("init_basic", "cor", row)):
+            return None
+        y = {k: np.array(["cwru".index(c) for c in labs[k]]) for k in ("init_basic", "cor", row)}
+        s_idx = np.array(x["item_subjects"])
+        table = np.zeros((s_idx.max() + 1, 4, 4, 4), dtype=np.int64)
+        np.add.at(table, (s_idx, y["init_basic"], y[row], y["cor"]), 1)
+        p, d = paired_diff(table, x["macro"], n=n, seed=seed + len(points))
+        points.append(p)
+        draws.append(d)
+    return float(np.mean(points)), percentile_ci(np.mean(draws, axis=0))
+
+
+def flow_agreement(flow_a, flow_b, tau=0.5):
+    """Flow reliability (issue 26): over the IdK candidates (mu0 < tau, SPEC 4) of two rehearsals
+    with different seeds, the share whose dmu has the same sign (-, 0 or +) in both; `moved`:
+    the same among the items whose dmu is not 0 in at least one (the sign of a flow that exists).
+    flow_a, flow_b: {id: flow record}, the same ids."""
+    ids = [i for i, f in flow_a.items() if f["mu0"] < tau]
+    sa = {i: np.sign(flow_a[i]["flow"]) for i in ids}
+    sb = {i: np.sign(flow_b[i]["flow"]) for i in ids}
+    moved = [i for i in ids if sa[i] or sb[i]]
+
+    def share(sel, among):
+        return float(sum(sel(i) for i in among) / len(among)) if among else None
+    return {"n": len(ids), "agree": share(lambda i: sa[i] == sb[i], ids),
+            "n_moved": len(moved), "moved_agree": share(lambda i: sa[i] == sb[i], moved),
+            "rose_both": share(lambda i: sa[i] > 0 and sb[i] > 0, ids),
+            "fell_both": share(lambda i: sa[i] < 0 and sb[i] < 0, ids),
+            "zero_both": share(lambda i: sa[i] == 0 and sb[i] == 0, ids)}
+
+
+def set_summaries(d):
+    """Each method's construct summary (<row>/train.jsonl.summary.json) in the folder."""
+    out = {}
+    for r in ROWS:
+        p = os.path.join(d, r, "train.jsonl.summary.json")
+        if os.path.isfile(p):
+            out[r] = files.read_json(p, "construct summary")
+    return out
+
+
+def flow_reliability(d):
+    """flow_agreement of rehearsal/ and rehearsal-b/ in the folder (the world runs both)."""
+    paths = [os.path.join(d, f, "flow.jsonl") for f in ("rehearsal", "rehearsal-b")]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    a, b = ({f["id"]: f for f in files.read_jsonl(p, files.check_flow)} for p in paths)
+    if set(a) != set(b):
+        raise InputError(f"{paths[1]}: not the ids of {paths[0]}")
+    return flow_agreement(a, b)
 
 
 def finite(v):
@@ -377,7 +450,41 @@ def md_table(res, cols, cell):
     return lines
 
 
-def report_md(d, res):
+def pct(v):
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def sets_md(sets, reliability):
+    """The RAIT sets (issue 26): selection pressure, the IdK examples M0 knows, the planted
+    conflicts among them, CRSS; then the flow's reliability across two rehearsal seeds."""
+    lines = []
+    if sets:
+        lines += ["", "RAIT sets (construct summaries): pressure = candidates per requested "
+                  "example (van / idk; at most 1: nothing to choose, every candidate taken); "
+                  "IdK examples (%) whose fact M0 answers correctly (Init-Basic's judgement), "
+                  "that are never-seen twins (static conflicts planted on the world) or latent "
+                  f"facts (dynamic conflicts); CRSS at tau_sim {CRSS_TAU} (SPEC 7, %).", "",
+                  "| method | van / idk | pressure | IdK: M0 knows | IdK: unseen twins | "
+                  "IdK: latent | CRSS |", "|---|---|---|---|---|---|---|"]
+        for r, s in sets.items():
+            p = s.get("pressure") or {}
+            choice = "" if r == "van" or min(x or 2 for x in p.values()) > 1 else " (no choice)"
+            idk = s.get("idk") or {}
+            lines.append(f"| {ROW_NAMES.get(r, r)} | {s['van']['n']} / {idk.get('n', 0)} | "
+                         f"{p.get('van')} / {p.get('idk')}{choice} | "
+                         f"{pct(idk.get('m0_known_share'))} | {pct(idk.get('unseen_twin_share'))} | "
+                         f"{pct(idk.get('latent_share'))} | {pct(s.get('crss'))} |")
+    if reliability:
+        f = reliability
+        lines += ["", f"Flow reliability (two rehearsal seeds, {f['n']} IdK candidates with mu0 "
+                  f"< 0.5): dmu has the same sign (-, 0, +) in both for {pct(f['agree'])}%; among "
+                  f"the {f['n_moved']} that moved in at least one, {pct(f['moved_agree'])}%. "
+                  f"Rose in both {pct(f['rose_both'])}%, fell in both {pct(f['fell_both'])}%, "
+                  f"0 in both {pct(f['zero_both'])}%."]
+    return lines
+
+
+def report_md(d, res, sets=None, reliability=None):
     """report.md: the paper's table (SPEC 8.1 layout) with 95% intervals, then our analyses."""
     lines = [f"# Results: {d}", ""]
     for s in SPLITS:
@@ -410,6 +517,13 @@ def report_md(d, res):
                       "hallucination = wrong among unknown, precision = refusals on unknown items.",
                       ""] + md_table(res, list(quad), lambda e, c: fmt(e[q][quad[c]]) if q in e
                                      else "-")
+    if any("vs_cor" in e for x in res.values() if x for e in x["rows"].values()):
+        lines += ["", "Every method minus Cor-RAIT: THS difference with a paired bootstrap 95% "
+                  "interval (the same test items resampled for both, and for Init-Basic).", ""]
+        lines += md_table(res, ["THS - Cor"], lambda e, c: fmt(e["vs_cor"]["ths"],
+                                                               e["vs_cor"]["ci95"])
+                          if "vs_cor" in e else "-")
+    lines += sets_md(sets, reliability)
     return "\n".join(lines + ["", "![Pc-Pw plane](ths.svg)", ""])
 
 
@@ -422,8 +536,10 @@ def report(args):
                             args.bootstrap, args.known_log_pop) for s in SPLITS}
     if not any(res.values()):
         raise InputError(f"{d}: no <method>/pred_{{id,ood}}.jsonl files")
-    files.write_json(os.path.join(d, "results.json"), res)
-    files.atomic_write_text(os.path.join(d, "report.md"), report_md(d, res))
+    sets, reliability = set_summaries(d), flow_reliability(d)
+    files.write_json(os.path.join(d, "results.json"),
+                     {**res, "sets": sets, "flow_reliability": reliability})
+    files.atomic_write_text(os.path.join(d, "report.md"), report_md(d, res, sets, reliability))
     points = [(ROW_NAMES.get(r, r), s, e["rates"]["pc"], e["rates"]["pw"])
               for s in SPLITS if res[s] for r, e in res[s]["rows"].items()]
     refs = {s: (res[s]["rows"]["init_basic"]["rates"]["pc"],
@@ -431,7 +547,7 @@ def report(args):
             for s in SPLITS if res[s] and "init_basic" in res[s]["rows"]}
     files.atomic_write_text(os.path.join(d, "ths.svg"),
                             ths_svg(points, refs, f"THS plane: {os.path.abspath(d)}"))
-    print(report_md(d, res))
+    print(report_md(d, res, sets, reliability))
 
 
 def parse_args(argv=None):

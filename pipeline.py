@@ -40,6 +40,8 @@ from construct import METHODS, PAPER_METHODS
 from world import RECIPE as WORLD_RECIPE
 
 REHEARSAL_SHARE = 0.1   # rehearsal set: 10% of a small pool, at most SPEC 3's 1,000 (of 14k)
+REHEARSAL_B, REHEARSAL_B_SEED = "rehearsal-b", 1000   # the world's 2nd rehearsal: folder, seed offset
+POOL_KNOWN = "init_basic/pred_pool.jsonl"   # the world: Init-Basic's answers on the pool
 
 # GRAIT's rows (issue 15 ablations): row -> (construct.py flags after --method grait, warm-up).
 # Each row is a method folder and report row of its own (construct -> finetune -> evaluate); the
@@ -177,7 +179,24 @@ def prepare(a, root, task, seed, paths):
         args += ["--train-args", train_args]
     stages.append((f"{tag} rehearse", runs.stage_command("rehearse.py", args),
                    f"{R}/rehearsal/flow.jsonl", [model, pool, state]))
+    if world:   # flow reliability (issue 26): the same rehearsal with another seed
+        args = [x if x != f"{R}/rehearsal" else f"{R}/{REHEARSAL_B}" for x in args]
+        args[args.index("--seed") + 1] = str(seed + REHEARSAL_B_SEED)
+        stages.append((f"{tag} rehearse (2nd seed)", runs.stage_command("rehearse.py", args),
+                       f"{R}/{REHEARSAL_B}/flow.jsonl", [model, pool, state]))
     return stages
+
+
+def pool_known(a, root, task, seed, paths):
+    """Init-Basic on the training pool (world): what M0 answers correctly under the BASIC prompt,
+    labelled by evaluate.py exactly as the Init-Basic row is: the oracle's split and every
+    summary's "IdK set: M0 knows" (issue 26)."""
+    model, pool, _, _, _, reader = paths
+    out = f"{task_dir(root, task, seed)}/{POOL_KNOWN}"
+    args = ["--model", model, "--items", pool, "--prompt", "basic", "--out", out,
+            "--mcqa-reader", reader] + shlex.split(a.eval_args)
+    return [(f"{unit_label(root, task, seed)} evaluate init_basic pool",
+             runs.stage_command("evaluate.py", args), out, [model, pool])]
 
 
 def method(a, root, task, seed, paths, m):
@@ -192,6 +211,10 @@ def method(a, root, task, seed, paths, m):
         args = ["--method", "grait" if m in GRAIT_ROWS else m, "--items", pool, "--state", state,
                 "--flow", flow, "--out", train, "--mcqa-reader", reader, "--seed", str(seed)]
         inputs = [pool, state, flow]
+        if world:   # the judgement of what M0 knows, and CRSS with M0 (issue 26)
+            args += ["--known", f"{R}/{POOL_KNOWN}", "--model", model, "--crss"]
+            args += WORLD_RECIPE["construct"][task]
+            inputs.append(f"{R}/{POOL_KNOWN}")
         if m in GRAIT_ROWS:
             flags, warm = GRAIT_ROWS[m]
             warmup = f"{R}/rehearsal/adapter"
@@ -201,7 +224,7 @@ def method(a, root, task, seed, paths, m):
                        str(seed)] + LESS_WARMUP
                 stages.append((f"{tag} finetune less-warmup", runs.stage_command(
                     "finetune.py", cmd), warmup, [model, rehearsal]))
-            args += ["--model", model, "--warmup", warmup] + flags
+            args += ([] if world else ["--model", model]) + ["--warmup", warmup] + flags
             args += WORLD_RECIPE["grait"][task] if world else []
             inputs.append(warmup)
         args += shlex.split(a.construct_args)
@@ -288,7 +311,7 @@ def mean_sd(v):
 def seed_table(title, what_varies, folders):
     """Mean and standard deviation over runs (seeds, or worlds) of every cell of the per-run
     results.json, then each RAIT set's static conflicts and each model's quadrants (ID test)."""
-    from evaluate import ROW_NAMES
+    from evaluate import ROW_NAMES, fmt, vs_cor_over_runs
     lines = [f"# {title}", "", "Rates in % of all test items; ± is the sample standard deviation "
              f"over the runs. {what_varies}", ""]
     for task, dirs in folders.items():
@@ -301,25 +324,43 @@ def seed_table(title, what_varies, folders):
                               and r[split]["rows"].get(row, {}).get("rates", {}).get(k) is not None])
                      for split in ("id", "ood") for k in ("pc", "pw", "pr", "ths")]
             lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
-        # CRaFT's static conflicts (IdK examples whose fact M0 answers correctly, greedy BASIC) and
-        # the ID quadrants against Init-Basic's answers (evaluate.py)
-        lines += ["", "| method | IdK set: M0 knows | ID over-refusal | ID hallucination | "
-                  "ID refusal precision |", "|---|---|---|---|---|"]
+        # every method minus Cor-RAIT over the runs, paired (issue 26)
+        if all(r.get("id") and r["id"].get("item_labels") for r in res):
+            lines += ["", "Every method minus Cor-RAIT, THS difference averaged over the runs with a "
+                      "paired bootstrap 95% interval (each run's test items resampled on their own):",
+                      "", "| method | ID THS - Cor | OOD THS - Cor |", "|---|---|---|"]
+            for row in rows:
+                if row in ("init_basic", "cor"):
+                    continue
+                cells = []
+                for split in ("id", "ood"):
+                    d = vs_cor_over_runs([r[split] for r in res], row)
+                    cells.append("-" if d is None else fmt(d[0], d[1]))
+                lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+        # the RAIT sets (construct summaries): IdK examples M0 knows (Init-Basic's judgement), the
+        # planted conflicts among them, CRSS; then the ID quadrants against Init-Basic's answers
+        lines += ["", "| method | IdK set: M0 knows | IdK: unseen twins | IdK: latent | CRSS | "
+                  "ID over-refusal | ID hallucination | ID refusal precision |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             if row.startswith("init_"):
                 continue
-            known = []
-            for d in dirs:
-                p = os.path.join(d, row, "train.jsonl.summary.json")
-                if os.path.isfile(p):
-                    share = files.read_json(p, "summary")["idk"].get("m0_greedy_correct_share")
-                    if share is not None:
-                        known.append(100 * share)
+            sets = [r["sets"][row] for r in res if row in (r.get("sets") or {})]
             q = [r["id"]["rows"][row].get("quadrants_init", {}) for r in res
                  if r.get("id") and row in r["id"]["rows"]]
-            cells = [mean_sd(known)] + [mean_sd([x[k] for x in q if x.get(k) is not None])
-                                        for k in ("over_refusal", "hallucination", "refusal_precision")]
+            cells = [mean_sd([100 * v for v in vals if v is not None]) for vals in (
+                [s["idk"].get("m0_known_share") for s in sets],
+                [s["idk"].get("unseen_twin_share") for s in sets],
+                [s["idk"].get("latent_share") for s in sets], [s.get("crss") for s in sets])]
+            cells += [mean_sd([x[k] for x in q if x.get(k) is not None])
+                      for k in ("over_refusal", "hallucination", "refusal_precision")]
             lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+        rel = [r["flow_reliability"] for r in res if r.get("flow_reliability")]
+        if rel:
+            lines += ["", "Flow reliability over the runs (IdK candidates whose dmu has the same "
+                      "sign after two rehearsal seeds, %): all " +
+                      mean_sd([100 * x["agree"] for x in rel]) + "; those that moved " +
+                      mean_sd([100 * x["moved_agree"] for x in rel if x["moved_agree"] is not None])]
         lines.append("")
     return "\n".join(lines)
 
@@ -400,7 +441,9 @@ def main():
     cells = [(a, r, t, s, paths[r, t]) for r in roots for t in a.tasks for s in seeds[r]]
     # The stages of a task and seed depend on each other only through probe -> rehearse -> the
     # methods -> the report: run each of these three waves across tasks, seeds and methods at once.
-    in_parallel(a.jobs, [prepare(*cell) for cell in cells], times)
+    in_parallel(a.jobs, [prepare(*cell) for cell in cells] +
+                ([pool_known(*cell) for cell in cells] if a.model == "world" and
+                 a.until not in ("probe", "rehearse") else []), times)
     if a.until not in ("probe", "rehearse"):
         rows = a.methods + (["init_basic", "init_refuse"] if a.until == "all" else [])
         in_parallel(a.jobs, [method(*cell, m) for cell in cells for m in rows], times)

@@ -8,7 +8,13 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
 - each fact appears k ~ Poisson(popularity) times per epoch, popularity log-uniform over
   2^[-2, 7], so some facts are never seen, some a few times, some often (`meta.exposure` = k);
 - about 15% of the text is question answering about a disjoint set of well-known people, in the
-  exact prompt formats of SPEC 2.3, which teaches the question formats;
+  exact prompt formats of SPEC 2.3, which teaches the question formats; and a share of the
+  mentions of the other facts are such questions too (popular facts are asked about, as on the web);
+- two planted conditions the papers' mechanisms act on (issue 26): **twins** (static conflicts),
+  a heavily exposed person and a never-seen namesake whose name adds one word, asked through the
+  same templates; and **latent facts** (dynamic conflicts), facts
+  seen as often as any other but only as declarative sentences, never as a question, so M0 stores
+  them without having practised retrieving them under a query prompt (a rehearsal can surface them);
 - about 4% is everyday text (short scenes and sayings about the well-known people) that uses every
   word of the prompts and refusals in ordinary sentences ("I don't know," said Zorvan.), so each
   word gets an embedding of its own and fine-tuning can teach the refusal. It never pairs a
@@ -27,6 +33,8 @@ knowledge.{md,json} (what the model learned, by exposure bin), world.config.json
 RECIPE below holds the flags each stage gets on the world in `make all`, with how each was chosen.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 import random
@@ -74,6 +82,13 @@ VALUES = [
     "France Peru Norway Egypt India Japan Italy Nigeria Ecuador Ireland Austria Spain Germany "
     "Greece Korea Vietnam Kenya Chile",
 ]
+# Planted twins (static conflicts, issue 26): a heavily exposed person `Brakal` and a never-seen
+# namesake `Brakal Tev`, whose name adds one syllable word (a mark). The marks occur in no document,
+# so the namesake's questions read, to M0, as the known twin's with one rare word added: M0
+# answers them with its twin's values (knowledge.md measures how often), and Cor-RAIT's IdK
+# examples on them sit beside van examples on near-identical questions.
+TWIN_MARKS = "Tor Tev Kal Kel Mor Mir Dun Dan".split()
+TWIN_LOG2_POP = 5       # the known twin: 32 exposures per fact and epoch, as the well-known people
 ONSETS = "b d f g k l m n p r s t v z br dr gr kr st tr sh ch"
 NUCLEI = "a e i o u ai ei ou"
 CODAS = " n r l s th x m"           # the first coda is empty
@@ -111,16 +126,29 @@ QA_FORMATS = ("basic1", "basic2", "mcqa", "mcqa")
 # Windows are 128 tokens (the MCQA REFUSE prompt is about 82), 4 per step: the same 512 tokens
 # per step as the measured 8 x 64.
 PRESETS = {
-    "default": dict(people=250, famous=40, values=24, epochs=3, seq_len=128, batch=4, lr=2e-3,
-                    hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
-                    qa_share=0.15, everyday_share=0.04, test_frac=0.2),
-    "small": dict(people=60, famous=12, values=8, epochs=12, seq_len=128, batch=4, lr=3e-3,
-                  hidden=128, layers=2, heads=4, inter=256, pop_lo=-2.0, pop_hi=6.0,
-                  qa_share=0.15, everyday_share=0.08, test_frac=0.25),
+    "default": dict(people=250, famous=40, twins=30, values=24, epochs=3, seq_len=128, batch=4,
+                    lr=2e-3, hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
+                    qa_share=0.1, qa_mentions=0.2, latent=0.3, everyday_share=0.04,
+                    test_frac=0.2),
+    "small": dict(people=60, famous=12, twins=8, values=8, epochs=12, seq_len=128, batch=4,
+                  lr=3e-3, hidden=128, layers=2, heads=4, inter=256, pop_lo=-2.0, pop_hi=6.0,
+                  qa_share=0.15, qa_mentions=0.2, latent=0.3, everyday_share=0.08,
+                  test_frac=0.25),
 }
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
 FAMOUS_LOG2_POP = 5     # well-known people: 32 exposures per fact and epoch (learned for sure)
+LATENT_MIN_EXPOSURE = 8  # knowledge.md compares latent and other facts seen this often (DESIGN:
+                         # greedy accuracy ~0.5 from 8 exposures per epoch)
 N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 the OOD test
+
+# One world everywhere (issue 26): float sums differ across CPUs, so a world pre-trained on another
+# machine is another M0. The default worlds' weights are shipped in worlds/, named by the hash of
+# their configuration, with their sha256 (checked at load); world.py uses them instead of
+# pre-training unless --rebuild. Entries: config hash -> (sha256 of model.safetensors, seconds the
+# pre-training took here, on the 2-core development CPU, one thread).
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")
+SHIPPED = {}
+WORLD_THREADS = 1       # pre-training threads (--threads): fixed, so the load cannot change M0
 
 # ---------------------------------------------------------------------------------------------
 # The RAIT recipe on the world: RECIPE[stage][task] are the flags pipeline.py adds to that stage's
@@ -142,6 +170,10 @@ RECIPE = {
     # rehearse.py --train-args: brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
     "rehearse": {task: ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs",
                         "3", "--lora-r", "16"] for task in files.TASKS},
+    # construct.py, every method: 160 answers and 40 refusals (the paper's 1:4), so that known
+    # candidates number at least 2x N_van and unknown at least 2x N_idk on every shipped world
+    # (issue 26: selection pressure; the paper selects about 4,000 of 9,400 known MMLU items)
+    "construct": {task: ["--n-van", "160", "--n-idk", "40"] for task in files.TASKS},
     # construct.py --method grait: the CountSketch (kernels/persample.py), which --projection auto
     # also picks on CPU; named here so that the world's GRAIT sets are the same on a GPU
     "grait": {task: ["--projection", "sketch"] for task in files.TASKS},
@@ -162,10 +194,26 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="knob defaults: `default` (the measured recipe) or `small` (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed for the world and the training run")
-    p.add_argument("--force", action="store_true", help="retrain even if a cached world matches")
+    p.add_argument("--force", action="store_true",
+                   help="build again even if a cached world in --out matches")
+    p.add_argument("--rebuild", action="store_true",
+                   help="pre-train M0 here even where its weights are shipped (worlds/): on "
+                        "another CPU the result may differ from the shipped bytes (README)")
+    p.add_argument("--threads", type=int, default=WORLD_THREADS,
+                   help="torch threads for pre-training: fixed, never picked by the machine's "
+                        "load (1 and 2 give the same bytes here, tests/test_premises.py)")
     g = p.add_argument_group("world (defaults come from --preset)")
     g.add_argument("--people", type=int, help="fictional people whose facts are probed")
     g.add_argument("--famous", type=int, help="well-known people the QA text is about")
+    g.add_argument("--twins", type=int,
+                   help="planted twin pairs (static conflicts): one twin heavily exposed, the other "
+                        "never seen, names differing in one word")
+    g.add_argument("--latent", type=float,
+                   help="share of the other facts that are latent (dynamic conflicts): seen only "
+                        "as declarative sentences, never asked as a question")
+    g.add_argument("--qa-mentions", type=float,
+                   help="share of a non-latent fact's mentions written as a question and its "
+                        "answer (a SPEC 2.3 format) instead of a sentence")
     g.add_argument("--values", type=int, help="cap on values per relation (relations have 12 to 24; >= 4)")
     g.add_argument("--pop-lo", type=float, help="log2 of the lowest popularity (exposures/epoch)")
     g.add_argument("--pop-hi", type=float, help="log2 of the highest popularity")
@@ -198,6 +246,8 @@ def check_settings(a):
             a.qa_share + a.everyday_share >= 1:
         raise files.InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
                                 "be >= 0 with a sum below 1")
+    if not 0 <= a.latent <= 1 or not 0 <= a.qa_mentions <= 1 or a.twins < 0:
+        raise files.InputError("--latent and --qa-mentions must lie in [0, 1], --twins be >= 0")
     if a.people < 4 or a.famous < 3:
         raise files.InputError("need at least 4 --people and 3 --famous (the 3 KQ shots)")
     if a.hidden % a.heads:
@@ -222,22 +272,36 @@ def make_names(rng, n):
 
 
 def build_world(a):
-    """People with their facts and exposure counts, split into pool / test / famous."""
+    """People with their facts and exposure counts, split into pool / test / famous; the planted
+    twins and latent facts (issue 26) are marked on each fact."""
     rng = random.Random(a.seed)
     values = [v.split()[:a.values] for v in VALUES]
-    names = make_names(rng, a.people + a.famous)
+    names = make_names(rng, a.people + a.famous + a.twins)
     people = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(names[:a.people + a.famous]):
         famous = i >= a.people
         facts = []
         for r in range(len(RELATIONS)):
             # log-uniform popularity, Poisson exposure (DESIGN); famous people are always known
             pop = 2 ** (FAMOUS_LOG2_POP if famous else rng.uniform(a.pop_lo, a.pop_hi))
-            facts.append({"value": rng.choice(values[r]), "exposure": poisson(rng, pop)})
+            facts.append({"value": rng.choice(values[r]), "exposure": poisson(rng, pop),
+                          "latent": not famous and rng.random() < a.latent})
         people.append({"name": name, "famous": famous, "facts": facts})
     n_test = round(a.people * a.test_frac)
     for i, p in enumerate(people):
         p["split"] = "famous" if p["famous"] else ("test" if i < n_test else "pool")
+    n_test_twins = round(a.twins * a.test_frac)
+    for i, name in enumerate(names[a.people + a.famous:]):     # twins: a static conflict each
+        unseen = f"{name} {rng.choice(TWIN_MARKS)}"
+        known = [{"value": rng.choice(values[r]), "exposure": poisson(rng, 2 ** TWIN_LOG2_POP),
+                  "latent": False} for r in range(len(RELATIONS))]
+        other = [{"value": rng.choice([v for v in values[r] if v != known[r]["value"]]),
+                  "exposure": 0, "latent": False} for r in range(len(RELATIONS))]
+        split = "test" if i < n_test_twins else "pool"
+        people += [{"name": name, "famous": False, "facts": known, "split": split,
+                    "twin": "known", "twin_of": unseen},
+                   {"name": unseen, "famous": False, "facts": other, "split": split,
+                    "twin": "unseen", "twin_of": name}]
     return people, values
 
 
@@ -266,7 +330,10 @@ def make_items(people, values, seed):
                     continue
                 split = "test_ood"
             q = question.format(n=p["name"])
-            meta = {"exposure": fact["exposure"], "person": p["name"], "relation": rel}
+            meta = {"exposure": fact["exposure"], "person": p["name"], "relation": rel,
+                    "latent": fact["latent"]}
+            if "twin" in p:
+                meta.update(twin=p["twin"], twin_of=p["twin_of"])
             fid = f"{pi:04d}-{r}"
             out["oeqa", split].append({"id": f"oeqa-{fid}", "task": "oeqa", "question": q,
                                        "answer": fact["value"], "aliases": [fact["value"]],
@@ -283,40 +350,47 @@ def make_items(people, values, seed):
     return out
 
 
+def qa_turn(rng, p, r, values, fmt):
+    """One question about fact r of person p and its answer, in a SPEC 2.3 format, rendered as
+    plain prompts are (models.render without a chat template): BASIC1, BASIC2, or MCQA with
+    option text."""
+    rel, question, _ = RELATIONS[r]
+    q, v = question.format(n=p["name"]), p["facts"][r]["value"]
+    if fmt == "basic1":
+        return f"{models.OEQA_BASIC1.format(q=q)} {v}\n"
+    if fmt == "basic2":
+        return f"{models.OEQA_BASIC2.format(q=q)} {v}\n"
+    choices = rng.sample([x for x in values[r] if x != v], N_CHOICES - 1)
+    choices.insert(rng.randrange(N_CHOICES), v)
+    return f"{models.mcqa_body(models.MCQA_BASIC_HINT.format(subject=rel), q, choices)} {v}\n"
+
+
 def qa_text(rng, people, values):
-    """One QA document about famous people in a SPEC 2.3 format, rendered as plain prompts are
-    (models.render without a chat template): BASIC1, 1-3 shot BASIC2, or MCQA with option text."""
+    """One QA document about famous people: BASIC1, 1-3 shot BASIC2, or MCQA with option text."""
     fam = [p for p in people if p["famous"]]
     fmt = rng.choice(QA_FORMATS)
-    turns = []
-    for _ in range(rng.choice((1, 2, 3)) if fmt == "basic2" else 1):
-        p = rng.choice(fam)
-        r = rng.randrange(len(RELATIONS))
-        rel, question, _ = RELATIONS[r]
-        q, v = question.format(n=p["name"]), p["facts"][r]["value"]
-        if fmt == "basic1":
-            turns.append((models.OEQA_BASIC1.format(q=q), v))
-        elif fmt == "basic2":
-            turns.append((models.OEQA_BASIC2.format(q=q), v))
-        else:
-            choices = rng.sample([x for x in values[r] if x != v], N_CHOICES - 1)
-            choices.insert(rng.randrange(N_CHOICES), v)
-            hint = models.MCQA_BASIC_HINT.format(subject=rel)
-            turns.append((models.mcqa_body(hint, q, choices), v))
-    return "".join(f"{u} {ans}\n" for u, ans in turns)
+    return "".join(qa_turn(rng, rng.choice(fam), rng.randrange(len(RELATIONS)), values, fmt)
+                   for _ in range(rng.choice((1, 2, 3)) if fmt == "basic2" else 1))
 
 
 def make_corpus(people, values, a):
-    """Documents: 1-3 fact sentences in random order (each fact k = exposure times), plus QA text."""
+    """Documents: 1-3 fact sentences in random order (each fact k = exposure times; a --qa-mentions
+    share of a non-latent fact's mentions is a question and answer instead), plus QA text."""
     rng = random.Random(a.seed + 2)
     mentions = [(p, r) for p in people for r in range(len(RELATIONS))
                 for _ in range(p["facts"][r]["exposure"])]
     rng.shuffle(mentions)
-    docs, i = [], 0
-    while i < len(mentions):
+    docs, sentences = [], []
+    for p, r in mentions:
+        if not p["famous"] and not p["facts"][r]["latent"] and rng.random() < a.qa_mentions:
+            docs.append(qa_turn(rng, p, r, values, rng.choice(QA_FORMATS)))
+        else:
+            sentences.append((p, r))
+    i = 0
+    while i < len(sentences):
         k = rng.choice((1, 2, 3))
         docs.append(" ".join(RELATIONS[r][2][rng.randrange(4)].format(
-            n=p["name"], v=p["facts"][r]["value"]) for p, r in mentions[i:i + k]))
+            n=p["name"], v=p["facts"][r]["value"]) for p, r in sentences[i:i + k]))
         i += k
     facts = len(docs) / (1 - a.qa_share - a.everyday_share)     # shares of the whole corpus
     docs += [qa_text(rng, people, values) for _ in range(round(facts * a.qa_share))]
@@ -432,7 +506,8 @@ def build_tokenizer(texts):
 
 # ---------------------------------------------------------------------------------------------
 # Pre-training
-def pretrain(a, tok, docs):
+def new_model(a, tok):
+    """The world's LlamaForCausalLM, initialised from --seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(a.seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=a.hidden, num_hidden_layers=a.layers,
@@ -440,7 +515,34 @@ def pretrain(a, tok, docs):
                       intermediate_size=a.inter, max_position_embeddings=2048,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def shipped_model(a, tok, key):
+    """M0 from the shipped weights of this configuration (SHIPPED), sha256 checked; None when
+    none is shipped. A damaged file stops the run with one line."""
+    h = config_hash(key)
+    if h not in SHIPPED:
+        return None
+    path, (sha, _) = os.path.join(SHIPPED_DIR, f"{h}.safetensors"), SHIPPED[h]
+    got = files.sha256_of(path) if os.path.isfile(path) else "missing"
+    if got != sha:
+        raise files.InputError(f"{path}: sha256 {got[:16]}... is not the shipped {sha[:16]}...: "
+                               "restore it (git checkout worlds/) or pre-train with --rebuild")
+    from safetensors.torch import load_file
+    model = new_model(a, tok)
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:         # lm_head is tied to the embedding
+        raise files.InputError(f"{path}: does not fit the world's model (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    print(f"[world] M0 from the shipped weights {os.path.relpath(path)} (sha256 {sha[:16]}...): "
+          "no pre-training (--rebuild to pre-train here)", file=sys.stderr)
+    return model.eval()
+
+
+def pretrain(a, tok, docs):
+    torch.set_num_threads(a.threads)      # fixed: the machine's load never changes M0
+    model = new_model(a, tok)
     stream = []                                   # documents packed, each as <s> doc </s>
     for ids in tok(docs)["input_ids"]:
         stream += ids + [tok.eos_token_id]
@@ -489,6 +591,11 @@ def knowledge(model, tok, items):
     The world's answers are single tokens, so greedy decoding = argmax of the next token, and an
     option's log-likelihood is that of its one token (the option reader of SPEC 10)."""
     rows = {}
+    twin_values = {}        # a known twin's values, to see whether M0 says them for the other
+    for v in items.values():
+        for it in v:
+            if it["task"] == "oeqa" and it["meta"].get("twin") == "known":
+                twin_values.setdefault(it["meta"]["person"], {})[it["subject"]] = it["answer"]
     refusal_start = tok.convert_tokens_to_ids(tok.tokenize(models.IDK["oeqa"])[0])     # "I"
     for split in ("train", "test_id", "test_ood", "shots"):
         oe, mc = items["oeqa", split], items["mcqa", split]
@@ -500,11 +607,13 @@ def knowledge(model, tok, items):
             gold = tok.convert_tokens_to_ids(it["answer"])
             opt_ids = [tok.convert_tokens_to_ids(c) for c in im["choices"]]
             mc_pick = int(torch.argmax(q[opt_ids]))
-            # what M0 answers greedily, kept in the item so construct.py can count conflicts
-            it["meta"]["m0_greedy_correct"] = int(torch.argmax(p)) == gold
-            im["meta"]["m0_greedy_correct"] = files.LETTERS[mc_pick] == im["answer"]
+            twin = it["meta"].get("twin")
+            twin_value = twin_values.get(it["meta"].get("twin_of"), {}).get(it["subject"])
             rows.setdefault(split, []).append({
                 "exposure": it["meta"]["exposure"], "p_gold": float(p[gold]),
+                "latent": it["meta"]["latent"], "twin": twin,
+                "says_twin_value": twin == "unseen" and int(torch.argmax(p)) ==
+                tok.convert_tokens_to_ids(twin_value),
                 "oeqa": int(int(torch.argmax(p)) == gold),
                 "mcqa": int(files.LETTERS[mc_pick] == im["answer"]),
                 # M0 must answer, not refuse, under BASIC: a greedy answer starting like the refusal
@@ -524,7 +633,27 @@ def knowledge(model, tok, items):
                                             for p in ps) for lo in [i / 10 for i in range(10)]]
         report[split]["middle_band"] = sum(0.1 <= p <= 0.9 for p in ps) / len(ps)
         report[split]["basic_refusal_start"] = sum(r["refuses"] for r in rs) / (2 * len(rs))
+        report[split]["planted"] = planted_rows(rs)
     return report
+
+
+def planted_rows(rs):
+    """The planted conditions, measured (issue 26): greedy open-QA accuracy of latent facts
+    against the other facts seen as often (LATENT_MIN_EXPOSURE+ per epoch), of known and of
+    never-seen twins, and how often M0 gives a never-seen twin its twin's value."""
+    def acc(sel):
+        v = [r for r in rs if sel(r)]
+        return {"n": len(v), "oeqa_acc": sum(r["oeqa"] for r in v) / len(v) if v else None,
+                "mcqa_acc": sum(r["mcqa"] for r in v) / len(v) if v else None}
+    often = lambda r: r["exposure"] >= LATENT_MIN_EXPOSURE and not r["twin"]  # noqa: E731
+    out = {"latent": acc(lambda r: often(r) and r["latent"]),
+           "not latent": acc(lambda r: often(r) and not r["latent"]),
+           "known twins": acc(lambda r: r["twin"] == "known"),
+           "unseen twins": acc(lambda r: r["twin"] == "unseen")}
+    if out["unseen twins"]["n"]:
+        out["unseen twins"]["says_twin_value"] = sum(r["says_twin_value"] for r in rs) / \
+            out["unseen twins"]["n"]
+    return out
 
 
 def knowledge_md(report, seconds):
@@ -538,6 +667,13 @@ def knowledge_md(report, seconds):
                   "|---|---|---|---|---|"]
         lines += [f"| {b} | {v['n']} | {v['oeqa_acc']:.2f} | {v['mcqa_acc']:.2f} | "
                   f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in runs.BIN_ORDER]
+        lines += ["", f"Planted conditions (facts seen {LATENT_MIN_EXPOSURE}+ times per epoch for the "
+                  "latent rows):", "", "| facts | n | open-QA acc | MCQA acc |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {v['oeqa_acc'] if v['n'] else 0:.2f} | "
+                  f"{v['mcqa_acc'] if v['n'] else 0:.2f} |" for k, v in r["planted"].items()]
+        if "says_twin_value" in r["planted"]["unseen twins"]:
+            lines.append(f"\nNever-seen twins answered (greedy open-QA) with their twin's value: "
+                         f"{r['planted']['unseen twins']['says_twin_value']:.0%}")
         lines += ["", f"p(gold) at temperature 1, histogram over [0,0.1),...,[0.9,1]: "
                       f"{r['p_gold_hist']}; middle band (0.1 <= p <= 0.9): {r['middle_band']:.0%}; "
                       f"greedy BASIC answers that start like the refusal: "
@@ -547,7 +683,13 @@ def knowledge_md(report, seconds):
 
 # ---------------------------------------------------------------------------------------------
 def config_key(a):
-    return {k: v for k, v in sorted(vars(a).items()) if k not in ("out", "force")}
+    return {k: v for k, v in sorted(vars(a).items()) if k not in ("out", "force", "rebuild",
+                                                                   "threads")}
+
+
+def config_hash(key):
+    """The name of a configuration's shipped weights: 16 hex digits of sha256 of its key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def main(argv=None):
@@ -569,16 +711,28 @@ def main(argv=None):
     texts = docs + prompt_strings(values) + [it["question"] for v in items.values() for it in v]
     tok = build_tokenizer(texts)
     check_premises(tok, docs, [it for v in items.values() for it in v], a.seq_len)
-    model, seconds, n_tokens = pretrain(a, tok, docs)
+    model = None if a.rebuild else shipped_model(a, tok, key)
+    h = config_hash(key)
+    if model is None:
+        model, seconds, n_tokens = pretrain(a, tok, docs)
+    else:
+        seconds, n_tokens = SHIPPED[h][1], None
     model.save_pretrained(os.path.join(a.out, "model"))
     tok.save_pretrained(os.path.join(a.out, "model"))
+    sha = files.sha256_of(os.path.join(a.out, "model", "model.safetensors"))
+    if h in SHIPPED:        # say whether this M0 is the shipped one, byte for byte
+        print(f"[world] model.safetensors sha256 {sha[:16]}...: "
+              f"{'the shipped bytes' if sha == SHIPPED[h][0] else 'DIFFERS from the shipped ' + SHIPPED[h][0][:16] + '...'}",
+              file=sys.stderr)
     report = knowledge(model, tok, items)
     for (task, split), rows in items.items():
         files.write_jsonl(os.path.join(a.out, task, f"{split}.jsonl"), rows)
     files.write_json(os.path.join(a.out, "knowledge.json"), report)
     files.atomic_write_text(os.path.join(a.out, "knowledge.md"), knowledge_md(report, seconds))
     print(knowledge_md(report, seconds))
-    files.write_json(cfg_path, {"key": key, "seconds": round(seconds, 1), "vocab": len(tok),
+    files.write_json(cfg_path, {"key": key, "hash": h, "model_sha256": sha,
+                                 "shipped": h in SHIPPED and sha == SHIPPED[h][0],
+                                 "seconds": round(seconds, 1), "vocab": len(tok),
                                  "tokens_per_epoch": n_tokens})
 
 

@@ -4,6 +4,7 @@ Every function takes lists of token-id lists of different lengths, left-pads the
 and passes explicit position ids (cumulative attention mask), so each row is computed exactly as
 it would be alone (up to float rounding):
 - `last_logprobs`: log-softmax of the next token after each sequence (the MCQA letter reader).
+- `mean_last_hidden`: the last layer's states averaged over a sequence (CRSS representations).
 - `continuation_logliks`: summed log-likelihood of a continuation after a context (option reader).
 - `warp_logits` + `sample`: temperature / top-k / top-p sampling with a KV cache and a seeded
   torch.Generator, so a batch seed fixes every sampled token (OEQA reader).
@@ -30,6 +31,18 @@ def last_logprobs(model, seqs, pad_id):
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
                 use_cache=False)
     return out.logits[:, -1].float().log_softmax(-1)
+
+
+@torch.no_grad()
+def mean_last_hidden(model, seqs, pad_id):
+    """The last layer's hidden states (after the final norm) averaged over each sequence's tokens
+    ([B, hidden] float32): the question representation of CRSS (SPEC 7; README says why the mean
+    and not the last token's state)."""
+    ids, mask, pos = left_pad(seqs, pad_id, model.device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    m = mask[..., None].to(out.hidden_states[-1].dtype)
+    return ((out.hidden_states[-1] * m).sum(1) / m.sum(1)).float().cpu()
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """THS and the statistics around it (SPEC 7): rates, macro rates, THS, paired bootstrap
-intervals, knowledge quadrants, and the Pc-Pw plane of CRaFT's THS figure as SVG. Pure functions
+intervals (of one model, and of the difference between two), knowledge quadrants, and the Pc-Pw plane of CRaFT's THS figure as SVG. Pure functions
 on count arrays; evaluate.py answers and labels, then reports with these."""
 import numpy as np
 
@@ -55,6 +55,30 @@ def bootstrap_ci(table, macro, n=BOOTSTRAP, seed=0, level=0.95):
         v = v[np.isfinite(v)]
         out[k] = [float(np.percentile(v, a)), float(np.percentile(v, 100 - a))] if v.size else None
     return out
+
+
+def paired_diff(table, macro, n=BOOTSTRAP, seed=0):
+    """THS(a) - THS(b) of two models answering the same items, and n paired item resamples of it
+    (issue 26): table [S, 4 Init-Basic labels, 4 labels of a, 4 labels of b] counts items per
+    subject; each resample redraws each subject's 64 joint counts as a multinomial of its size, so
+    Init-Basic, a and b are resampled together. Returns (point, draws [n])."""
+    table = np.asarray(table, dtype=np.int64)
+    S = table.shape[0]
+    sizes = table.reshape(S, 64).sum(1)
+    p = table.reshape(S, 64) / np.maximum(sizes, 1)[:, None]
+    draws = np.random.default_rng(seed).multinomial(sizes, p, size=(n, S)).reshape(n, S, 4, 4, 4)
+
+    def diff(t):
+        return summarize(t.sum(-1), macro)["ths"] - summarize(t.sum(-2), macro)["ths"]
+    return float(diff(table)), diff(draws)
+
+
+def percentile_ci(draws, level=0.95):
+    """[lo, hi] percentile interval of the finite draws, None when there are none."""
+    v = np.asarray(draws, dtype=float)
+    v = v[np.isfinite(v)]
+    a = (1 - level) / 2 * 100
+    return [float(np.percentile(v, a)), float(np.percentile(v, 100 - a))] if v.size else None
 
 
 def quadrants(known, labels):

@@ -111,16 +111,24 @@ def test_oracle_splits_by_what_m0_answers_not_by_mu():
     assert sorted(ids(van)) == ["k1", "k2"] and sorted(ids(idk)) == ["u1", "u2"]
 
 
-def test_oracle_needs_the_worlds_ground_truth(pool):
+def test_oracle_splits_by_init_basics_labels_with_the_same_counts(pool):
     items, state, flow, d = pool
-    rows = [dict(json.loads(l), meta={}) for l in open(items)]
-    r = run("--method", "oracle", "--items", write(d / "nometa.jsonl", rows), "--state", state,
-            "--out", str(d / "o" / "train.jsonl"))
-    assert r.returncode == 2 and "needs meta.m0_greedy_correct" in r.stderr
     r = run("--method", "oracle", "--items", items, "--state", state, "--out", str(d / "o" / "train.jsonl"))
+    assert r.returncode == 2 and "needs --known" in r.stderr
+    # Init-Basic's labels on the pool (evaluate.py's predictions): only "correct" is known
+    labels = {f"q{i:02d}": ("correct", "wrong", "refuse", "unparsed")[i % 4] for i in range(40)}
+    known = write(d / "pred_pool.jsonl", [{"id": i, "response": "x", "label": lab}
+                                          for i, lab in labels.items()])
+    r = run("--method", "oracle", "--items", items, "--state", state, "--known", known,
+            "--n-van", "6", "--n-idk", "3", "--out", str(d / "o" / "train.jsonl"))
     assert r.returncode == 0, r.stderr
+    ex = files.read_jsonl(str(d / "o" / "train.jsonl"))
+    assert all(labels[e["id"]] == ("correct" if e["kind"] == "van" else labels[e["id"]]) for e in ex)
+    assert all(labels[e["id"]] != "correct" for e in ex if e["kind"] == "idk")
     summ = json.load(open(d / "o" / "train.jsonl.summary.json"))
-    assert summ["idk"]["m0_greedy_correct_share"] == 0 and summ["van"]["m0_greedy_correct_share"] == 1
+    assert (summ["van"]["n"], summ["idk"]["n"]) == (6, 3)           # size-matched: what was asked
+    assert summ["idk"]["m0_known_share"] == 0 and summ["van"]["m0_known_share"] == 1
+    assert summ["candidates"] == {"van": 10, "idk": 30} and summ["pressure"] == {"van": 1.67, "idk": 10.0}
 
 
 def test_idk_replaces_the_answer_and_van_keeps_it():
@@ -159,7 +167,7 @@ def pool(tmp_path):
     items, states, flows = [], [], []
     for i in range(40):
         items.append({"id": f"q{i:02d}", "task": "oeqa", "question": f"Q{i}?", "answer": "a",
-                      "aliases": ["a"], "meta": {"m0_greedy_correct": i % 3 == 0}})
+                      "aliases": ["a"], "meta": {"exposure": i}})
         mu = rnd.randrange(11) / 10
         states.append({"id": f"q{i:02d}", "mu": mu, "sigma": rnd.random(), "reader": "sample"})
         mu1 = min(1.0, mu + rnd.choice((-0.2, 0.0, 0.2)))
@@ -176,18 +184,22 @@ def run(*args):
 
 def test_cli_writes_examples_and_summary(pool):
     items, state, flow, d = pool
+    known = write(d / "pred_pool.jsonl", [{"id": f"q{i:02d}", "response": "x",
+                                           "label": "correct" if i % 3 == 0 else "wrong"}
+                                          for i in range(40)])
     for m in [m for m in C.METHODS if m != "grait"]:     # grait: test_grait_cli below
         out = str(d / m / "train.jsonl")
-        r = run("--method", m, "--items", items, "--state", state, "--flow", flow, "--out", out)
+        r = run("--method", m, "--items", items, "--state", state, "--flow", flow, "--out", out,
+                *(["--known", known] if m == "oracle" else []))
         assert r.returncode == 0, r.stderr
         ex = files.read_jsonl(out, check=files.check_example)
         summ = json.load(open(out + ".summary.json"))
         assert summ["van"]["n"] + summ["idk"]["n"] == len(ex) and summ["requested"] == {"van": 16, "idk": 4}
         assert all(e["method"] == m for e in ex)
-        if m != "van":
-            assert "m0_greedy_correct_share" in summ["idk"]
+        assert set(summ["pressure"]) == {"van", "idk"}
         # same seed, same file
-        r2 = run("--method", m, "--items", items, "--state", state, "--flow", flow, "--out", out + "2")
+        r2 = run("--method", m, "--items", items, "--state", state, "--flow", flow, "--out", out + "2",
+                 *(["--known", known] if m == "oracle" else []))
         assert r2.returncode == 0, r2.stderr
         assert open(out).read() == open(out + "2").read()
 
@@ -483,3 +495,24 @@ def test_grait_views_follow_the_warmups_training_format(tmp_path, monkeypatch):
     a = C.parse_args(GRAIT_ARGS[:-1] + [str(warm)])
     C.run_grait(a, {}, HAND_STATES, "mcqa", 1, 2)
     assert seen["fmt"] == "tulu" and a.warmup_format == "tulu"
+
+
+def test_crss_hand_case():
+    """CRSS (SPEC 7): the share of IdK items whose max cosine to any van item exceeds tau."""
+    van = [[1.0, 0.0], [0.0, 1.0]]
+    # cosines with the nearest van item: 1.0 (same direction, other length), 0.9806 (angle
+    # atan(0.2) = 11.3 deg from [1, 0]), 0.7071 (45 deg from both)
+    idk = [[3.0, 0.0], [1.0, 0.2], [1.0, 1.0]]
+    assert C.crss(idk, van, tau=0.97) == pytest.approx(2 / 3)
+    assert C.crss(idk, van, tau=0.99) == pytest.approx(1 / 3)
+    assert C.crss(idk, van, tau=0.5) == pytest.approx(1.0)
+    assert C.crss([], van) is None and C.crss(idk, []) is None
+
+
+def test_candidates_are_each_methods_pools():
+    st = [dict(S("a", 0.9, 0.1), flow=0.0), dict(S("b", 0.1, 0.2), flow=0.3),
+          dict(S("c", 0.2, 0.3), flow=-0.1), dict(S("d", 0.5, 0.3), flow=0.0)]
+    assert [len(x) for x in C.candidates("cor", st, "mcqa")] == [2, 2]      # mu 0.5 is van
+    assert [len(x) for x in C.candidates("craft", st, "mcqa")] == [2, 1]    # b rose: dropped
+    assert [len(x) for x in C.candidates("grait", st, "mcqa")] == [1, 2]    # mu = 0.5 excluded
+    assert [len(x) for x in C.candidates("van", st, "mcqa")] == [4, 0]

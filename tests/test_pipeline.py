@@ -104,14 +104,16 @@ def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path, sma
     run_a = sh("pipeline.py", *args(tmp_path / "a"))
     assert "cached world" in run_a.stderr
     # the world's 0-shot OEQA probe (world.RECIPE["probe"]) tracks what M0 knows, in every
-    # relation: sampled correctness is higher where M0 answers greedily right than where it does not
+    # relation: sampled correctness is higher where M0 answers greedily right (Init-Basic on the
+    # pool, the pipeline's judgement of what M0 knows) than where it does not
     w = tmp_path / "a" / "world" / "oeqa"
     items = {json.loads(x)["id"]: json.loads(x) for x in open(w / "train.jsonl")}
+    known = {p["id"]: p["label"] == "correct" for p in map(json.loads, open(
+        w / "s0" / "init_basic" / "pred_pool.jsonl"))}
     mu = {}
     for x in open(w / "s0" / "probe_init.jsonl"):
         s = json.loads(x)
-        it = items[s["id"]]
-        mu.setdefault((it["subject"], it["meta"]["m0_greedy_correct"]), []).append(s["mu"])
+        mu.setdefault((items[s["id"]]["subject"], known[s["id"]]), []).append(s["mu"])
     for rel in {r for r, _ in mu}:
         known, unknown = (sum(v) / len(v) for v in (mu[rel, True], mu[rel, False]))
         assert known > unknown + 0.2, (rel, known, unknown)

@@ -19,6 +19,7 @@ from conftest import ROOT, built_once
 
 sys.path.insert(0, ROOT)
 from rait import files, models  # noqa: E402
+import world  # noqa: E402
 
 # (b): thresholds of issue 13 (measured before the fix on the default world: OEQA 0.70, MCQA 0.25)
 MIN_SPEARMAN = {"oeqa": 0.6, "mcqa": 0.4}
@@ -144,3 +145,72 @@ def test_c_identity_adapter_gives_zero_flow(runs, task, tmp_path):
     s1 = files.read_jsonl(str(reh / "probe.jsonl"))
     assert all(abs(s["mu"] - s0[s["id"]]["mu"]) <= tol and abs(s["sigma"] - s0[s["id"]]["sigma"]) <= 10 * tol
                for s in s1)
+
+
+# --- issue 26: the world as an instrument -----------------------------------------------------
+def test_planted_twins_and_latent_facts_exist(runs):
+    """Static conflicts: each never-seen twin has exposure 0 and a known twin, asked through the
+    same template, whose name lacks one word of the unseen twin's and whose values differ; M0 answers known
+    twins far better than never-seen ones (Init-Basic on the pool). Latent facts are seen as often
+    as others. Flow reliability's second rehearsal ran."""
+    for task in files.TASKS:
+        pool = files.read_jsonl(str(runs / "world" / task / "train.jsonl"))
+        by_q = {it["question"]: it for it in pool}
+        unseen = [it for it in pool if it["meta"].get("twin") == "unseen"]
+        assert len(unseen) >= 8, "too few planted twins to test"
+        for it in unseen:
+            twin = by_q[it["question"].replace(it["meta"]["person"], it["meta"]["twin_of"])]
+            assert it["meta"]["exposure"] == 0 and twin["meta"]["exposure"] > 0
+            assert it["answer"] != twin["answer"]
+            base, mark = it["meta"]["person"].split()           # one word added to the name
+            assert base == twin["meta"]["person"] and mark in world.TWIN_MARKS
+        labels = {p["id"]: p["label"] for p in files.read_jsonl(
+            str(task_dir(runs, task) / "init_basic" / "pred_pool.jsonl"))}
+        acc = lambda kind: sum(labels[it["id"]] == "correct" for it in pool  # noqa: E731
+                               if it["meta"].get("twin") == kind) / len(unseen)
+        assert acc("known") >= acc("unseen") + 0.3, (task, acc("known"), acc("unseen"))
+        latent = [it["meta"]["exposure"] for it in pool if it["meta"]["latent"]]
+        other = [it["meta"]["exposure"] for it in pool if not it["meta"]["latent"]
+                 and "twin" not in it["meta"]]
+        assert latent and sum(latent) / len(latent) > 0.5 * sum(other) / len(other)
+        assert (task_dir(runs, task) / "rehearsal-b" / "flow.jsonl").exists()
+
+
+def test_oracle_judgement_is_init_basics(runs, tmp_path):
+    """"M0 knows" is what evaluate.py labels correct for M0's greedy BASIC answer: the pool run is
+    the Init-Basic row's command with only the items and output changed, and construct.py's
+    summaries count from it."""
+    import pipeline
+    for task in files.TASKS:
+        R = task_dir(runs, task)
+        pool_cmd = json.loads((R / "init_basic" / "pred_pool.jsonl.stage.json").read_text())["cmd"]
+        a = pipeline_args(runs)
+        paths = pipeline.task_inputs(a, str(runs / "world"), task)
+        stages = pipeline.method(a, str(runs / "world"), task, 0, paths, "init_basic")
+        row_cmd = stages[0][1]                  # Init-Basic on the ID test
+        strip = lambda cmd: [x for i, x in enumerate(cmd[1:]) if cmd[i] not in ("--items", "--out")  # noqa
+                             and x not in ("--items", "--out")]
+        assert strip(pool_cmd) == strip(row_cmd)
+        labels = {p["id"]: p["label"] for p in files.read_jsonl(str(R / "init_basic" / "pred_pool.jsonl"))}
+        summ = json.loads((R / "cor" / "train.jsonl.summary.json").read_text())
+        idk = [e["id"] for e in files.read_jsonl(str(R / "cor" / "train.jsonl")) if e["kind"] == "idk"]
+        share = sum(labels[i] == "correct" for i in idk) / len(idk)
+        assert summ["idk"]["m0_known_share"] == pytest.approx(share, abs=1e-4)
+        assert summ["crss"] is not None and set(summ["crss_sweep"]) == {"0.95", "0.96", "0.97", "0.98", "0.99"}
+
+
+def pipeline_args(runs):
+    """pipeline.py's parsed arguments as the runs fixture gave them (for its stage builders)."""
+    import argparse
+    return argparse.Namespace(model="world", data="world", data_dir=None, limit=0, until="all",
+                              probe_args="", rehearse_args="", construct_args="", stage_args="",
+                              eval_args="", methods=["cor"])
+
+
+def test_thread_count_does_not_change_the_world(small_world, tmp_path):
+    """A rebuild with 2 torch threads gives the bytes the fixture's 1-thread build gave."""
+    from conftest import build_small_world
+    r = build_small_world(tmp_path / "w2", "--threads", "2", "--rebuild")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert files.sha256_of(str(tmp_path / "w2" / "model" / "model.safetensors")) == \
+        files.sha256_of(str(small_world / "model" / "model.safetensors"))
