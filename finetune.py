@@ -9,6 +9,7 @@ by default; `--full` fine-tunes every weight (the OEQA recipe).
     python finetune.py --model runs/world/model --train runs/world/mcqa/craft/train.jsonl \\
         --out runs/world/mcqa/craft/adapter
     torchrun --nproc_per_node 2 finetune.py --model ... --train ... --out ...   # DDP: gloo/NCCL
+    torchrun --nproc_per_node 8 finetune.py --full --shard ...   # FSDP2: 1/8 of the state per GPU
 
 Input: training examples JSONL (DESIGN: id, prompt, target, weight, kind, method); the prompt goes
 through models.render (chat template or plain prompt) and the loss covers target tokens + EOS only
@@ -17,7 +18,7 @@ Output (--out DIR): adapter_config.json + adapter_model.safetensors in peft's fo
 safetensors model folder instead), trainer_state.safetensors (Adam moments keyed like the weights,
 step, RNG, data order; for resuming and for GRAIT's Adam preconditioning), train_log.jsonl, and
 DIR.config.json. While running, DIR/checkpoint/ is rewritten every --save-steps optimizer steps;
-rerunning the same command resumes from it.
+rerunning the same command resumes from it (--shard: one shard file per rank, rait/checkpoint.py).
 
 Implementation details, and where we differ from the released xtuner runs (SPEC 6):
 - no packing (SPEC 9 #11): one example per row, batches grouped by length (seeded); the loss is
