@@ -321,21 +321,21 @@ def test_torchrun_two_processes_equal_double_accumulation(tiny_chat_llama, tmp_p
 
 
 def test_torchrun_shard_equals_one_process(tiny_chat_llama, tmp_path):
-    """Issue 31: --full --shard (FSDP2 on 2 processes, gloo), stopped after 3 of 6 steps and
-    resumed from its per-rank shards, gives the losses, global gradient norms (clipping active)
-    and final weights of one process with double accumulation. 9 examples, global batch 4: the
-    last step has one example, so rank 1 makes a zero-weight pass (FSDP2 needs every rank's
-    all-gathers). Measured: weights within 6e-8, losses within 2e-8 relative, gradient norms
-    within 6e-6 relative (each a float32 sum over 1M squares: both are up to 1.3e-5 off the
-    float64 norm); a norm of one shard alone would be about 30% off."""
+    """Issue 31: --full --shard (FSDP2 on 2 processes, gloo, 2 micro-batches each), stopped after 3
+    of 6 steps and resumed from its per-rank shards, gives the losses, global gradient norms
+    (clipping active) and final weights of one process with double accumulation. 9 examples,
+    global batch 8: the last step has one example, so rank 1 makes a zero-weight pass (FSDP2
+    needs every rank's all-gathers). Measured: weights within 1.2e-7, losses within 1e-7
+    relative, gradient norms within 2.4e-5 relative (each is a float32 sum over 1M squares, and
+    one process's was 1.3e-5 off the float64 norm); one shard's norm alone is about 30% off."""
     ex = examples(9, weights=(1.0, 0.5, 2.0, 0.25))
     train = tmp_path / "train.jsonl"
     files.write_jsonl(str(train), ex)
-    flags = ["--full", "--lr", "1e-3", "--epochs", "2", "--batch-size", "2", "--save-steps", "2"]
+    flags = ["--full", "--lr", "1e-3", "--epochs", "3", "--batch-size", "2", "--save-steps", "2"]
     out = str(tmp_path / "shard")
     cmd = [os.path.join(ROOT, ".venv", "bin", "torchrun"), "--standalone", "--nproc_per_node", "2",
            "finetune.py", "--model", tiny_chat_llama, "--train", str(train), "--out", out,
-           "--shard", "--grad-accum", "1", *flags]
+           "--shard", "--grad-accum", "2", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd + ["--stop-after-steps", "3"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
@@ -351,7 +351,7 @@ def test_torchrun_shard_equals_one_process(tiny_chat_llama, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "continuing after step 3 of 6" in r.stderr
-    one = finetune.train(make_args(tiny_chat_llama, *flags, "--grad-accum", "2"), ex,
+    one = finetune.train(make_args(tiny_chat_llama, *flags, "--grad-accum", "4"), ex,
                          str(tmp_path / "one"))
     wa, wb = (load_file(os.path.join(d, "model.safetensors")) for d in (one, out))
     assert wa.keys() == wb.keys() == base.keys()          # tied LM head dropped as usual
@@ -362,7 +362,7 @@ def test_torchrun_shard_equals_one_process(tiny_chat_llama, tmp_path):
     la, lb = ([x for x in log_rows(d) if "step" in x] for d in (one, out))
     assert [x["step"] for x in lb] == list(range(1, 7))
     assert [x["loss"] for x in lb] == pytest.approx([x["loss"] for x in la], rel=1e-6)
-    assert [x["grad_norm"] for x in lb] == pytest.approx([x["grad_norm"] for x in la], rel=1e-4)
+    assert [x["grad_norm"] for x in lb] == pytest.approx([x["grad_norm"] for x in la], rel=2e-4)
     assert min(x["grad_norm"] for x in la) > 1.0           # clipping at 1.0 acted every step
     assert not os.path.exists(os.path.join(out, "checkpoint"))
 
