@@ -9,6 +9,7 @@ by default; `--full` fine-tunes every weight (the OEQA recipe).
     python finetune.py --model runs/world/model --train runs/world/mcqa/craft/train.jsonl \\
         --out runs/world/mcqa/craft/adapter
     torchrun --nproc_per_node 2 finetune.py --model ... --train ... --out ...   # DDP: gloo/NCCL
+    torchrun --nproc_per_node 8 finetune.py --full --shard ...   # FSDP2: 1/8 of the state per GPU
 
 Input: training examples JSONL (DESIGN: id, prompt, target, weight, kind, method); the prompt goes
 through models.render (chat template or plain prompt) and the loss covers target tokens + EOS only
@@ -17,7 +18,7 @@ Output (--out DIR): adapter_config.json + adapter_model.safetensors in peft's fo
 safetensors model folder instead), trainer_state.safetensors (Adam moments keyed like the weights,
 step, RNG, data order; for resuming and for GRAIT's Adam preconditioning), train_log.jsonl, and
 DIR.config.json. While running, DIR/checkpoint/ is rewritten every --save-steps optimizer steps;
-rerunning the same command resumes from it.
+rerunning the same command resumes from it (--shard: one shard file per rank, rait/checkpoint.py).
 
 Implementation details, and where we differ from the released xtuner runs (SPEC 6):
 - no packing (SPEC 9 #11): one example per row, batches grouped by length (seeded); the loss is
@@ -86,6 +87,9 @@ def add_train_args(parser):
     a("--max-len", type=int, default=MAX_LEN,
       help="longest example in tokens; longer ones lose tokens from the left of the prompt")
     a("--full", action="store_true", help="fine-tune all weights instead of LoRA (OEQA recipe)")
+    a("--shard", action="store_true", help="with --full under torchrun: shard weights, gradients "
+      "and Adam moments over the processes (torch FSDP2 fully_shard, one unit per decoder layer, "
+      "bf16 compute on CUDA) instead of a full copy per process (DDP); README 'Sharded training'")
     a("--lora-r", type=int, default=LORA_R, help="LoRA rank r (SPEC 6: 64)")
     a("--lora-alpha", type=float, default=LORA_ALPHA, help="LoRA alpha; scaling = alpha / r")
     a("--lora-dropout", type=float, default=LORA_DROPOUT, help="dropout on the LoRA input")
@@ -274,6 +278,41 @@ def micro_batches(n, batch_size, world, rank):
     return mine
 
 
+def shard_error(args, world):
+    """Why --shard cannot run with these flags and this many processes (one line), or None."""
+    if not args.shard:
+        return None
+    if not args.full:
+        return ("--shard needs --full: LoRA's frozen bf16 base (14 GB at 7B) and its small adapter "
+                "state fit one GPU, so plain torchrun (DDP) scales LoRA without sharding")
+    if world < 2:
+        return ("--shard needs 2 or more processes: torchrun --nproc_per_node N finetune.py "
+                "--full --shard ...")
+    return None
+
+
+def shard_model(model, device):
+    """Issue 31, torch FSDP2: one fully_shard unit per decoder layer (the classes the model names
+    in _no_split_modules, as accelerate picks them), then the root unit (embeddings, final norm,
+    LM head; tied weights stay in one unit). Each process keeps 1/N of every weight, gradient and
+    Adam moment; a unit's full weights exist only while it runs. On CUDA the gathered copy is bf16
+    and gradients are reduced in fp32 (the sharded weights Adam updates stay fp32); fp32 on CPU.
+    Returns the number of layer units."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise files.InputError(f"--shard: {type(model).__name__} names no decoder layer class "
+                               "(_no_split_modules) to shard by")
+    for m in layers:
+        fully_shard(m, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return len(layers)
+
+
 def train_step(net, opt, params, enc, weights, gb, lr, args, world, rank, pad, device):
     """One optimizer step on the global batch `gb`; this process takes its micro-batches
     (round-robin). One process runs only real micro-batches. Under DDP every rank must make the
@@ -286,8 +325,10 @@ def train_step(net, opt, params, enc, weights, gb, lr, args, world, rank, pad, d
     for j, rows in enumerate(micro):
         idx = [gb[i] for i in rows]
         b = collate(enc, idx or gb[:1], [weights[k] for k in idx] or [0.0], pad, device)
-        sync = world == 1 or j == len(micro) - 1
-        with contextlib.nullcontext() if sync else net.no_sync():   # DDP: reduce once per step
+        # DDP: reduce once per step; FSDP2 (--shard, no no_sync) reduce-scatters every
+        # micro-batch, so the accumulated gradients stay sharded
+        sync = not hasattr(net, "no_sync") or j == len(micro) - 1
+        with contextlib.nullcontext() if sync else net.no_sync():
             with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
                 per_example = example_losses(net, b)
             # SPEC 9 #11: sum_i w_i * token-mean CE_i / (examples in the step); DDP averages the
@@ -315,6 +356,8 @@ def train(args, examples, out_dir):
     if not examples:
         raise files.InputError("no training examples")
     rank, world = runs.dist_init()
+    if shard_error(args, world):
+        raise files.InputError(shard_error(args, world))
     key = run_key(args, examples, world)
     final = os.path.join(out_dir, lora.TRAINER_STATE)
     done = (os.path.isfile(final) and not files.safetensors_problem(final)
@@ -340,6 +383,7 @@ def train(args, examples, out_dir):
             os.rmdir(out_dir)
         raise
     device = next(model.parameters()).device
+    units = shard_model(model, device) if args.shard else 0   # before the optimizer sees them
     B = args.batch_size
     accum = args.grad_accum or max(1, EFFECTIVE_BATCH // (B * world))
     G = B * accum * world                                  # examples per optimizer step
@@ -354,7 +398,8 @@ def train(args, examples, out_dir):
     if rank == 0:   # say out loud what runs where
         what = "full fine-tuning" if args.full else (f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
                                                      f" on {len(lora.lora_modules(model))} layers")
-        ddp = f" (DDP, {torch.distributed.get_backend()})" if world > 1 else ""
+        how = f"FSDP2 fully_shard, {units} layer units + root" if args.shard else "DDP"
+        ddp = f" ({how}, {torch.distributed.get_backend()})" if world > 1 else ""
         print(f"[finetune] device {device}, weights {next(iter(params.values())).dtype}, "
               f"{'bf16 autocast' if device.type == 'cuda' else 'fp32, no autocast'}, {world} "
               f"process(es){ddp}; {what}, {sum(p.numel() for p in params.values()):,} trainable "
@@ -366,11 +411,11 @@ def train(args, examples, out_dir):
         if n_cut:
             print(f"[finetune] {n_cut} of {len(enc)} examples exceed --max-len {args.max_len}: "
                   "prompt cut from the left", file=sys.stderr)
-    start, orders = resume(out_dir, key, args, model, opt, params, rank)
+    start, orders = resume(out_dir, key, args, model, opt, params, rank, world)
     if start == 0:
         torch.manual_seed(files.stable_hash(args.seed, "dropout", rank))
     net = model
-    if world > 1:
+    if world > 1 and not args.shard:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -422,9 +467,7 @@ def train(args, examples, out_dir):
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
                 win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
             if done < total and (done == stop or (args.save_steps and done % args.save_steps == 0)):
-                st = state(done)
-                if rank == 0:
-                    write_checkpoint(out_dir, *st)
+                write_checkpoint(out_dir, rank, *state(done))   # rank 0; --shard: every rank
                 runs.barrier()
     bar.close()
     if stop < total:
@@ -441,7 +484,8 @@ def train(args, examples, out_dir):
                                 "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
                                 "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
         log.close()
-        save_state(out_dir, *st)
+    save_state(out_dir, rank, *st)   # rank 0 writes; --shard gathers the weights to it first
+    if rank == 0:
         for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
         print(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)",

@@ -1,6 +1,13 @@
 """Checkpoints of finetune.py's loop (plumbing): weights + trainer_state.safetensors (Adam
 moments, step, every rank's RNG state, the epoch's data order), written atomically every
---save-steps, resumed exactly; and the train_log.jsonl that a resume truncates to match."""
+--save-steps, resumed exactly; and the train_log.jsonl that a resume truncates to match.
+
+--shard (FSDP2) checkpoints are sharded: each rank writes its own slice of the weights and Adam
+moments (SHARD_CKPT, safetensors), nothing is gathered, and a resume needs the same number of
+processes (the run key holds it). At 7B a gathered checkpoint would put 7e9 x 12 bytes = 84 GB
+(fp32 weights + 2 moments) through rank 0's memory at every save; the shards are 1/N each,
+written at once. torch's own sharded format (DCP) was not used: its .metadata file is a pickle.
+The final --shard model is gathered once into an ordinary safetensors model folder."""
 import json
 import math
 import os
@@ -10,10 +17,41 @@ import sys
 import torch
 
 from rait import files
+from rait.runs import barrier
 from kernels import lora
 
 LOG = "train_log.jsonl"
 FULL_CKPT = "trainable.safetensors"   # --full checkpoints: {parameter name: tensor}
+SHARD_CKPT = "shard.rank{}.safetensors"   # --shard: this rank's {name, exp_avg/name, ...} slices
+
+
+def local(t):
+    """This process's slice of a sharded (FSDP2 DTensor) tensor; the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def like(p, x):
+    """`x` (this rank's slice) as a tensor sharded like parameter `p`; `x` itself if `p` is whole."""
+    if not hasattr(p, "to_local"):
+        return x
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(x, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
+
+
+def gathered_weights(model):
+    """The whole state dict of a --shard model on rank 0's CPU ({} on the other ranks); every rank
+    must call it (it all-gathers one unit at a time). Tied weights (the world's embeddings and LM
+    head) share one tensor again, so save_pretrained drops the alias as for an unsharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    first = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        k0 = first.setdefault(id(v), k)
+        if k in whole and k0 in whole:
+            whole[k] = whole[k0]
+    return whole
 
 
 def gather_rng(world, device):
@@ -32,26 +70,48 @@ def gather_rng(world, device):
     return out
 
 
-def save_state(folder, model, tok, opt, params, args, step, extra, meta):
-    """Weights + trainer_state.safetensors into `folder`. LoRA: a peft adapter; --full: a
-    safetensors model folder when complete, one flat tensor file in a checkpoint."""
-    if args.full and meta["complete"] == "1":
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-    elif args.full:
-        lora.save_safetensors(os.path.join(folder, FULL_CKPT), params)
-    else:
-        lora.save_adapter(model, folder, base_name=args.model)
+def save_state(folder, rank, model, tok, opt, params, args, step, extra, meta):
+    """Weights + trainer_state.safetensors into `folder`, written by rank 0. LoRA: a peft adapter;
+    --full: a safetensors model folder when complete, one flat tensor file in a checkpoint.
+    --shard (call on every rank): in a checkpoint each rank writes its slices of the weights and
+    moments; when complete, the weights are gathered into the model folder, and the trainer state
+    keeps no moments (nothing reads a full model's: GRAIT preconditions LoRA gradients only)."""
+    complete = meta["complete"] == "1"
     moments = {k: (opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])
                for k, p in params.items() if p in opt.state}
+    whole = None
+    if args.shard and complete:
+        whole = gathered_weights(model)
+    elif args.shard:
+        lora.save_safetensors(os.path.join(folder, SHARD_CKPT.format(rank)), {
+            **{k: local(p) for k, p in params.items()},
+            **{f"exp_avg/{k}": local(m) for k, (m, _) in moments.items()},
+            **{f"exp_avg_sq/{k}": local(v) for k, (_, v) in moments.items()}})
+    if args.shard:
+        moments = {}
+    if rank != 0:
+        return
+    if args.full and complete:
+        model.save_pretrained(folder, state_dict=whole)
+        tok.save_pretrained(folder)
+    elif args.full and not args.shard:
+        lora.save_safetensors(os.path.join(folder, FULL_CKPT), params)
+    elif not args.full:
+        lora.save_adapter(model, folder, base_name=args.model)
     lora.save_trainer_state(os.path.join(folder, lora.TRAINER_STATE), moments, step, extra, meta)
 
 
-def write_checkpoint(out_dir, *state):
-    """Write checkpoint.tmp, then swap it in (checkpoint.old survives a crash mid-swap)."""
+def write_checkpoint(out_dir, rank, *state):
+    """Write checkpoint.tmp, then swap it in (checkpoint.old survives a crash mid-swap). Every
+    rank calls it: rank 0 writes, and under --shard every rank writes its shard first."""
     ck, tmp, old = (os.path.join(out_dir, "checkpoint" + x) for x in ("", ".tmp", ".old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_state(tmp, *state)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    save_state(tmp, rank, *state)
+    barrier()
+    if rank != 0:
+        return
     if os.path.isdir(ck):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(ck, old)
@@ -59,14 +119,17 @@ def write_checkpoint(out_dir, *state):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(out_dir, key, args, model, opt, params, rank):
+def resume(out_dir, key, args, model, opt, params, rank, world):
     """Load the checkpoint's weights, Adam moments and this rank's RNG state when it was made with
-    the same arguments (or with --resume). Returns (steps done, {epoch: saved data order})."""
+    the same arguments (or with --resume); --shard: this rank's slices. Returns (steps done,
+    {epoch: saved data order})."""
     from safetensors.torch import load_file
     ck = None
+    weights_file = FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS
+    shards = [SHARD_CKPT.format(r) for r in range(world)] if args.shard else [weights_file]
     for d in ("checkpoint", "checkpoint.old"):    # the newest whole one (a kill, a full disk)
         d = os.path.join(out_dir, d)
-        names = [lora.TRAINER_STATE, FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS]
+        names = [lora.TRAINER_STATE, *shards]     # every rank checks every shard: same choice
         if not os.path.isfile(os.path.join(d, names[0])):
             continue
         problem = files.files_problem(d, names)
@@ -82,17 +145,20 @@ def resume(out_dir, key, args, model, opt, params, rank):
     if meta.get("run_key") != key and not args.resume:
         print(f"[resume] {ck}: made with other arguments, starting over", file=sys.stderr)
         return 0, {}
-    wfile = os.path.join(ck, FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS)
+    wfile = os.path.join(ck, SHARD_CKPT.format(rank) if args.shard else weights_file)
     weights = load_file(wfile) if os.path.isfile(wfile) else {}
+    moments = weights if args.shard else t        # --shard: the moments sit beside the weights
     state = opt.state_dict()
     for i, (k, p) in enumerate(params.items()):
-        if k not in weights or weights[k].shape != p.shape or f"exp_avg/{k}" not in t:
-            raise files.InputError(f"{wfile}: no tensor {k} of shape {tuple(p.shape)} "
-                                   "(checkpoint of another model or mode)")
+        mine = local(p)
+        if k not in weights or weights[k].shape != mine.shape or f"exp_avg/{k}" not in moments:
+            raise files.InputError(f"{wfile}: no tensor {k} of shape {tuple(mine.shape)} "
+                                   "(checkpoint of another model, mode or process count)")
         with torch.no_grad():
-            p.copy_(weights[k])
+            mine.copy_(weights[k])
         state["state"][i] = {"step": torch.tensor(float(t["step"])),
-                             "exp_avg": t[f"exp_avg/{k}"], "exp_avg_sq": t[f"exp_avg_sq/{k}"]}
+                             "exp_avg": like(p, moments[f"exp_avg/{k}"]),
+                             "exp_avg_sq": like(p, moments[f"exp_avg_sq/{k}"])}
     opt.load_state_dict(state)
     torch.set_rng_state(t[f"rng/cpu/{rank}"])
     if torch.cuda.is_available() and f"rng/cuda/{rank}" in t:
