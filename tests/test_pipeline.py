@@ -336,6 +336,39 @@ def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
                                             *pipeline.LESS_WARMUP]
 
 
+def test_token_rows_build_their_method_set_and_fine_tune_per_token():
+    """Issue 27: cor-token / craft-token run their method's construct command into their own
+    folder (the same training set), fine-tune it with --loss-reduction token, evaluate it, and
+    feed the report; the cor and craft rows' commands do not change."""
+    import types
+    import evaluate
+    import pipeline
+    root, R = "runs/world", "runs/world/oeqa/s0"
+    paths = ("runs/world/model", "runs/world/oeqa/train.jsonl", "shots", "id.jsonl", "ood.jsonl",
+             "option")
+    a = types.SimpleNamespace(model="world", until="all", construct_args="", stage_args="",
+                              eval_args="", methods=list(pipeline.TOKEN_ROWS))
+
+    def argvs(m):
+        return {label.split(" ", 1)[1].replace(m, "<m>"): cmd[2:] for label, cmd, _, _ in
+                pipeline.method(a, root, "oeqa", 0, paths, m)}
+    assert evaluate.LOSS_ABLATIONS == tuple(pipeline.TOKEN_ROWS)          # each a report row
+    report_inputs = pipeline.report(a, root, "oeqa", 0, paths)[0][3]
+    for row, base in pipeline.TOKEN_ROWS.items():
+        got, ref = argvs(row), argvs(base)
+        assert list(got) == list(ref)
+        assert got["construct <m>"] == [x.replace(f"/{base}/", f"/{row}/")
+                                        for x in ref["construct <m>"]]
+        assert got["construct <m>"][1] == base
+        assert got["finetune <m>"] == [x.replace(f"/{base}/", f"/{row}/")
+                                       for x in ref["finetune <m>"]] + ["--loss-reduction", "token"]
+        assert "--loss-reduction" not in ref["finetune <m>"]
+        for s in ("id", "ood"):
+            assert got[f"evaluate <m> {s}"] == [x.replace(f"/{base}/", f"/{row}/")
+                                                 for x in ref[f"evaluate <m> {s}"]]
+            assert f"{R}/{row}/pred_{s}.jsonl" in report_inputs
+
+
 def test_grait_less_trains_the_less_warmup_and_builds_on_it(tmp_path, small_world):
     """`--methods grait-less` on the small world (MCQA, up to construct): the LESS warm-up is a
     LoRA r 128, alpha 512, dropout 0.1 on q/k/v/o (its adapter_config.json), trained on the

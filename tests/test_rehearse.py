@@ -51,6 +51,21 @@ def test_selection_draws_from_qualified_and_fills_up_when_short():
     assert R.select_rehearsal(items, states, 2, seed=0) == R.select_rehearsal(items, states, 2, seed=0)
 
 
+def test_rehearsal_makeup_counts_passed_items_and_fill_ups():
+    """Issue 27: the qualified items come first in the chosen list, the fill-ups after them."""
+    items = [oe(f"q{i}") for i in range(6)]
+    states = {"q0": {"mu": 1.0, "sigma": 1.0}, "q1": {"mu": 1.0, "sigma": 1.0},
+              "q2": {"mu": 0.9, "sigma": 0.5}, "q3": {"mu": 0.9, "sigma": 0.8},
+              "q4": {"mu": 0.1, "sigma": 0.9}, "q5": {"mu": 0.6, "sigma": 0.2}}
+    chosen, n_ok = R.select_rehearsal(items, states, 5, seed=0)
+    m = R.rehearsal_makeup(chosen, n_ok, states, 5)
+    assert (m["qualified"], m["used"], m["passed_filter"], m["fill_ups"]) == (2, 5, 2, 3)
+    assert m["passed_mu"] == {"mean": 1.0, "min": 1.0, "max": 1.0}
+    assert m["fill_up_mu"]["min"] == 0.6 and m["fill_up_mu"]["mean"] == pytest.approx(2.4 / 3)
+    m = R.rehearsal_makeup(*R.select_rehearsal(items, states, 2, seed=0), states, 2)
+    assert (m["passed_filter"], m["fill_ups"], m["fill_up_mu"]) == (2, 0, None)
+
+
 def test_knowledge_flow_formula():
     """CRaFT's knowledge flow dmu = mu(M~) - mu(M0) (SPEC 3; SPEC 0: not `Cor(M~) - Cer(M0)`),
     on hand-computed cases: a rise first, then falls, no change and the extremes."""
