@@ -309,6 +309,17 @@ def seed_table(title, what_varies, folders):
                               and r[split]["rows"].get(row, {}).get("rates", {}).get(k) is not None])
                      for split in ("id", "ood") for k in ("pc", "pw", "pr", "ths")]
             lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+        # issue 27: ranking by confidence, and refusal recall against Init-Basic's answers
+        lines += ["", "| method | ID AP | ID AUROC | OOD AP | OOD AUROC | ID refusal recall |",
+                  "|---|---|---|---|---|---|"]
+        for row in rows:
+            e = [(r.get(split) or {}).get("rows", {}).get(row, {}) for r in res
+                 for split in ("id", "ood")]
+            cells = [mean_sd([x[k] for x in e[i::2] if x.get(k) is not None])
+                     for i in (0, 1) for k in ("ap", "auroc")]
+            cells.append(mean_sd([x["quadrants_init"]["refusal_recall"] for x in e[0::2]
+                                  if x.get("quadrants_init", {}).get("refusal_recall") is not None]))
+            lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
         # CRaFT's static conflicts (IdK examples whose fact M0 answers correctly, greedy BASIC) and
         # the ID quadrants against Init-Basic's answers (evaluate.py)
         lines += ["", "| method | IdK set: M0 knows | ID over-refusal | ID hallucination | "

@@ -177,6 +177,27 @@ def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
     assert "| **wall** |" in (tmp_path / "times.md").read_text()
 
 
+def test_seed_table_gives_ap_auroc_and_refusal_recall_over_runs(tmp_path):
+    """Issue 27: the mean ± std table over seeds or worlds has each row's AP and AUROC (ID, OOD)
+    and ID refusal recall; runs without a value (no confidences) leave it out."""
+    import pipeline
+
+    def row(k, ap):
+        return {"rates": {"pc": 1.0, "pw": 2.0, "pr": 3.0, "ths": 4.0}, "ap": ap, "auroc": 50.0 + k,
+                "quadrants_init": {"over_refusal": 1.0, "hallucination": 2.0,
+                                   "refusal_precision": 3.0, "refusal_recall": 10.0 * (k + 1)}}
+    dirs = []
+    for k in range(2):
+        dirs.append(str(tmp_path / f"r{k}"))
+        files.write_json(os.path.join(dirs[-1], "results.json"), {
+            "id": {"rows": {"init_basic": row(k, 60.0 + k), "craft": row(k, None)}},
+            "ood": {"rows": {"init_basic": row(k, 70.0), "craft": row(k, 80.0)}}})
+    md = pipeline.seed_table("t", "x", {"mcqa": dirs})
+    assert "| method | ID AP | ID AUROC | OOD AP | OOD AUROC | ID refusal recall |" in md
+    assert "| Init-Basic | 60.5 ± 0.7 | 50.5 ± 0.7 | 70.0 ± 0.0 | 50.5 ± 0.7 | 15.0 ± 7.1 |" in md
+    assert "| craft | - | 50.5 ± 0.7 | 80.0 ± 0.0 | 50.5 ± 0.7 | 15.0 ± 7.1 |" in md
+
+
 def test_run_command_prints_runs_and_names_a_failure(capsys):
     """The one entry point: the printed line is what runs (environment settings first), and a
     failure is one InputError naming the command and its exit status."""
