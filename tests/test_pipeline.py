@@ -306,19 +306,25 @@ def test_make_all_model_smollm2_runs_the_readme_command_and_each_default_can_be_
     assert "--limit 0" in r.stdout and "--finetune-args" not in r.stdout   # the world: none
 
 
+def world_rows(task, methods):
+    """(pipeline arguments, root, run folder, task paths) of the world's seed-0 run of `task`,
+    for pipeline.method() without running anything."""
+    import types
+    paths = ("runs/world/model", f"runs/world/{task}/train.jsonl", "shots", "id.jsonl",
+             "ood.jsonl", "option")
+    a = types.SimpleNamespace(model="world", until="all", construct_args="", stage_args="",
+                              eval_args="", methods=methods)
+    return a, "runs/world", f"runs/world/{task}/s0", paths
+
+
 def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
     """Issue 15: each GRAIT ablation row is `construct.py --method grait` with its flags into its
     own folder, then finetune and evaluate there, and a report input; grait-less first trains
     the LESS warm-up (SPEC 5.3 step 1) on the rehearsal set and builds on it. The default grait
     row's commands are what they were before the rows existed."""
-    import types
     import evaluate
     import pipeline
-    root, R = "runs/world", "runs/world/mcqa/s0"
-    paths = ("runs/world/model", "runs/world/mcqa/train.jsonl", "shots", "id.jsonl", "ood.jsonl",
-             "option")
-    a = types.SimpleNamespace(model="world", until="all", construct_args="", stage_args="",
-                              eval_args="", methods=list(pipeline.GRAIT_ROWS))
+    a, root, R, paths = world_rows("mcqa", list(pipeline.GRAIT_ROWS))
 
     def argvs(m):
         return {label.split(" ", 1)[1]: cmd[2:] for label, cmd, _, _ in
@@ -361,14 +367,9 @@ def test_token_rows_build_their_method_set_and_fine_tune_per_token():
     """Issue 27: cor-token / craft-token run their method's construct command into their own
     folder (the same training set), fine-tune it with --loss-reduction token, evaluate it, and
     feed the report; the cor and craft rows' commands do not change."""
-    import types
     import evaluate
     import pipeline
-    root, R = "runs/world", "runs/world/oeqa/s0"
-    paths = ("runs/world/model", "runs/world/oeqa/train.jsonl", "shots", "id.jsonl", "ood.jsonl",
-             "option")
-    a = types.SimpleNamespace(model="world", until="all", construct_args="", stage_args="",
-                              eval_args="", methods=list(pipeline.TOKEN_ROWS))
+    a, root, R, paths = world_rows("oeqa", list(pipeline.TOKEN_ROWS))
 
     def argvs(m):
         return {label.split(" ", 1)[1].replace(m, "<m>"): cmd[2:] for label, cmd, _, _ in
