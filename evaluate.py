@@ -35,9 +35,18 @@ THS = Pc - Pw * Pc0/Pw0 against Init-Basic on the same items, in percentage poin
 Init-Basic so THS's reference is resampled with it; drawn as multinomials over the (subject,
 Init-Basic label, label) table, which is exactly a resample of items.
 Quadrants (ours): known = Init-Basic answered correctly (or, on the world, meta.exposure >=
---known-exposure); over-refusal = % refused among known, hallucination = % wrong among unknown,
-refusal precision = % of refusals that fall on unknown items. "Unknown" is "not correct", so the
+--known-exposure; on geo facts, meta.log_pop >= --known-log-pop); over-refusal = % refused among
+known, hallucination = % wrong among unknown, refusal precision = % of refusals that fall on
+unknown items, refusal recall = % of unknown items refused. "Unknown" is "not correct", so the
 rare Init-Basic refusal or parse failure counts as unknown.
+Ranking (issue 27): each prediction records `confidence`, the mean log-probability of its greedy
+answer's tokens (answer_confidence, taken in the generation pass). AP and AUROC rank all test
+items of a row by it, a refusal below every answer (ranking_scores), label = correct: AP as
+R-Tuning's (kernels/ths.py average_precision), AUROC with ties counted one half (auroc); pooled
+over items (no macro average), in %.
+Row labels (issue 27): each row is named with the choices it was made with, read from its
+construct and finetune configs (row_variant, row_label); report.md also gives the rehearsal set's
+make-up (rehearsal/flow_summary.json).
 """
 import argparse
 import glob
@@ -51,18 +60,20 @@ from rait import files
 from rait import models
 from rait import runs
 from rait.files import InputError
-from kernels.ths import paired_diff, percentile_ci, BOOTSTRAP, bootstrap_ci, quadrants, rates, summarize, ths_svg
+from kernels.ths import (BOOTSTRAP, auroc, average_precision, bootstrap_ci, paired_diff,
+                         percentile_ci, quadrants, rates, summarize, ths_svg)
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
 LABELS = ("correct", "wrong", "refuse", "unparsed")
 GRAIT_ABLATIONS = ("grait-code", "grait-uniform", "grait-released", "grait-less")   # issue 15,
                                                         # pipeline.py GRAIT_ROWS: run when asked
+LOSS_ABLATIONS = ("cor-token", "craft-token")   # issue 27, pipeline.py TOKEN_ROWS: run when asked
 ROWS = ("init_basic", "init_refuse", "van", "cor", "corcer", "wocer", "craft", "grait",
-        *GRAIT_ABLATIONS, "oracle")
+        *GRAIT_ABLATIONS, *LOSS_ABLATIONS, "oracle")
 ROW_NAMES = {"init_basic": "Init-Basic", "init_refuse": "Init-Refuse", "oracle": "Oracle-RAIT"}
 # Rows in a report only where their predictions exist (the world's diagnostic and the ablations);
 # any other row without predictions is reported as missing
-OPTIONAL_ROWS = {"oracle", *GRAIT_ABLATIONS}
+OPTIONAL_ROWS = {"oracle", *GRAIT_ABLATIONS, *LOSS_ABLATIONS}
 SPLITS = ("id", "ood")
 CRSS_TAU = 0.97            # SPEC 7: CRSS's headline tau_sim (construct.py computes it)
 KNOWN_EXPOSURE = 8          # DESIGN: world greedy accuracy is ~0.5 at 8-15 exposures per epoch
@@ -167,9 +178,12 @@ def newline_ids(tok):
 
 def generate(model, tok, prompts, max_new, stops, line_ids=()):
     """Greedy continuations of rendered prompts, left-padded in one batch, cut at a stop id.
-    With line_ids (line-break tokens) a row also stops at a line break that follows content."""
+    With line_ids (line-break tokens) a row also stops at a line break that follows content.
+    Returns (texts, confidences): a confidence is answer_confidence() of the row, from the
+    log-probabilities recorded in the same generation pass (no second forward pass)."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
+        StoppingCriteriaList
     from kernels.lm import left_pad
     ids, mask, _ = left_pad([models.encode(tok, p) for p in prompts], tok.pad_token_id,
                             model.device)   # generate() derives positions from the mask
@@ -179,15 +193,42 @@ def generate(model, tok, prompts, max_new, stops, line_ids=()):
     class LineEnd(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
             return line_done(input_ids[:, L:], nl)
+
+    steps = []      # per step [B]: log p of the greedy token (the last processor, so the argmax)
+
+    class ChosenLogProb(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            x = scores.float()
+            steps.append((x.max(-1).values - x.logsumexp(-1)).cpu())
+            return scores
     out = model.generate(input_ids=ids, attention_mask=mask,
                          do_sample=False, max_new_tokens=max_new, eos_token_id=stops,
                          pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
+                         logits_processor=LogitsProcessorList([ChosenLogProb()]),
                          stopping_criteria=StoppingCriteriaList([LineEnd()] if line_ids else []))
-    texts = []
-    for row in out[:, L:].tolist():
+    logp = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    texts, confidences = [], []
+    for row, lp in zip(out[:, L:].tolist(), logp):
         cut = next((j for j, t in enumerate(row) if t in stops), len(row))
         texts.append(tok.decode(row[:cut], skip_special_tokens=True))
-    return texts
+        confidences.append(answer_confidence(row, lp, set(stops), set(line_ids)))
+    return texts, confidences
+
+
+def answer_confidence(row, logp, stops, line_ids=()):
+    """The model's confidence in its greedy answer (issue 27; ours, the cheapest faithful one):
+    the mean log-probability of the answer's tokens, row[j] with logp[j] = log p(row[j] | the
+    prompt and row[:j]). The answer runs up to the first stop id or, with line_ids (raw-prompt
+    models, --newline-stop), up to the first line break after content; that ending token is not
+    part of it. An answer that ends at once is scored by its ending token."""
+    end, content = len(row), False
+    for j, t in enumerate(row):
+        if t in stops or (t in line_ids and content):
+            end = j
+            break
+        content = content or t not in line_ids
+    end = max(end, 1)
+    return sum(logp[:end]) / end
 
 
 def line_done(new, line_ids):
@@ -233,16 +274,18 @@ def answer(args):
     def fn(batch, _seed):
         rows = []
         with torch.inference_mode():
-            texts = generate(model, tok, [prompts[it["id"]] for it in batch], max_new, stops,
-                             line_ids)
+            texts, conf = generate(model, tok, [prompts[it["id"]] for it in batch], max_new,
+                                   stops, line_ids)
             texts = [first_line(t) if newline else t for t in texts]
-        for it, text in zip(batch, texts):
+        for it, text, c in zip(batch, texts, conf):
             lab, letter = label_response(it, text, args.mcqa_reader, args.strict_refusal)
             rows.append({"id": it["id"], "response": text, "label": lab, "parsed": letter,
-                         "other_refusal": other_refusal(text) if lab != "refuse" else None})
+                         "other_refusal": other_refusal(text) if lab != "refuse" else None,
+                         "confidence": c})
         return rows
     key = {"args": str(files.stable_hash(args.model, args.adapter, args.prompt, args.mcqa_reader,
-                                         max_new, args.strict_refusal, args.batch_size, newline)),
+                                         max_new, args.strict_refusal, args.batch_size, newline,
+                                         "confidence")),   # batches from before issue 27 lack it
            **{name: files.digest(path) for name, path in (
                ("items", args.items), ("model", args.model), ("adapter", args.adapter))}}
     rows = runs.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key)
@@ -299,6 +342,74 @@ def meta_known(items, field, threshold):
     return np.array(values) >= threshold
 
 
+def ranking_scores(preds):
+    """The scores AP and AUROC rank by (issue 27): an answer's confidence (answer_confidence), and
+    for a refusal -inf, below every answer (all refusals tied). None when an answered prediction
+    has no confidence (predictions made before issue 27)."""
+    if any(p["label"] != "refuse" and p.get("confidence") is None for p in preds):
+        return None
+    return np.array([-np.inf if p["label"] == "refuse" else p["confidence"] for p in preds])
+
+
+def stage_args(path):
+    """The `args` of a stage config (files.write_config), {} when there is none."""
+    if not os.path.isfile(path):
+        return {}
+    c = files.read_json(path, "stage config")
+    return (c.get("args") if isinstance(c, dict) else None) or {}
+
+
+def row_variant(d, r):
+    """The choices a row was made with (issue 27), read from its construct config
+    (<row>/train.jsonl.config.json) and its finetune config (<row>/adapter.config.json): the
+    method; CRaFT's and w/o Cer's flow rule (SPEC 9 #1); GRAIT's selection, weight variant (and
+    any sign or scale override) and warm-up (SPEC 9 #7, #8, #10); the loss reduction (SPEC 9 #11;
+    `example` for adapters trained before the flag existed). Init rows: their prompt."""
+    if r.startswith("init_"):
+        return {"prompt": r[len("init_"):]}
+    c = stage_args(os.path.join(d, r, "train.jsonl.config.json"))
+    f = stage_args(os.path.join(d, r, "adapter.config.json"))
+    v = {"method": c["method"]} if "method" in c else {}
+    if c.get("method") in ("craft", "wocer"):
+        v["flow_rule"] = c.get("flow_rule", "le0")
+    if c.get("method") == "grait":
+        warm = os.path.basename(os.path.dirname(os.path.normpath(c.get("warmup") or "")))
+        v.update(select=c.get("grait_select"), weights=c.get("grait_weights"),
+                 weight_sign=c.get("grait_weight_sign"), weight_scale=c.get("grait_weight_scale"),
+                 warmup=WARMUP_NAMES.get(warm, warm))
+    if f:
+        v["loss_reduction"] = f.get("loss_reduction", "example")
+    return v
+
+
+WARMUP_NAMES = {"rehearsal": "rehearsal", "less-warmup": "LESS"}   # pipeline.py's warm-up folders
+FLOW_RULES = {"le0": "flow dmu <= 0", "strict": "flow dmu < 0"}   # construct.py --flow-rule
+
+
+def row_label(r, v):
+    """A report row's name with its choices, e.g. `grait (greedy, inferred w, rehearsal
+    warm-up)`, `craft (flow dmu <= 0)`, `cor-token (per-token loss)`; the bare name when its
+    configs are absent."""
+    parts = [FLOW_RULES.get(v["flow_rule"], v["flow_rule"])] if "flow_rule" in v else []
+    if v.get("method") == "grait":
+        parts += [v["select"], f"{v['weights']} w", f"{v['warmup']} warm-up"]
+        parts += [f"weight {k} {v['weight_' + k]}" for k in ("sign", "scale")
+                  if v.get("weight_" + k) is not None]
+    if v.get("loss_reduction") == "token":
+        parts.append("per-token loss")
+    name = ROW_NAMES.get(r, r)
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def rehearsal_makeup(d):
+    """The rehearsal set's make-up from <d>/rehearsal/flow_summary.json (rehearse.py), or None."""
+    path = os.path.join(d, "rehearsal", "flow_summary.json")
+    if not os.path.isfile(path):
+        return None
+    s = files.read_json(path, "rehearsal summary")
+    return s.get("rehearsal") if isinstance(s, dict) else None
+
+
 def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP,
                   known_log_pop=KNOWN_LOG_POP):
     """results.json entry of one split: per row rates (macro and micro), THS, CIs, quadrants."""
@@ -331,7 +442,13 @@ def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP,
             point["ths"], micro["ths"], ci["ths"] = None, None, None
         names = [LABELS[v] for v in y]
         others = [other_refusal(p["response"]) for p in preds[r] if p["label"] != "refuse"]
-        res = {"file": found[r], "rates": point, "micro": micro, "ci95": ci,
+        scores, correct = ranking_scores(preds[r]), y == 0
+        ap, roc = ((None, None) if scores is None else
+                   (average_precision(scores, correct), auroc(scores, correct)))
+        variant = row_variant(d, r)
+        res = {"file": found[r], "label": row_label(r, variant), "variant": variant,
+               "rates": point, "micro": micro, "ci95": ci,
+               "ap": None if ap is None else 100 * ap, "auroc": None if roc is None else 100 * roc,
                "counts": dict(zip(LABELS, map(int, np.bincount(y, minlength=4)))),
                "other_refusals": {k: others.count(k) for k in sorted(set(others) - {None})}}
         if init is not None:
@@ -446,7 +563,9 @@ def md_table(res, cols, cell):
             e = (res.get(s) or {}).get("rows", {}).get(r)
             cells += ([cell(e, c) for c in cols] if e else
                       [f"missing: {r}/pred_{s}.jsonl"] + ["-"] * (len(cols) - 1))
-        lines.append(f"| {ROW_NAMES.get(r, r)} | " + " | ".join(cells) + " |")
+        label = next((x["rows"][r]["label"] for x in res.values() if x and r in x["rows"]),
+                     ROW_NAMES.get(r, r))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -484,14 +603,22 @@ def sets_md(sets, reliability):
     return lines
 
 
-def report_md(d, res, sets=None, reliability=None):
-    """report.md: the paper's table (SPEC 8.1 layout) with 95% intervals, then our analyses."""
+def report_md(d, res, rehearsal=None, sets=None, reliability=None):
+    """report.md: the paper's table (SPEC 8.1 layout) with 95% intervals, then our analyses.
+    res: split_results() per split; rehearsal: rehearsal_makeup(d); sets: set_summaries(d);
+    reliability: flow_reliability(d)."""
     lines = [f"# Results: {d}", ""]
     for s in SPLITS:
         x = res.get(s)
         lines.append(f"- {s.upper()} test: " + ("no predictions" if not x else
                      f"`{x['items']}`, {x['n']} {x['task']} items, " +
                      (f"macro-average over {x['subjects']} subjects" if x["macro"] else "micro")))
+    if rehearsal:
+        lines.append(f"- Rehearsal set (rehearse.py, SPEC 3): {rehearsal['used']} items, " + (
+            f"{rehearsal['passed_filter']} passed the SPEC 3 filter ({rehearsal['qualified']} "
+            f"qualified) and {rehearsal['fill_ups']} are fill-ups (the best of the rest by mu, "
+            "then sigma)" if "fill_ups" in rehearsal else
+            f"{rehearsal['qualified']} qualified (fill-ups not recorded: made before issue 27)"))
     main = {"Pc": "pc", "Pw": "pw", "Pr": "pr", "THS": "ths"}
     lines += ["", "Rates in % of all test items with bootstrap 95% intervals; THS against "
               "Init-Basic of the same test set (SPEC 7).", ""] + md_table(
@@ -505,8 +632,14 @@ def report_md(d, res, sets=None, reliability=None):
     lines += ["", "Micro rates and parse failures (%); other refusal phrasings among the "
               "non-refused responses (SPEC 9 #14, counts).", ""] + md_table(
         res, list(extra), lambda e, c: extra[c](e))
+    rank = {"AP": "ap", "AUROC": "auroc"}
+    lines += ["", "Ranking (issue 27, %): answers ranked by the model's confidence (mean token "
+              "log-probability of its greedy answer), a refusal below every answer; label = "
+              "correct. AP as R-Tuning's, AUROC with ties counted one half; n/a where the "
+              "predictions carry no confidence or one class is empty.", ""] + md_table(
+        res, list(rank), lambda e, c: fmt(e.get(rank[c])))
     quad = {"over-refusal": "over_refusal", "hallucination": "hallucination",
-            "refusal precision": "refusal_precision"}
+            "refusal precision": "refusal_precision", "refusal recall": "refusal_recall"}
     known_exp, known_pop = (next((x[k] for x in res.values() if x and k in x), None)
                             for k in ("known_exposure", "known_log_pop"))
     for q, title in (("quadrants_init", "known = Init-Basic answered correctly"),
@@ -514,9 +647,10 @@ def report_md(d, res, sets=None, reliability=None):
                      ("quadrants_popularity", f"known = popular, meta.log_pop >= {known_pop}")):
         if any(q in e for x in res.values() if x for e in x["rows"].values()):
             lines += ["", f"Knowledge quadrants, {title} (%): over-refusal = refused among known, "
-                      "hallucination = wrong among unknown, precision = refusals on unknown items.",
-                      ""] + md_table(res, list(quad), lambda e, c: fmt(e[q][quad[c]]) if q in e
-                                     else "-")
+                      "hallucination = wrong among unknown, precision = refusals on unknown items, "
+                      "recall = unknown items refused.",
+                      ""] + md_table(res, list(quad), lambda e, c: fmt(e[q].get(quad[c]))
+                                     if q in e else "-")
     if any("vs_cor" in e for x in res.values() if x for e in x["rows"].values()):
         lines += ["", "Every method minus Cor-RAIT: THS difference with a paired bootstrap 95% "
                   "interval (the same test items resampled for both, and for Init-Basic).", ""]
@@ -536,10 +670,12 @@ def report(args):
                             args.bootstrap, args.known_log_pop) for s in SPLITS}
     if not any(res.values()):
         raise InputError(f"{d}: no <method>/pred_{{id,ood}}.jsonl files")
-    sets, reliability = set_summaries(d), flow_reliability(d)
+    rehearsal, sets, reliability = rehearsal_makeup(d), set_summaries(d), flow_reliability(d)
     files.write_json(os.path.join(d, "results.json"),
-                     {**res, "sets": sets, "flow_reliability": reliability})
-    files.atomic_write_text(os.path.join(d, "report.md"), report_md(d, res, sets, reliability))
+                     {**res, **({"rehearsal": rehearsal} if rehearsal else {}), "sets": sets,
+                      "flow_reliability": reliability})
+    files.atomic_write_text(os.path.join(d, "report.md"),
+                            report_md(d, res, rehearsal, sets, reliability))
     points = [(ROW_NAMES.get(r, r), s, e["rates"]["pc"], e["rates"]["pw"])
               for s in SPLITS if res[s] for r, e in res[s]["rows"].items()]
     refs = {s: (res[s]["rows"]["init_basic"]["rates"]["pc"],
@@ -547,7 +683,7 @@ def report(args):
             for s in SPLITS if res[s] and "init_basic" in res[s]["rows"]}
     files.atomic_write_text(os.path.join(d, "ths.svg"),
                             ths_svg(points, refs, f"THS plane: {os.path.abspath(d)}"))
-    print(report_md(d, res, sets, reliability))
+    print(report_md(d, res, rehearsal, sets, reliability))
 
 
 def parse_args(argv=None):

@@ -24,6 +24,11 @@ Implementation details, and where we differ from the released xtuner runs (SPEC 
 - no packing (SPEC 9 #11): one example per row, batches grouped by length (seeded); the loss is
   the per-example token-mean cross-entropy times the example's weight, averaged over the examples
   of the optimizer step (so N processes x accumulation k == 1 process x accumulation N*k).
+  The released CRaFT-family runs pack examples into 2,048-token sequences and take a per-token
+  mean, so a 3-token `I don't know.` target weighs about twice a letter answer; `--loss-reduction
+  token` reproduces that weighting: sum of w_i x token CE over the step's target tokens / their
+  number (weighted_loss; issue 27). Packing's other effect, attention across the examples of a
+  pack (xtuner masks none), is not reproduced.
 - left padding + `logits_to_keep`: the LM head and the cross-entropy run on target positions only.
 - LoRA weights in fp32 with bf16 autocast on GPU (no 4-bit base, no fp16 loss scale); fp32 on CPU.
 - warm-up: linear from 1e-5 x lr over int(ratio x steps) steps, then cosine to 0 (xtuner);
@@ -59,6 +64,7 @@ SCHEDULES = ("cosine", "linear")   # after warm-up: SPEC 6 xtuner cosine; SPEC 5
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 64, 16, 0.1   # SPEC 6 QLoRA recipe
 MAX_LEN = 2048          # SPEC 6 sequence length
 MEGABATCH = 16          # global batches per length-sorting window (HF's LengthGroupedSampler: 50)
+LOSS_REDUCTIONS = ("example", "token")   # SPEC 9 #11 (ours, GRAIT's unpacked runs); SPEC 6 packed
 
 
 def add_train_args(parser):
@@ -86,6 +92,10 @@ def add_train_args(parser):
     a("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     a("--max-len", type=int, default=MAX_LEN,
       help="longest example in tokens; longer ones lose tokens from the left of the prompt")
+    a("--loss-reduction", choices=LOSS_REDUCTIONS, default="example",
+      help="example (SPEC 9 #11): per-example token-mean CE x weight, averaged over the step's "
+           "examples; token: sum of weight x token CE over the step's target tokens / their "
+           "number, the per-token weighting of the released packed xtuner runs (SPEC 6, issue 27)")
     a("--full", action="store_true", help="fine-tune all weights instead of LoRA (OEQA recipe)")
     a("--shard", action="store_true", help="with --full under torchrun: shard weights, gradients "
       "and Adam moments over the processes (torch FSDP2 fully_shard, one unit per decoder layer, "
@@ -137,6 +147,8 @@ def run_key(args, examples, world):
     """Identifies a training run: its model, training arguments, data and process count."""
     dests = {x.dest for x in add_train_args(argparse.ArgumentParser())._actions} - NOT_IN_KEY
     cfg = {k: getattr(args, k) for k in sorted(dests) if k != "help"}
+    if cfg.get("loss_reduction") == "example":
+        del cfg["loss_reduction"]    # the default keeps the key it had before the flag existed
     data = "".join(files.dumps(e) for e in examples)
     return str(files.stable_hash(args.model, files.digest(args.model),     # issue 17: contents
                                  json.dumps(cfg, sort_keys=True), data, world))
@@ -226,8 +238,9 @@ def collate(enc, idx, weights, pad_id, device):
     return b
 
 
-def example_losses(model, b):
-    """Per-example token-mean cross-entropy over target tokens (SPEC 9 #11), shape [batch]."""
+def example_ce(model, b):
+    """Per-example cross-entropy summed over its target tokens, and its number of target tokens:
+    two tensors of shape [batch]."""
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                 position_ids=b["position_ids"], logits_to_keep=b["keep"], use_cache=False)
     logits = out.logits[:, :-1].float()
@@ -235,7 +248,31 @@ def example_losses(model, b):
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1),
                          ignore_index=-100, reduction="none").view_as(gold)
     mask = (gold != -100).float()
-    return (ce * mask).sum(1) / mask.sum(1)
+    return (ce * mask).sum(1), mask.sum(1)
+
+
+def example_losses(model, b):
+    """Per-example token-mean cross-entropy over target tokens (SPEC 9 #11), shape [batch]."""
+    ce_sum, n_tokens = example_ce(model, b)
+    return ce_sum / n_tokens
+
+
+def weighted_loss(ce_sum, n_tokens, weight, reduction, step_examples, step_tokens):
+    """The loss of some of an optimizer step's examples (their part of the step's loss), from
+    each example's summed target-token CE, target-token count and weight:
+    example (SPEC 9 #11): sum_i w_i * (ce_sum_i / n_tokens_i) / step_examples, each example's
+      token mean, so every example weighs the same whatever its length;
+    token (SPEC 6 packing, issue 27): sum_i w_i * ce_sum_i / step_tokens, every target token of
+      the step weighs the same (the released packed runs' per-token mean over the batch, with
+      w_i on each token of example i), so a longer target weighs more.
+    step_examples / step_tokens: examples and target tokens of the whole step (all micro-batches
+    and processes)."""
+    if reduction == "example":
+        return (weight * (ce_sum / n_tokens)).sum() / step_examples
+    if reduction == "token":
+        return (weight * ce_sum).sum() / step_tokens
+    raise ValueError(f"unknown loss reduction {reduction!r} (expected one of "
+                     f"{', '.join(LOSS_REDUCTIONS)})")
 
 
 def build_model(args, device=None):
@@ -313,6 +350,11 @@ def shard_model(model, device):
     return len(layers)
 
 
+def target_tokens(enc, idx):
+    """Number of target tokens (loss positions) of the examples idx of encode_all's output."""
+    return sum(sum(t != -100 for t in enc[i][1][1:]) for i in idx)
+
+
 def train_step(net, opt, params, enc, weights, gb, lr, args, world, rank, pad, device):
     """One optimizer step on the global batch `gb`; this process takes its micro-batches
     (round-robin). One process runs only real micro-batches. Under DDP every rank must make the
@@ -321,6 +363,7 @@ def train_step(net, opt, params, enc, weights, gb, lr, args, world, rank, pad, d
     Returns (loss, non-pad tokens) of this process's share, and the pre-clip gradient norm."""
     micro = micro_batches(len(gb), args.batch_size, world, rank)
     cuda = device.type == "cuda"
+    step_tokens = target_tokens(enc, gb) if args.loss_reduction == "token" else None
     loss_sum, tokens = torch.zeros((), device=device), 0
     for j, rows in enumerate(micro):
         idx = [gb[i] for i in rows]
@@ -330,10 +373,11 @@ def train_step(net, opt, params, enc, weights, gb, lr, args, world, rank, pad, d
         sync = not hasattr(net, "no_sync") or j == len(micro) - 1
         with contextlib.nullcontext() if sync else net.no_sync():
             with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
-                per_example = example_losses(net, b)
-            # SPEC 9 #11: sum_i w_i * token-mean CE_i / (examples in the step); DDP averages the
-            # gradients over processes, hence the factor `world`
-            loss = (b["weight"] * per_example).sum() * world / len(gb)
+                ce_sum, n_tokens = example_ce(net, b)
+            # SPEC 9 #11 (or --loss-reduction token); DDP averages the gradients over processes,
+            # hence the factor `world`
+            loss = weighted_loss(ce_sum, n_tokens, b["weight"], args.loss_reduction, len(gb),
+                                 step_tokens) * world
             loss.backward()
         loss_sum += loss.detach() / world
         tokens += b["tokens"] if idx else 0

@@ -9,7 +9,8 @@ Per task and seed, in runs/<model-slug>/<task>/s<seed>/ (world seed w > 0: runs/
   probe.py -> probe_init.jsonl; rehearse.py -> rehearsal/; construct.py -> <method>/train.jsonl;
   finetune.py -> <method>/adapter/; evaluate.py -> {init_basic,init_refuse,<method>}/pred_{id,ood}
   .jsonl; evaluate.py --report -> report.md, results.json, ths.svg. The grait-less row first
-  trains the LESS warm-up, finetune.py -> less-warmup/adapter/ (GRAIT_ROWS, LESS_WARMUP).
+  trains the LESS warm-up, finetune.py -> less-warmup/adapter/ (GRAIT_ROWS, LESS_WARMUP); the
+  cor-token and craft-token rows fine-tune with --loss-reduction token (TOKEN_ROWS).
 Each stage runs as the command a user would type, in a subprocess, printed first with any
 environment setting it gets (copy it into a shell at the repository root to make the same file).
 Independent stages (tasks, seeds, methods) run at once, --jobs of them, each with one torch
@@ -53,6 +54,11 @@ GRAIT_ROWS = {
     "grait-released": (["--grait-select", "released"], "rehearsal"),  # SPEC 5.4 quirk (b)
     "grait-less": ([], "less"),                             # SPEC 5.3 step 1: the LESS warm-up
 }
+# Loss-weighting rows (issue 27 ablation): row -> the method whose training set it builds (the same
+# construct.py command into its own folder), fine-tuned with `--loss-reduction token`, the
+# per-token weighting of the released packed runs (SPEC 6), instead of SPEC 9 #11's per-example
+# mean. Run when asked: --methods cor cor-token craft craft-token
+TOKEN_ROWS = {"cor-token": "cor", "craft-token": "craft"}
 # The default warm-up is rehearse.py's adapter (SPEC 9 #10): the pipeline trains it anyway, it is
 # trained on CRaFT's rehearsal set, which is what GRAIT's LESS warm-up was trained on too, and it
 # costs nothing extra. `less` reproduces the released warm-up instead: finetune.py on the same
@@ -208,7 +214,8 @@ def method(a, root, task, seed, paths, m):
     state, flow, adapter = f"{R}/probe_init.jsonl", f"{R}/rehearsal/flow.jsonl", None
     if not m.startswith("init_"):
         train, adapter = f"{R}/{m}/train.jsonl", f"{R}/{m}/adapter"
-        args = ["--method", "grait" if m in GRAIT_ROWS else m, "--items", pool, "--state", state,
+        base = "grait" if m in GRAIT_ROWS else TOKEN_ROWS.get(m, m)
+        args = ["--method", base, "--items", pool, "--state", state,
                 "--flow", flow, "--out", train, "--mcqa-reader", reader, "--seed", str(seed)]
         inputs = [pool, state, flow]
         if world:   # the judgement of what M0 knows, and CRSS with M0 (issue 26)
@@ -234,6 +241,7 @@ def method(a, root, task, seed, paths, m):
             return stages
         args = ["--model", model, "--train", train, "--out", adapter, "--seed", str(seed)]
         args += (WORLD_RECIPE["finetune"][task] if world else []) + shlex.split(a.stage_args)
+        args += ["--loss-reduction", "token"] if m in TOKEN_ROWS else []
         stages.append((f"{tag} finetune {m}", runs.stage_command("finetune.py", args), adapter,
                        [model, train]))
     if a.until in ("construct", "finetune"):
@@ -324,6 +332,17 @@ def seed_table(title, what_varies, folders):
                               and r[split]["rows"].get(row, {}).get("rates", {}).get(k) is not None])
                      for split in ("id", "ood") for k in ("pc", "pw", "pr", "ths")]
             lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+        # issue 27: ranking by confidence, and refusal recall against Init-Basic's answers
+        lines += ["", "| method | ID AP | ID AUROC | OOD AP | OOD AUROC | ID refusal recall |",
+                  "|---|---|---|---|---|---|"]
+        for row in rows:
+            e = [(r.get(split) or {}).get("rows", {}).get(row, {}) for r in res
+                 for split in ("id", "ood")]
+            cells = [mean_sd([x[k] for x in e[i::2] if x.get(k) is not None])
+                     for i in (0, 1) for k in ("ap", "auroc")]
+            cells.append(mean_sd([x["quadrants_init"]["refusal_recall"] for x in e[0::2]
+                                  if x.get("quadrants_init", {}).get("refusal_recall") is not None]))
+            lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
         # every method minus Cor-RAIT over the runs, paired (issue 26)
         if all(r.get("id") and r["id"].get("item_labels") for r in res):
             lines += ["", "Every method minus Cor-RAIT, THS difference averaged over the runs with a "
@@ -380,7 +399,8 @@ def main():
     p.add_argument("--methods", nargs="+", default=None,
                    help="RAIT methods to construct, train and evaluate (default: van cor corcer "
                         "wocer craft grait, and on the world the oracle row); GRAIT's ablation "
-                        f"rows on request: {' '.join(list(GRAIT_ROWS)[1:])} (GRAIT_ROWS)")
+                        f"rows on request: {' '.join(list(GRAIT_ROWS)[1:])} (GRAIT_ROWS); the "
+                        f"loss-weighting rows {' '.join(TOKEN_ROWS)} (TOKEN_ROWS, issue 27)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="pipeline seeds (default: the world's own seed; 0 for a real model)")
     p.add_argument("--worlds", nargs="+", type=int, default=None,
@@ -414,10 +434,11 @@ def main():
         raise files.InputError(f"--data {a.data} needs --model (a chat model hub id or folder)")
     if a.methods is None:
         a.methods = list(PAPER_METHODS) + (["oracle"] if a.model == "world" else [])
-    unknown = [m for m in a.methods if m not in METHODS and m not in GRAIT_ROWS]
+    known = (*METHODS, *GRAIT_ROWS, *TOKEN_ROWS)
+    unknown = [m for m in a.methods if m not in known]
     if unknown:
         p.error(f"--methods: unknown {', '.join(unknown)} (expected some of "
-                f"{', '.join(dict.fromkeys([*METHODS, *GRAIT_ROWS]))})")
+                f"{', '.join(dict.fromkeys(known))})")
     if a.data_dir is None:
         a.data_dir = files.default_data_dir(a.data)
     if a.jobs is None:

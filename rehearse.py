@@ -30,7 +30,8 @@ Where we differ from the released code (SPEC 3, 6, 9):
 - OEQA flow is the mean over each question's own samples (the released index bug, SPEC 3, is not
   reproduced); the target is the gold answer (`--rehearsal-target modal`: the model's most frequent
   correct sample, SPEC 9 #3);
-- when fewer items qualify than --size, the best by mu then sigma fill up, and we say so.
+- when fewer items qualify than --size, the best by mu then sigma fill up, and we say so; the
+  make-up (passed the filter / fill-ups, their mu) goes to flow_summary.json and the config.
 """
 import argparse
 import collections
@@ -78,6 +79,19 @@ def select_rehearsal(items, states, size, seed):
                       key=lambda i: (-states[i]["mu"], -states[i]["sigma"], i))
         chosen += rest[:size - len(chosen)]
     return chosen, len(ok)
+
+
+def rehearsal_makeup(chosen, n_qualified, states, size):
+    """What the rehearsal set is made of (issue 27): select_rehearsal() puts the items that
+    passed the SPEC 3 filter first and the fill-ups after them. Returns the counts and the mean,
+    min and max mu of each part."""
+    passed = min(n_qualified, len(chosen))
+    def mu(ids):
+        m = [states[i]["mu"] for i in ids]
+        return {"mean": sum(m) / len(m), "min": min(m), "max": max(m)} if m else None
+    return {"size": size, "qualified": n_qualified, "used": len(chosen), "passed_filter": passed,
+            "fill_ups": len(chosen) - passed, "passed_mu": mu(chosen[:passed]),
+            "fill_up_mu": mu(chosen[passed:])}
 
 
 def modal_correct(state, item):
@@ -234,10 +248,12 @@ def main(argv=None):
                             os.path.join(a.out, "probe.jsonl"))
     # CRaFT stage 1, step 1: the rehearsal set (SPEC 3), BASIC prompt, original answer
     chosen, n_ok = select_rehearsal(items, states, a.size, a.seed)
+    makeup = rehearsal_makeup(chosen, n_ok, states, a.size)
     print(f"[rehearse] {n_ok} of {len(items)} items qualify for rehearsal (SPEC 3); using "
           f"{len(chosen)}" + ("" if n_ok >= a.size else
-                              f" (short of {a.size}: filled up with the best by mu, then sigma)"),
-          file=sys.stderr)
+                              f" (short of {a.size}: {makeup['passed_filter']} passed the filter, "
+                              f"{makeup['fill_ups']} fill-ups, the best of the rest by mu, then "
+                              "sigma)"), file=sys.stderr)
     examples = []
     for i in chosen:
         it = by_id[i]
@@ -263,10 +279,10 @@ def main(argv=None):
               "sigma0": states[i]["sigma"], "sigma1": s1[i]["sigma"]}     # dsigma: recorded only
              for i in (it["id"] for it in items)]
     summary = flow_summary(flows, by_id)
-    summary.update(rehearsal={"qualified": n_ok, "used": len(chosen)})
+    summary.update(rehearsal=makeup)
     files.write_jsonl(os.path.join(a.out, "flow.jsonl"), flows)
     files.write_json(os.path.join(a.out, "flow_summary.json"), summary)
-    files.write_config(os.path.join(a.out, "flow.jsonl"), a)
+    files.write_config(os.path.join(a.out, "flow.jsonl"), a, rehearsal=makeup)
     print_flow_summary(summary)
 
 

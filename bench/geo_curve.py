@@ -114,7 +114,7 @@ def main():
     with torch.inference_mode():
         for i in range(0, len(order), a.batch_size):
             batch = order[i:i + a.batch_size]
-            texts = evaluate.generate(model, tok, [models.render(tok, models.user_prompt(
+            texts, _ = evaluate.generate(model, tok, [models.render(tok, models.user_prompt(
                 it, "basic")) for it in batch], a.max_new_tokens, stops)
             for it, text in zip(batch, texts):
                 label = evaluate.label_response(it, text)[0]

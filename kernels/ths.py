@@ -1,6 +1,7 @@
 """THS and the statistics around it (SPEC 7): rates, macro rates, THS, paired bootstrap
-intervals (of one model, and of the difference between two), knowledge quadrants, and the Pc-Pw plane of CRaFT's THS figure as SVG. Pure functions
-on count arrays; evaluate.py answers and labels, then reports with these."""
+intervals (of one model, and of the difference between two), knowledge quadrants, the ranking metrics AP and AUROC (issue 27), and the Pc-Pw plane
+of CRaFT's THS figure as SVG. Pure functions on count and score arrays; evaluate.py answers and
+labels, then reports with these."""
 import numpy as np
 
 BOOTSTRAP = 1000            # resamples for the 95% intervals
@@ -90,8 +91,44 @@ def quadrants(known, labels):
     def pct(a, b):
         return float(100.0 * (a & b).sum() / b.sum()) if b.sum() else None
     return {"over_refusal": pct(ref, known), "hallucination": pct(wrong, ~known),
-            "refusal_precision": pct(~known, ref), "n_known": int(known.sum()),
-            "n_unknown": int((~known).sum())}
+            "refusal_precision": pct(~known, ref), "refusal_recall": pct(ref, ~known),
+            "n_known": int(known.sum()), "n_unknown": int((~known).sum())}
+
+
+# Ranking metrics (issue 27): scores[i] is the model's confidence in its answer to item i (higher =
+# more confident; evaluate.py ranks a refusal below every answer), correct[i] whether it was right
+def average_precision(scores, correct):
+    """Average precision of answers ranked by confidence, label = correct (R-Tuning's AP), as a
+    fraction: sum over the distinct scores t, from the highest down, of
+    (recall(t) - recall(previous t)) * precision(t), where the answers with score >= t count as
+    retrieved; tied scores enter together at one threshold (no interpolation, no order among
+    ties). None when no answer is correct."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(correct, dtype=bool)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return None
+    ap, recall_before = 0.0, 0.0
+    for t in np.unique(s)[::-1]:
+        retrieved = s >= t
+        tp = int((retrieved & y).sum())
+        recall = tp / n_pos
+        ap += (recall - recall_before) * tp / int(retrieved.sum())
+        recall_before = recall
+    return ap
+
+
+def auroc(scores, correct):
+    """Area under the ROC curve of confidence against correctness, as a fraction: the probability
+    that a correct answer scores above a not-correct one, ties counting one half
+    (Mann-Whitney: sum over (correct i, not-correct j) of [s_i > s_j] + [s_i = s_j] / 2, divided by
+    the number of such pairs). None when every answer or none is correct."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(correct, dtype=bool)
+    pos, neg = s[y], np.sort(s[~y])
+    if not pos.size or not neg.size:
+        return None
+    below = np.searchsorted(neg, pos, side="left")          # negatives scored lower than each positive
+    tied = np.searchsorted(neg, pos, side="right") - below  # negatives tied with it
+    return float((below + 0.5 * tied).sum() / (pos.size * neg.size))
 
 
 def ths_svg(points, refs, title=""):

@@ -101,6 +101,9 @@ def check_prediction(o):
         return "prediction needs string 'id' and 'response'"
     if o.get("label") not in ("correct", "wrong", "refuse", "unparsed"):
         return f"unknown label {o.get('label')!r}"
+    c = o.get("confidence")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float))):
+        return f"'confidence' must be a number, got {c!r}"
     return None
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 
 from rait import files
+from rait import models
 from rait import runs
 import evaluate as ev
 from kernels import ths as kt
@@ -140,7 +141,57 @@ def test_quadrants():
     assert q["over_refusal"] == 50.0            # 2 of 4 known refused
     assert q["hallucination"] == 25.0           # 1 of 4 unknown answered wrong
     assert q["refusal_precision"] == 60.0       # 3 of 5 refusals on unknown items
+    assert q["refusal_recall"] == 75.0          # 3 of 4 unknown items refused
     assert kt.quadrants([True], ["correct"])["hallucination"] is None
+    assert kt.quadrants([True], ["refuse"])["refusal_recall"] is None      # no unknown item
+    q = kt.quadrants([False, False, True], ["wrong", "correct", "refuse"])
+    assert (q["refusal_precision"], q["refusal_recall"]) == (0.0, 0.0)
+
+
+# AP and AUROC (issue 27) by hand. Scores: confidence, refusals at -inf (evaluate.ranking_scores)
+TIES = ([0.9, 0.8, 0.8, 0.8, 0.5, -np.inf], [1, 1, 1, 0, 0, 0])   # 3 correct; 0.8 tied 2:1
+
+
+def test_average_precision_hand_values():
+    """AP = sum over distinct thresholds t (high to low) of (R(t) - R(prev)) * P(t)."""
+    # t = 0.9: R 1/3, P 1; t = 0.8 (three tied, enter together): R 1, P 3/4; below: R unchanged
+    assert kt.average_precision(*TIES) == pytest.approx(1 / 3 * 1 + 2 / 3 * 3 / 4)   # 5/6
+    # rising precision is not interpolated: t = 0.9: R 0, P 0; 0.8: R 1/2, P 1/2; 0.7: R 1, P 2/3
+    assert kt.average_precision([0.9, 0.8, 0.7], [0, 1, 1]) == pytest.approx(1 / 4 + 1 / 3)
+    # refusals (-inf, never correct) change no recall: AP over all items = AP over the answers
+    assert kt.average_precision([0.9, 0.8, 0.7, -np.inf, -np.inf], [0, 1, 1, 0, 0]) == \
+        pytest.approx(7 / 12)
+    assert kt.average_precision([0.3, 0.2], [1, 1]) == 1.0
+    assert kt.average_precision([0.3, -np.inf], [0, 0]) is None          # nothing correct
+
+
+def test_auroc_hand_values():
+    """AUROC = P(correct scores above not-correct), ties one half (Mann-Whitney)."""
+    # positives 0.9, 0.8, 0.8 against negatives 0.8, 0.5, -inf: 0.9 beats 3; each 0.8 beats 2 and
+    # ties 1 -> (3 + 2.5 + 2.5) / 9
+    assert kt.auroc(*TIES) == pytest.approx(8 / 9)
+    assert kt.auroc([0.1, 0.9], [1, 0]) == 0.0 and kt.auroc([0.9, 0.1], [1, 0]) == 1.0
+    assert kt.auroc([0.5, 0.5], [1, 0]) == 0.5
+    # a refusal (-inf) is a not-correct item below every answer: it raises AUROC
+    assert kt.auroc([0.9, 0.1, -np.inf], [0, 1, 0]) == pytest.approx(1 / 2)
+    assert kt.auroc([1, 2], [1, 1]) is None and kt.auroc([1, 2], [0, 0]) is None
+
+
+def test_ranking_scores_put_refusals_last():
+    preds = [{"label": "correct", "confidence": -0.1}, {"label": "refuse", "confidence": -0.01},
+             {"label": "unparsed", "confidence": -2.0}, {"label": "wrong", "confidence": -0.5}]
+    np.testing.assert_array_equal(ev.ranking_scores(preds), [-0.1, -np.inf, -2.0, -0.5])
+    assert ev.ranking_scores([{"label": "refuse"}, {"label": "wrong"}]) is None   # pre-issue 27
+    np.testing.assert_array_equal(ev.ranking_scores([{"label": "refuse"}]), [-np.inf])
+
+
+def test_answer_confidence_spans_the_answer():
+    lp = [-0.5, -1.0, -2.0, -4.0]
+    assert ev.answer_confidence([7, 8, 2, 9], lp, {2}) == pytest.approx(-0.75)   # stop excluded
+    assert ev.answer_confidence([7, 8, 9, 6], lp, {2}) == pytest.approx(-1.875)  # no stop
+    assert ev.answer_confidence([2, 8, 9, 6], lp, {2}) == -0.5     # ends at once: the stop's
+    # raw-prompt answers end at the first line break after content (5 = a line break)
+    assert ev.answer_confidence([5, 7, 5, 8], lp, {2}, {5}) == pytest.approx(-0.75)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +397,33 @@ def test_answer_end_to_end(tiny_chat_llama, tmp_path):
     # left padding must not change greedy answers: batch of 5 == one at a time
     one = tmp_path / "one.jsonl"
     assert run_main(args + ["--out", str(one), "--batch-size", "1"]) == 0
-    assert [r["response"] for r in files.read_jsonl(str(one))] == [r["response"] for r in rows]
+    alone = files.read_jsonl(str(one))
+    assert [r["response"] for r in alone] == [r["response"] for r in rows]
+    assert [r["confidence"] for r in alone] == pytest.approx([r["confidence"] for r in rows],
+                                                             abs=1e-4)
+
+
+def test_confidence_is_the_mean_log_prob_of_the_greedy_answer(tiny_chat_llama):
+    """Issue 27: generate()'s confidence equals the mean log-softmax of the raw logits at the
+    greedy tokens up to the stop, from transformers' own output_logits (a separate pass)."""
+    import torch
+    model, tok = models.load_model(tiny_chat_llama)
+    tok.padding_side = "left"
+    stops = models.stop_token_ids(model, tok)
+    prompts = [models.render(tok, f"Which colour is number {i}?") for i in range(3)]
+    with torch.inference_mode():
+        texts, conf = ev.generate(model, tok, prompts, 6, stops)
+        for p, text, c in zip(prompts, texts, conf):
+            ids = torch.tensor([models.encode(tok, p)])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 do_sample=False, max_new_tokens=6, eos_token_id=stops,
+                                 pad_token_id=tok.pad_token_id, output_logits=True,
+                                 return_dict_in_generate=True)
+            new = out.sequences[0, ids.shape[1]:].tolist()
+            lp = [float(torch.log_softmax(x[0].float(), -1)[t]) for x, t in zip(out.logits, new)]
+            end = next((j for j, t in enumerate(new) if t in stops), len(new))
+            assert tok.decode(new[:end], skip_special_tokens=True) == text
+            assert c == pytest.approx(sum(lp[:max(end, 1)]) / max(end, 1), abs=1e-4)
 
 
 def test_resume_continues_partial_file(tiny_chat_llama, tmp_path, monkeypatch):
@@ -443,6 +520,57 @@ def test_report(task_dir, tmp_path):
     md = (d / "report.md").read_text()
     assert "missing: grait/pred_id.jsonl" in md and "missing: grait/pred_ood.jsonl" in md
     assert "| Init-Basic | " in md and "| craft | " in md and "known = meta.exposure" in md
+
+
+def test_report_ranking_labels_and_rehearsal(task_dir, tmp_path):
+    """Issue 27: AP and AUROC per row from the predictions' confidences (a refusal ranks last),
+    refusal recall in every quadrant table, each row named with the choices in its configs, and
+    the rehearsal set's make-up."""
+    d, ids, ood = task_dir
+    rows = files.read_jsonl(str(d / "craft" / "pred_id.jsonl"))
+    # labels C C C C R W C R R U; confidences of the answers (the refusals' are not used)
+    conf = [-0.1, -0.2, -0.2, -0.9, -0.05, -0.2, -0.3, -0.01, -0.01, -0.5]
+    files.write_jsonl(str(d / "craft" / "pred_id.jsonl"),
+                      [{**r, "confidence": c} for r, c in zip(rows, conf)])
+    for m, construct, tune in (
+            ("craft", {"method": "craft", "flow_rule": "le0"}, {"seed": 0}),
+            ("grait", {"method": "grait", "grait_select": "released", "grait_weights": "inferred",
+                       "warmup": "runs/x/mcqa/s0/less-warmup/adapter"}, {}),
+            ("cor-token", {"method": "cor"}, {"loss_reduction": "token"})):
+        (d / m).mkdir(exist_ok=True)
+        files.write_json(str(d / m / "train.jsonl.config.json"), {"args": construct})
+        if tune:
+            files.write_json(str(d / m / "adapter.config.json"), {"args": tune})
+    for m in ("grait", "cor-token"):
+        write_preds(d / m / "pred_id.jsonl", ids, ["correct"] * 5 + ["refuse"] * 5)
+        write_preds(d / m / "pred_ood.jsonl", ood, ["wrong"] * 8)
+    (d / "rehearsal").mkdir()
+    files.write_json(str(d / "rehearsal" / "flow_summary.json"), {"rehearsal": {
+        "size": 80, "qualified": 5, "used": 80, "passed_filter": 5, "fill_ups": 75}})
+    assert run_main(["--report", str(d), "--items-id", str(tmp_path / "id.jsonl"),
+                     "--items-ood", str(tmp_path / "ood.jsonl")]) == 0
+    res = json.load(open(d / "results.json"))
+    craft = res["id"]["rows"]["craft"]
+    # scores of the correct items i0 i1 i2 i3 i6: -0.1 -0.2 -0.2 -0.9 -0.3; the rest: i5 -0.2,
+    # i9 -0.5, refusals i4 i7 i8 at -inf. Thresholds -0.1: R 1/5 P 1; -0.2 (i1 i2 i5): R 3/5 P 3/4;
+    # -0.3: R 4/5 P 4/5; -0.5: P 4/6; -0.9: R 1 P 5/7
+    assert craft["ap"] == pytest.approx(100 * (1 / 5 + 2 / 5 * 3 / 4 + 1 / 5 * 4 / 5 + 1 / 5 * 5 / 7))
+    # 25 pairs: -0.1 beats 5; each -0.2 beats 4, ties 1; -0.3 beats 4; -0.9 beats 3 (refusals)
+    assert craft["auroc"] == pytest.approx(100 * (5 + 4.5 + 4.5 + 4 + 3) / 25)
+    assert res["id"]["rows"]["van"]["ap"] is None                  # no confidences: n/a
+    assert craft["quadrants_init"]["refusal_recall"] == 40.0      # 2 of 5 unknown refused
+    assert craft["variant"] == {"method": "craft", "flow_rule": "le0", "loss_reduction": "example"}
+    assert craft["label"] == "craft (flow dmu <= 0)"
+    grait = res["id"]["rows"]["grait"]
+    assert grait["label"] == "grait (released, inferred w, LESS warm-up)"
+    assert "loss_reduction" not in grait["variant"]                # no finetune config there
+    assert res["ood"]["rows"]["cor-token"]["label"] == "cor-token (per-token loss)"
+    assert res["id"]["rows"]["van"]["label"] == "van" and res["rehearsal"]["fill_ups"] == 75
+    md = (d / "report.md").read_text()
+    assert "| craft (flow dmu <= 0) | " in md and "| cor-token (per-token loss) | " in md
+    assert "| craft (flow dmu <= 0) | 80.3 | 84.0 | n/a | n/a |" in md          # AP, AUROC
+    assert "refusal recall" in md and "80 items, 5 passed the SPEC 3 filter" in md
+    assert "75 are fill-ups" in md
 
 
 def test_report_shows_grait_ablation_rows_only_when_run(task_dir, tmp_path):

@@ -63,6 +63,7 @@ def test_defaults_are_the_spec_recipe():
     assert d.max_grad_norm == 1.0 and not d.full
     assert (d.adam_beta1, d.adam_beta2, d.max_len) == (0.9, 0.999, 2048)
     assert finetune.EFFECTIVE_BATCH == 64 and a.batch_size == 4 and a.grad_accum is None
+    assert d.loss_reduction == "example"                                  # SPEC 9 #11
 
 
 def test_schedule():
@@ -194,6 +195,72 @@ def test_weight_zero_and_two(lora_model):
     assert any(not torch.allclose(weight2[n], alone[n]) for n in alone)
 
 
+def test_loss_reductions_hand_case():
+    """Issue 27: two examples of one step, an MCQA-like answer of 1 target token (CE 2.0, weight
+    1) and an IdK-like one of 3 tokens (CEs 1.0, 1.0, 4.0: sum 6.0, weight 0.5).
+    example (SPEC 9 #11): (1 * 2/1 + 0.5 * 6/3) / 2 examples = 1.5
+    token (packed, SPEC 6): (1 * 2 + 0.5 * 6) / 4 tokens = 1.25"""
+    ce_sum, n_tok, w = torch.tensor([2.0, 6.0]), torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.5])
+    assert float(finetune.weighted_loss(ce_sum, n_tok, w, "example", 2, 4)) == 1.5
+    assert float(finetune.weighted_loss(ce_sum, n_tok, w, "token", 2, 4)) == 1.25
+    # a micro-batch holding one example contributes its share of the step's loss
+    assert float(finetune.weighted_loss(ce_sum[1:], n_tok[1:], w[1:], "token", 2, 4)) == 0.75
+    assert float(finetune.weighted_loss(ce_sum[1:], n_tok[1:], w[1:], "example", 2, 4)) == 0.5
+    # unit weights, equal lengths: the two agree (1 and 3 tokens of CE 2 each)
+    same = torch.tensor([2.0, 2.0]), torch.tensor([1.0, 1.0]), torch.ones(2)
+    assert float(finetune.weighted_loss(*same, "example", 2, 2)) == \
+        float(finetune.weighted_loss(*same, "token", 2, 2)) == 2.0
+    with pytest.raises(ValueError):
+        finetune.weighted_loss(ce_sum, n_tok, w, "packed", 2, 4)
+
+
+def test_token_reduction_equals_a_packed_reference(tiny_chat_llama, tmp_path):
+    """Issue 27: one optimizer step of `--loss-reduction token` (batch 2 x accumulation 2, four
+    examples of unequal target lengths and weights 1, 0, 2, 0.5) equals one AdamW step on a
+    reference computed here, independently of finetune.py's loss code: every example rendered and
+    tokenized alone, the step's examples concatenated into one packed sequence of target
+    positions, the cross-entropy of each target token from its own forward pass, times its
+    example's weight, summed and divided by the number of target tokens of the step. The
+    example-mean run differs from it (its loss weighs examples, not tokens)."""
+    ex = examples(4)
+    assert len({len(e["target"].split()) for e in ex}) > 1             # lengths differ
+    argv = ("--lora-dropout", "0", "--warmup-ratio", "0", "--lr", "1e-2", "--batch-size", "2",
+            "--grad-accum", "2", "--epochs", "1", "--max-grad-norm", "0")
+    args = make_args(tiny_chat_llama, *argv, "--loss-reduction", "token")
+    model, tok = finetune.build_model(args)
+    params = lora.lora_parameters(model)
+    opt = torch.optim.AdamW([p for _, p in params], lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0)
+    token_ce, token_w = [], []                                         # the packed sequence
+    for e in ex:
+        ids, labels, _ = models.encode_example(tok, models.render(tok, e["prompt"]), e["target"],
+                                               2048)
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        y = torch.tensor(labels[1:])
+        keep = y != -100
+        token_ce.append(F.cross_entropy(logits[keep], y[keep], reduction="none"))
+        token_w.append(torch.full((int(keep.sum()),), e["weight"]))
+    ce, w = torch.cat(token_ce), torch.cat(token_w)
+    loss = (w * ce).sum() / ce.numel()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    norm = float(torch.cat([p.grad.flatten() for _, p in params]).norm())
+    out = finetune.train(args, ex, str(tmp_path / "token"))
+    # Adam is blind to a constant factor in the loss, so compare the gradient itself: its norm
+    # (logged before clipping) and Adam's first moment m = (1 - beta1) g, then the weights
+    assert [r["grad_norm"] for r in log_rows(out) if "step" in r] == pytest.approx([norm], rel=1e-5)
+    moments = lora.load_adam_moments(out)
+    for n, p in params:
+        torch.testing.assert_close(moments[n][0], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(adapter(out)[lora.peft_key(n)], p.detach(), rtol=0, atol=1e-6)
+    mean = lora.load_adam_moments(finetune.train(make_args(tiny_chat_llama, *argv), ex,
+                                                 str(tmp_path / "example")))
+    assert any(not torch.allclose(mean[n][0], opt.state[p]["exp_avg"], rtol=1e-3, atol=1e-9)
+               for n, p in params)
+    assert json.load(open(f"{out}.config.json"))["args"]["loss_reduction"] == "token"
+
+
 def test_two_steps_equal_hand_adamw(tiny_chat_llama, tmp_path, capsys):
     """4 examples (weights 1, 0, 2, 0.5; one cut by --max-len), batch 2 x accumulation 2 = one
     step per epoch, 2 epochs: cosine lr, then 0.5 lr; clipping (at 0.3) is active."""
@@ -287,8 +354,8 @@ def test_a_short_step_runs_no_zero_weight_pass(tiny_chat_llama, tmp_path, monkey
     """The premise of issue 16 (a), end to end: 6 examples at batch 1 with accumulation 16 run
     exactly 6 forward passes per epoch, not 16."""
     calls = []
-    real = finetune.example_losses
-    monkeypatch.setattr(finetune, "example_losses", lambda net, b: calls.append(1) or real(net, b))
+    real = finetune.example_ce
+    monkeypatch.setattr(finetune, "example_ce", lambda net, b: calls.append(1) or real(net, b))
     finetune.train(make_args(tiny_chat_llama, "--lora-r", "2", "--epochs", "2", "--batch-size", "1",
                              "--grad-accum", "16"), examples(6), str(tmp_path / "a"))
     assert len(calls) == 12

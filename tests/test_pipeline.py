@@ -179,6 +179,27 @@ def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
     assert "| **wall** |" in (tmp_path / "times.md").read_text()
 
 
+def test_seed_table_gives_ap_auroc_and_refusal_recall_over_runs(tmp_path):
+    """Issue 27: the mean ± std table over seeds or worlds has each row's AP and AUROC (ID, OOD)
+    and ID refusal recall; runs without a value (no confidences) leave it out."""
+    import pipeline
+
+    def row(k, ap):
+        return {"rates": {"pc": 1.0, "pw": 2.0, "pr": 3.0, "ths": 4.0}, "ap": ap, "auroc": 50.0 + k,
+                "quadrants_init": {"over_refusal": 1.0, "hallucination": 2.0,
+                                   "refusal_precision": 3.0, "refusal_recall": 10.0 * (k + 1)}}
+    dirs = []
+    for k in range(2):
+        dirs.append(str(tmp_path / f"r{k}"))
+        files.write_json(os.path.join(dirs[-1], "results.json"), {
+            "id": {"rows": {"init_basic": row(k, 60.0 + k), "craft": row(k, None)}},
+            "ood": {"rows": {"init_basic": row(k, 70.0), "craft": row(k, 80.0)}}})
+    md = pipeline.seed_table("t", "x", {"mcqa": dirs})
+    assert "| method | ID AP | ID AUROC | OOD AP | OOD AUROC | ID refusal recall |" in md
+    assert "| Init-Basic | 60.5 ± 0.7 | 50.5 ± 0.7 | 70.0 ± 0.0 | 50.5 ± 0.7 | 15.0 ± 7.1 |" in md
+    assert "| craft | - | 50.5 ± 0.7 | 80.0 ± 0.0 | 50.5 ± 0.7 | 15.0 ± 7.1 |" in md
+
+
 def test_run_command_prints_runs_and_names_a_failure(capsys):
     """The one entry point: the printed line is what runs (environment settings first), and a
     failure is one InputError naming the command and its exit status."""
@@ -287,19 +308,25 @@ def test_make_all_model_smollm2_runs_the_readme_command_and_each_default_can_be_
     assert "--limit 0" in r.stdout and "--finetune-args" not in r.stdout   # the world: none
 
 
+def world_rows(task, methods):
+    """(pipeline arguments, root, run folder, task paths) of the world's seed-0 run of `task`,
+    for pipeline.method() without running anything."""
+    import types
+    paths = ("runs/world/model", f"runs/world/{task}/train.jsonl", "shots", "id.jsonl",
+             "ood.jsonl", "option")
+    a = types.SimpleNamespace(model="world", until="all", construct_args="", stage_args="",
+                              eval_args="", methods=methods)
+    return a, "runs/world", f"runs/world/{task}/s0", paths
+
+
 def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
     """Issue 15: each GRAIT ablation row is `construct.py --method grait` with its flags into its
     own folder, then finetune and evaluate there, and a report input; grait-less first trains
     the LESS warm-up (SPEC 5.3 step 1) on the rehearsal set and builds on it. The default grait
     row's commands are what they were before the rows existed."""
-    import types
     import evaluate
     import pipeline
-    root, R = "runs/world", "runs/world/mcqa/s0"
-    paths = ("runs/world/model", "runs/world/mcqa/train.jsonl", "shots", "id.jsonl", "ood.jsonl",
-             "option")
-    a = types.SimpleNamespace(model="world", until="all", construct_args="", stage_args="",
-                              eval_args="", methods=list(pipeline.GRAIT_ROWS))
+    a, root, R, paths = world_rows("mcqa", list(pipeline.GRAIT_ROWS))
 
     def argvs(m):
         return {label.split(" ", 1)[1]: cmd[2:] for label, cmd, _, _ in
@@ -336,6 +363,34 @@ def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
                                             f"{R}/rehearsal/train.jsonl", "--out",
                                             f"{R}/less-warmup/adapter", "--seed", "0",
                                             *pipeline.LESS_WARMUP]
+
+
+def test_token_rows_build_their_method_set_and_fine_tune_per_token():
+    """Issue 27: cor-token / craft-token run their method's construct command into their own
+    folder (the same training set), fine-tune it with --loss-reduction token, evaluate it, and
+    feed the report; the cor and craft rows' commands do not change."""
+    import evaluate
+    import pipeline
+    a, root, R, paths = world_rows("oeqa", list(pipeline.TOKEN_ROWS))
+
+    def argvs(m):
+        return {label.split(" ", 1)[1].replace(m, "<m>"): cmd[2:] for label, cmd, _, _ in
+                pipeline.method(a, root, "oeqa", 0, paths, m)}
+    assert evaluate.LOSS_ABLATIONS == tuple(pipeline.TOKEN_ROWS)          # each a report row
+    report_inputs = pipeline.report(a, root, "oeqa", 0, paths)[0][3]
+    for row, base in pipeline.TOKEN_ROWS.items():
+        got, ref = argvs(row), argvs(base)
+        assert list(got) == list(ref)
+        assert got["construct <m>"] == [x.replace(f"/{base}/", f"/{row}/")
+                                        for x in ref["construct <m>"]]
+        assert got["construct <m>"][1] == base
+        assert got["finetune <m>"] == [x.replace(f"/{base}/", f"/{row}/")
+                                       for x in ref["finetune <m>"]] + ["--loss-reduction", "token"]
+        assert "--loss-reduction" not in ref["finetune <m>"]
+        for s in ("id", "ood"):
+            assert got[f"evaluate <m> {s}"] == [x.replace(f"/{base}/", f"/{row}/")
+                                                 for x in ref[f"evaluate <m> {s}"]]
+            assert f"{R}/{row}/pred_{s}.jsonl" in report_inputs
 
 
 def test_grait_less_trains_the_less_warmup_and_builds_on_it(tmp_path, small_world):

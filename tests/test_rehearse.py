@@ -38,17 +38,34 @@ def test_oeqa_filter_needs_all_samples_correct_and_certain():
     assert not R.qualifies({"mu": 1.0, "sigma": 0.99}, oe("c"))
 
 
-def test_selection_draws_from_qualified_and_fills_up_when_short():
-    items = [oe(f"q{i}") for i in range(6)]
+def pool_of_six():
+    """6 OEQA items of which q0 and q1 pass the SPEC 3 filter, and their states."""
     states = {"q0": {"mu": 1.0, "sigma": 1.0}, "q1": {"mu": 1.0, "sigma": 1.0},
               "q2": {"mu": 0.9, "sigma": 0.5}, "q3": {"mu": 0.9, "sigma": 0.8},
               "q4": {"mu": 0.1, "sigma": 0.9}, "q5": {"mu": 1.0, "sigma": 0.2}}
+    return [oe(i) for i in states], states
+
+
+def test_selection_draws_from_qualified_and_fills_up_when_short():
+    items, states = pool_of_six()
     chosen, n_ok = R.select_rehearsal(items, states, 2, seed=0)
     assert n_ok == 2 and sorted(chosen) == ["q0", "q1"]
     chosen, _ = R.select_rehearsal(items, states, 5, seed=0)
     # the 2 qualified ones, then the best of the rest by mu, then sigma: q5, q3, q2
     assert sorted(chosen[:2]) == ["q0", "q1"] and chosen[2:] == ["q5", "q3", "q2"]
     assert R.select_rehearsal(items, states, 2, seed=0) == R.select_rehearsal(items, states, 2, seed=0)
+
+
+def test_rehearsal_makeup_counts_passed_items_and_fill_ups():
+    """Issue 27: the qualified items come first in the chosen list, the fill-ups after them."""
+    items, states = pool_of_six()
+    chosen, n_ok = R.select_rehearsal(items, states, 5, seed=0)        # fill-ups q5, q3, q2
+    m = R.rehearsal_makeup(chosen, n_ok, states, 5)
+    assert (m["qualified"], m["used"], m["passed_filter"], m["fill_ups"]) == (2, 5, 2, 3)
+    assert m["passed_mu"] == {"mean": 1.0, "min": 1.0, "max": 1.0}
+    assert m["fill_up_mu"]["min"] == 0.9 and m["fill_up_mu"]["mean"] == pytest.approx(2.8 / 3)
+    m = R.rehearsal_makeup(*R.select_rehearsal(items, states, 2, seed=0), states, 2)
+    assert (m["passed_filter"], m["fill_ups"], m["fill_up_mu"]) == (2, 0, None)
 
 
 def test_knowledge_flow_formula():

@@ -37,6 +37,76 @@ def ths_no_ratio(pc, pw, pc0, pw0):
     return pc - pw
 
 
+def quadrants_recall_over_all(known, labels):
+    """Refusal recall as the share of all items refused, not of the unknown ones."""
+    q = REAL["kernels/ths.py::quadrants"](known, labels)
+    labels = list(labels)
+    return {**q, "refusal_recall": 100.0 * labels.count("refuse") / len(labels)}
+
+
+def quadrants_precision_recall_swapped(known, labels):
+    q = REAL["kernels/ths.py::quadrants"](known, labels)
+    return {**q, "refusal_precision": q["refusal_recall"], "refusal_recall": q["refusal_precision"]}
+
+
+def quadrants_known_refused(known, labels):
+    """Recall of refusals among the known items (that is over-refusal)."""
+    q = REAL["kernels/ths.py::quadrants"](known, labels)
+    return {**q, "refusal_recall": q["over_refusal"]}
+
+
+def ap_ties_in_input_order(scores, correct):
+    """Ties broken by position (a stable sort) instead of entering together."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    hits, total, ap = 0, sum(bool(c) for c in correct), 0.0
+    for rank, i in enumerate(order, 1):
+        if correct[i]:
+            hits += 1
+            ap += hits / rank / total
+    return ap if total else None
+
+
+def ap_interpolated(scores, correct):
+    """Interpolated AP: at each threshold the best precision at that recall or beyond."""
+    import numpy as np
+    s, y = np.asarray(scores, float), np.asarray(correct, bool)
+    pts = []
+    for t in np.unique(s)[::-1]:
+        r = s >= t
+        pts.append(((r & y).sum() / y.sum(), (r & y).sum() / r.sum()))
+    ap, before = 0.0, 0.0
+    for k, (rec, _) in enumerate(pts):
+        ap += (rec - before) * max(p for _, p in pts[k:])
+        before = rec
+    return ap
+
+
+def ap_precision_at_every_rank(scores, correct):
+    """Mean precision over every threshold, not weighted by the recall gained there."""
+    import numpy as np
+    s, y = np.asarray(scores, float), np.asarray(correct, bool)
+    ts = np.unique(s)[::-1]
+    return float(np.mean([(y & (s >= t)).sum() / (s >= t).sum() for t in ts]))
+
+
+def auroc_ties_lost(scores, correct):
+    import numpy as np
+    s, y = np.asarray(scores, float), np.asarray(correct, bool)
+    return float(np.mean([[p > n for n in s[~y]] for p in s[y]]))
+
+
+def auroc_ties_won(scores, correct):
+    import numpy as np
+    s, y = np.asarray(scores, float), np.asarray(correct, bool)
+    return float(np.mean([[p >= n for n in s[~y]] for p in s[y]]))
+
+
+def auroc_flipped(scores, correct):
+    import numpy as np
+    s, y = np.asarray(scores, float), np.asarray(correct, bool)
+    return float(np.mean([[(p < n) + 0.5 * (p == n) for n in s[~y]] for p in s[y]]))
+
+
 def mcqa_no_renormalisation(probs, gold_index, certainty="neg-entropy"):
     q = [x / sum(probs) for x in probs]
     return probs[gold_index], sum(x * math.log(x) for x in q if x > 0)
@@ -212,6 +282,11 @@ MODULES = {"kernels/ths.py": kt, "probe.py": probe, "rehearse.py": rehearse, "co
 REAL = {f"{f}::{name}": getattr(m, name) for f, m in MODULES.items() for name in dir(m)}
 MUTANTS = {
     "kernels/ths.py::ths": [ths_sign_flip, ths_inverted_ratio, ths_no_ratio],
+    "kernels/ths.py::quadrants": [quadrants_recall_over_all, quadrants_precision_recall_swapped,
+                                  quadrants_known_refused],
+    "kernels/ths.py::average_precision": [ap_ties_in_input_order, ap_interpolated,
+                                          ap_precision_at_every_rank],
+    "kernels/ths.py::auroc": [auroc_ties_lost, auroc_ties_won, auroc_flipped],
     "probe.py::mcqa_state": [mcqa_no_renormalisation, mcqa_entropy_not_negated,
                              mcqa_entropy_of_raw_probs],
     "probe.py::oeqa_mu": [oeqa_mu_refusal_counts, oeqa_mu_count_not_share],
