@@ -80,11 +80,18 @@ def test_ths_geometry():
     def cross(a, b):
         return a[0] * b[1] - a[1] * b[0]
     e1, e2 = (66.8, 33.1), (53.3, 9.6)
-    assert float(kt.ths(*e2, *e1)) == pytest.approx(cross(e2, e1) / cross((1, 0), e1))
-    assert float(kt.ths(100, 0, *e1)) == 100.0                       # the maximum
-    assert float(kt.ths(33.4, 16.55, *e1)) == pytest.approx(0.0)     # on the ray: 0
-    assert float(kt.ths(40, 10, *e1)) > 0 > float(kt.ths(40, 30, *e1))   # below / above the ray
-    assert np.isnan(kt.ths(50, 10, 100, 0))                          # undefined when Pw0 = 0
+    want = cross(e2, e1) / cross((1, 0), e1)
+    got = float(kt.ths(*e2, *e1))
+    assert got == pytest.approx(want), f"ths(53.3, 9.6, 66.8, 33.1): expected {want:.4f}, got {got}"
+    got = float(kt.ths(100, 0, *e1))
+    assert got == 100.0, f"the maximum, Pc = 100 and Pw = 0: expected 100, got {got}"
+    got = float(kt.ths(33.4, 16.55, *e1))
+    assert got == pytest.approx(0.0), f"a point on the ray O-E1: expected THS 0, got {got}"
+    assert float(kt.ths(40, 10, *e1)) > 0 > float(kt.ths(40, 30, *e1)), (
+        "below the ray THS > 0, above it < 0: expected ths(40, 10, ...) > 0 > ths(40, 30, ...), "
+        f"got {float(kt.ths(40, 10, *e1))} and {float(kt.ths(40, 30, *e1))}")
+    got = kt.ths(50, 10, 100, 0)
+    assert np.isnan(got), f"undefined when Pw0 = 0: expected NaN, got {got}"
     np.testing.assert_allclose(kt.ths([50, 60], [17, 20], 66.8, 33.1),
                                [50 - 17 * 66.8 / 33.1, 60 - 20 * 66.8 / 33.1])
 
@@ -137,10 +144,13 @@ def test_quadrants():
     known = [True, True, True, True, False, False, False, False]
     labels = ["correct", "refuse", "refuse", "wrong", "wrong", "refuse", "refuse", "refuse"]
     q = kt.quadrants(known, labels)
-    assert q["over_refusal"] == 50.0            # 2 of 4 known refused
-    assert q["hallucination"] == 25.0           # 1 of 4 unknown answered wrong
-    assert q["refusal_precision"] == 60.0       # 3 of 5 refusals on unknown items
-    assert kt.quadrants([True], ["correct"])["hallucination"] is None
+    want = {"over_refusal": 50.0,               # 2 of 4 known refused
+            "hallucination": 25.0,              # 1 of 4 unknown answered wrong
+            "refusal_precision": 60.0,          # 3 of 5 refusals on unknown items
+            "n_known": 4, "n_unknown": 4}
+    assert q == want, f"expected {want}, got {q}"
+    got = kt.quadrants([True], ["correct"])["hallucination"]
+    assert got is None, f"no unknown items: hallucination expected None, got {got}"
 
 
 # ----------------------------------------------------------------------------------------------
