@@ -306,7 +306,8 @@ def case_messages(xml_path):
                 if "NotImplementedError" in text + (el.text or ""):
                     msg = "not implemented"
                 else:
-                    msg = ("" if tag == "failure" else f"{tag}: ") + text.splitlines()[0]
+                    msg = ("" if tag == "failure" else f"{tag}: ") + \
+                        text.splitlines()[0].removeprefix("AssertionError: ")
                 break
         if out.get(test) is None:          # a parametrized test: its first failure counts
             out[test] = msg
