@@ -322,9 +322,13 @@ def run_pytest(tests, root, python, timeout):
         xml = os.path.join(tmp, "report.xml")
         cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                f"--junitxml={xml}", "-o", "junit_family=xunit1", *tests]
+        env = {k: v for k, v in os.environ.items()       # not a worker of an outer pytest-xdist
+               if k not in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT",
+                            "PYTEST_CURRENT_TEST")}
+        env["OMP_NUM_THREADS"] = "1"
         try:
             r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env=env)
         except subprocess.TimeoutExpired:
             return {}, f"timeout: stopped after {timeout:g} s"
         if not os.path.exists(xml):
