@@ -53,7 +53,7 @@ CONSTRUCT_ARGS ?=
 FINETUNE_ARGS ?=
 EVAL_ARGS ?=
 
-.PHONY: all world test clean install probe rehearse construct finetune data smollm2
+.PHONY: all world test clean install probe rehearse construct finetune data smollm2 assignment grade
 .DEFAULT_GOAL := all
 
 # --- install: pinned requirements; torch from the local CPU wheel first so pip never resolves a
@@ -126,6 +126,20 @@ data: $(VENV)/.installed
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(VENV)/.installed $(SMOLLM2)/config.json
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+
+# --- a course kit (course.py; README "For teachers"): `make assignment` writes a student copy with
+# --- the chosen formulas blanked (FORMULAS="ths craft ..."; default: every row of the table) to
+# --- ASSIGNMENT; `make grade`, in a copy or here, runs each formula's tests and prints the points
+# --- table (JSON: GRADE_JSON). Neither installs anything: the copy's .venv links to this one.
+FORMULAS ?=
+ASSIGNMENT ?= $(OUT)/assignment
+GRADE_JSON ?= $(OUT)/grade.json
+assignment:
+	$(PYTHON) course.py assignment --out $(ASSIGNMENT) $(if $(FORMULAS),--formulas $(FORMULAS))
+
+grade:
+	OMP_NUM_THREADS=1 $(PYTHON) course.py grade --root . --json $(GRADE_JSON) \
+	  $(if $(FORMULAS),--formulas $(FORMULAS))
 
 clean:
 	rm -rf $(OUT) .pytest_cache

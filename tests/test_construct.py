@@ -87,6 +87,40 @@ def test_craft_algorithm_1():
     assert ids(idk) == ["u3"], f"strict flow rule: only dmu < 0 (u3), got {ids(idk)}"
 
 
+def test_craft_composes_its_steps():
+    """CRaFT Algorithm 1 as its steps (SPEC 4), graded apart from them (course.py): each step is
+    a stand-in that records its call and returns a hand answer, so only craft() is under test."""
+    van_pool, idk_pool, kept = HAND_POOL[:3], HAND_POOL[3:], [HAND_POOL[3], HAND_POOL[5]]
+    calls = []
+
+    def split(states, task, tau=C.TAU):
+        calls.append(("correctness_split", ids(states), task))
+        return van_pool, idk_pool
+
+    def flow(idk, rule="le0"):
+        calls.append(("flow_filter", ids(idk), rule))
+        return kept
+
+    def rank(rows, n, most_certain):                   # a stand-in order: reversed, first n
+        calls.append(("by_certainty", ids(rows), n, most_certain))
+        return rows[::-1][:n]
+    with pytest.MonkeyPatch.context() as m:
+        for name, f in (("correctness_split", split), ("flow_filter", flow),
+                        ("by_certainty", rank)):
+            m.setattr(C, name, f)
+        van, idk = C.craft(HAND_POOL, "mcqa", 2, 2, random.Random(0), flow_rule="strict")
+    want = [("correctness_split", ids(HAND_POOL), "mcqa"),
+            ("flow_filter", ["u1", "u2", "u3"], "strict"),
+            ("by_certainty", ["k1", "k2", "k3"], 2, True),
+            ("by_certainty", ["u1", "u3"], 2, False)]
+    assert sorted(calls) == sorted(want), (
+        f"Alg. 1: split, flow filter on idk (the given rule), van most certain, idk least "
+        f"certain; expected calls {want}, got {calls}")
+    assert (ids(van), ids(idk)) == (["k3", "k2"], ["u3", "u1"]), (
+        f"craft must return the ranked pools (van, idk): expected (['k3', 'k2'], ['u3', 'u1']), "
+        f"got {(ids(van), ids(idk))}")
+
+
 def test_baselines_are_craft_with_steps_left_out():
     st, rng = HAND_POOL, random.Random(0)
     van, idk = C.corcer_rait(st, "mcqa", 2, 2, rng)                 # no flow filter: u2 stays
@@ -270,7 +304,9 @@ def test_grait_delta_equals_dense_means():
     torch.manual_seed(3)
     z_sel, z_ik, z_idk = torch.randn(5, 8), torch.randn(9, 8), torch.randn(7, 8)
     want = (z_sel @ z_ik.T).double().mean(1) - (z_sel @ z_idk.T).double().mean(1)
-    assert torch.allclose(C.grait_delta(z_sel, z_ik, z_idk), want, atol=1e-6)
+    got = C.grait_delta(z_sel, z_ik, z_idk)
+    assert torch.allclose(got, want, atol=1e-6), (
+        f"mean_k <z_i, z_ik> - mean_k <z_i, z_idk>: expected {want.tolist()}, got {got}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,13 +340,14 @@ def greedy_case(seed):
     want = brute_force_greedy(Kiv, Kii, k)
     assert picked == want, ("each pick must maximise F(S) given the earlier picks (SPEC 5.4): "
                             f"brute force picks {want}, greedy_select picked {picked}")
-    assert torch.allclose(s, Kiv.sum(1) + Kii[:, picked].sum(1))
-    assert len(set(picked)) == k
+    want = Kiv.sum(1) + Kii[:, picked].sum(1)
+    assert torch.allclose(s, want), f"final scores s0 + the picked columns: expected {want}, got {s}"
+    assert len(set(picked)) == k, f"{k} distinct picks expected, got {picked}"
 
 
 def test_greedy_ties_go_to_the_lowest_index():
     picked, _ = C.greedy_select(torch.zeros(5), lambda j: torch.zeros(5), 3)
-    assert picked == [0, 1, 2]
+    assert picked == [0, 1, 2], f"all tied: expected the lowest indices [0, 1, 2], got {picked}"
 
 
 # Four candidates with 2-d IDK-view features and one van item k1 with van feature (1, 0):
@@ -339,6 +376,27 @@ def test_released_select_hand_case_and_definition():
         picked, s = C.greedy_select(s0, lambda j: Kii[:, j], k)
         rest = sorted((j for j in range(10) if j not in picked), key=lambda j: (float(s[j]), j))
         assert C.released_select(s0, lambda j: Kii[:, j], k) == rest[:k]
+
+
+def test_released_select_keeps_the_lowest_remaining():
+    """released_select alone (course.py): greedy_select is a stand-in that picks in the fixed
+    order 4, 0, 2, 3, 1, 5 and returns final scores s, so only what released_select does with
+    the greedy result is under test (SPEC 5.4 quirk (b))."""
+    s = torch.tensor([3.0, 1.0, 2.0, 1.0, 5.0, 0.5], dtype=torch.float64)
+    asked = []
+
+    def greedy(score0, col_fn, k):
+        asked.append(k)
+        return [4, 0, 2, 3, 1, 5][:k], s.clone()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(C, "greedy_select", greedy)
+        got2 = C.released_select(s, lambda j: torch.zeros(6), 2)
+        got4 = C.released_select(s, lambda j: torch.zeros(6), 4)
+    assert asked == [2, 4], f"exactly k greedy picks (k = 2, then 4), got greedy_select(k={asked})"
+    # k = 2: greedy took 4, 0; remaining 1, 2, 3, 5 score 1, 2, 1, 0.5 -> the 2 lowest: 5, 1
+    assert got2 == [5, 1], f"k = 2: expected [5, 1] (lowest remaining, ties by index), got {got2}"
+    # k = 4: greedy took 4, 0, 2, 3; remaining 1, 5 score 1, 0.5 -> min(4, 6 - 4) = 2 items
+    assert got4 == [5, 1], f"k = 4: expected [5, 1] (min(k, n - k) = 2 items), got {got4}"
 
 
 def test_grait_weights_each_variant_equals_its_formula():
@@ -433,6 +491,61 @@ def test_grait_hand_case():
     assert w == pytest.approx(want), f"weights {w}, want N/2 * softmax(-delta / T) = {want}"
     assert C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, weights="uniform")[2] == {
         "u1": 1.0, "u3": 1.0}
+
+
+def test_grait_composes_its_steps():
+    """GRAIT's steps in order (SPEC 5.2-5.5), graded apart from them (course.py): greedy_select,
+    released_select, grait_delta and grait_weights are stand-ins that record their calls and
+    return hand answers, so only grait() is under test. Features: HAND_Z."""
+    calls = {}
+
+    def greedy(score0, col_fn, k):
+        calls["greedy_select"] = (score0.tolist(), col_fn(0).tolist(), k)
+        return [2, 0], None
+
+    def released(score0, col_fn, k):
+        calls["released_select"] = (score0.tolist(), k)
+        return [1]
+
+    def delta(z_sel, z_ik, z_idk):
+        calls["grait_delta"] = (z_sel.tolist(), z_ik.tolist(), z_idk.tolist())
+        return torch.tensor([0.1, 0.2], dtype=torch.float64)[:z_sel.shape[0]]
+
+    def weights(d, T=C.GRAIT_T, sign=-1, scale=0.5):
+        calls["grait_weights"] = (d.tolist(), T, sign, scale)
+        return torch.tensor([0.7, 0.3], dtype=torch.float64)[:len(d)]
+    with pytest.MonkeyPatch.context() as m:
+        for name, f in (("greedy_select", greedy), ("released_select", released),
+                        ("grait_delta", delta), ("grait_weights", weights)):
+            m.setattr(C, name, f)
+        van, idk, w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, T=1.0)
+        assert (ids(van), ids(idk), w) == (["k1"], ["u3", "u1"], {"u3": 0.7, "u1": 0.3}), (
+            "expected van ['k1'] (top mu), idk ['u3', 'u1'] (greedy picks 2, 0), weights "
+            f"{{'u3': 0.7, 'u1': 0.3}} (from grait_weights); got {ids(van)}, {ids(idk)}, {w}")
+        # s_j = <z_j, z_van(k1)> over the candidates u1, u2, u3; K_ii[:, 0] = <z_j, z_u1>
+        want = ([1.0, 0.0, 0.6], [1.0, 0.0, 0.6], 2)
+        got = calls.pop("greedy_select")
+        assert got == want, f"greedy_select(score0, K_ii[:, 0], k): expected {want}, got {got}"
+        want = ([[0.6, 0.8], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]],
+                [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+        got = calls.pop("grait_delta")
+        assert got == want, ("grait_delta(IDK-view z of the picks, of all known, of all "
+                             f"candidates): expected {want}, got {got}")
+        got = calls.pop("grait_weights")
+        assert got == ([0.1, 0.2], 1.0, -1, 0.5), (
+            "grait_weights(delta, T, sign, scale) with `inferred` = (-1, 0.5): expected "
+            f"([0.1, 0.2], 1.0, -1, 0.5), got {got}")
+        assert not calls, f"`greedy` must not call released_select: {calls}"
+        van, idk, w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, select="released",
+                              weights="code")
+        assert (ids(idk), w) == (["u2"], {"u2": 0.7}), (
+            f"select=released: released_select's pick u2 expected, got {ids(idk)}, {w}")
+        assert calls["grait_weights"][2:] == (1, 0.5), (
+            f"weights=code: sign +1, scale 0.5 expected, got {calls['grait_weights'][2:]}")
+        calls.clear()
+        w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, weights="uniform")[2]
+        assert w == {"u3": 1.0, "u1": 1.0} and "grait_delta" not in calls, (
+            f"weights=uniform: every weight 1, no delta; got {w}, calls {sorted(calls)}")
 
 
 def test_grait_released_hand_case():

@@ -81,11 +81,18 @@ def test_ths_geometry():
     def cross(a, b):
         return a[0] * b[1] - a[1] * b[0]
     e1, e2 = (66.8, 33.1), (53.3, 9.6)
-    assert float(kt.ths(*e2, *e1)) == pytest.approx(cross(e2, e1) / cross((1, 0), e1))
-    assert float(kt.ths(100, 0, *e1)) == 100.0                       # the maximum
-    assert float(kt.ths(33.4, 16.55, *e1)) == pytest.approx(0.0)     # on the ray: 0
-    assert float(kt.ths(40, 10, *e1)) > 0 > float(kt.ths(40, 30, *e1))   # below / above the ray
-    assert np.isnan(kt.ths(50, 10, 100, 0))                          # undefined when Pw0 = 0
+    want = cross(e2, e1) / cross((1, 0), e1)
+    got = float(kt.ths(*e2, *e1))
+    assert got == pytest.approx(want), f"ths(53.3, 9.6, 66.8, 33.1): expected {want:.4f}, got {got}"
+    got = float(kt.ths(100, 0, *e1))
+    assert got == 100.0, f"the maximum, Pc = 100 and Pw = 0: expected 100, got {got}"
+    got = float(kt.ths(33.4, 16.55, *e1))
+    assert got == pytest.approx(0.0), f"a point on the ray O-E1: expected THS 0, got {got}"
+    assert float(kt.ths(40, 10, *e1)) > 0 > float(kt.ths(40, 30, *e1)), (
+        "below the ray THS > 0, above it < 0: expected ths(40, 10, ...) > 0 > ths(40, 30, ...), "
+        f"got {float(kt.ths(40, 10, *e1))} and {float(kt.ths(40, 30, *e1))}")
+    got = kt.ths(50, 10, 100, 0)
+    assert np.isnan(got), f"undefined when Pw0 = 0: expected NaN, got {got}"
     np.testing.assert_allclose(kt.ths([50, 60], [17, 20], 66.8, 33.1),
                                [50 - 17 * 66.8 / 33.1, 60 - 20 * 66.8 / 33.1])
 
@@ -708,3 +715,43 @@ def test_adapter_changes_answers(tiny_chat_llama, tmp_path):
                             "--out", str(tmp_path / "b.jsonl")]) == 0
     a, b = (files.read_jsonl(str(tmp_path / f)) for f in ("a.jsonl", "b.jsonl"))
     assert [r["response"] for r in a] != [r["response"] for r in b]
+
+
+def test_paired_diff_hand_case():
+    """THS(a) - THS(b) on the same items (issue 26), against a hand computation, and its paired
+    resamples: identical models differ by exactly 0 in every resample. THS itself is a hand
+    formula here, so that this grades paired_diff alone (course.py's `ths` row grades THS)."""
+    from unittest import mock
+    hand_ths = lambda pc, pw, pc0, pw0: np.where(np.asarray(pw0) > 0, np.asarray(pc) - np.asarray(pw) * np.asarray(pc0) / np.where(np.asarray(pw0) > 0, pw0, 1), np.nan)  # noqa: E731,E501
+    with mock.patch.object(kt, "ths", hand_ths):
+        paired_diff_cases()
+
+
+def paired_diff_cases():
+    t = np.zeros((1, 4, 4, 4), dtype=np.int64)
+    # Init-Basic c, c, c, w (Pc0 75, Pw0 25: ratio 3); a: c, c, r, w; b: c, w, w, r
+    for y0, ya, yb in ((0, 0, 0), (0, 0, 1), (0, 2, 1), (1, 1, 2)):
+        t[0, y0, ya, yb] += 1
+    # THS a = 50 - 25 * 3 = -25; THS b = 25 - 50 * 3 = -125 -> a - b = 100 (Pc alone: 25)
+    point, draws = kt.paired_diff(t, False, n=200, seed=0)
+    assert point == pytest.approx(100.0), f"expected 100.0, got {point}"
+    assert draws.shape == (200,), f"expected 200 resamples, got shape {draws.shape}"
+    same = np.zeros((1, 4, 4, 4), dtype=np.int64)
+    for y0, y in ((0, 0), (0, 2), (1, 1), (1, 2)):
+        same[0, y0, y, y] += 1
+    p, d = kt.paired_diff(same, False, n=100, seed=1)
+    finite = d[np.isfinite(d)]
+    assert p == 0.0 and finite.size and np.all(finite == 0.0), \
+        f"identical models: expected 0 in every resample, got {p} and {sorted(set(finite))[:5]}"
+
+
+def test_flow_agreement_hand_case():
+    """Flow reliability (issue 26): sign agreement of dmu over the IdK candidates (mu0 < 0.5)."""
+    f = lambda mu0, d: {"mu0": mu0, "flow": d}  # noqa: E731
+    a = {"x": f(0.1, 0.2), "y": f(0.2, -0.1), "z": f(0.0, 0.0), "w": f(0.3, 0.1), "k": f(0.9, 0.5)}
+    b = {"x": f(0.1, 0.1), "y": f(0.2, 0.0), "z": f(0.0, 0.0), "w": f(0.3, -0.2), "k": f(0.9, -0.5)}
+    got = ev.flow_agreement(a, b)
+    # candidates x, y, z, w (k is known); same sign: x (+,+) and z (0,0); moved: x, y, w -> 1 of 3
+    want = {"n": 4, "agree": 0.5, "n_moved": 3, "moved_agree": 1 / 3, "rose_both": 0.25,
+            "fell_both": 0.0, "zero_both": 0.25}
+    assert got == pytest.approx(want), f"expected {want}, got {got}"

@@ -50,9 +50,15 @@ def test_layer_equals_peft_layer():
         theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
     x = torch.randn(3, 5, 16)
     assert ours.scaling == theirs.scaling["default"] == 2.0
-    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    got, want = ours(x), theirs(x)
+    assert isinstance(got, torch.Tensor) and got.shape == want.shape, (
+        f"LoRALinear(16 -> 24)(x [3, 5, 16]): expected a tensor of shape {tuple(want.shape)}, "
+        f"got {got if not isinstance(got, torch.Tensor) else tuple(got.shape)}")
+    torch.testing.assert_close(got, want, **TOL, msg=lambda m: (
+        "y = base(x) + (alpha / r) B A x, as peft: expected "
+        f"{want[0, 0, :3].tolist()} (first outputs), got {got[0, 0, :3].tolist()}; {m}"))
     torch.testing.assert_close(ours.delta_weight(), theirs.get_delta_weight("default"), **TOL)
-    assert not torch.allclose(ours(x), base(x))   # the update is really there
+    assert not torch.allclose(ours(x), base(x)), "the LoRA update is missing: y equals base(x)"
 
 
 def test_our_adapter_loads_in_peft(tiny_chat_llama, tmp_path, ids):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rait.models import encode_example, render
+from kernels import persample
 from kernels.lora import inject_lora, lora_parameters
 from kernels.persample import (adam_precondition, batch_features, example_features, flat_grads,
                                gram_blocks, gram_column, gram_matrix, gram_row_means,
@@ -102,9 +103,41 @@ def test_per_sample_linear_grad_is_the_token_sum_of_outer_products():
             if mask[b, t]:
                 want[b] += torch.outer(gout[b, t], x[b, t])
     x[~mask], gout[~mask] = float("nan"), float("inf")          # padding must not leak
-    assert torch.allclose(per_sample_linear_grad(x, gout, mask), want, rtol=1e-12, atol=0)
-    full = per_sample_linear_grad(x[:1], gout[:1])
-    assert torch.allclose(full, want[:1], rtol=1e-12, atol=0)
+    got = persample.per_sample_linear_grad(x, gout, mask)
+    assert tuple(got.shape) == (3, 2, 4), (
+        f"expected shape [B, out, in] = (3, 2, 4), got {tuple(got.shape)}")
+    assert torch.allclose(got, want, rtol=1e-12, atol=0), (
+        "grad_W[b] = sum over unmasked t of outer(gout[b, t], x[b, t]); example 1 expected "
+        f"{want[1].tolist()}, got {got[1].tolist()}")
+    full = persample.per_sample_linear_grad(x[:1], gout[:1])
+    assert torch.allclose(full, want[:1], rtol=1e-12, atol=0), (
+        f"no mask, example 0: expected {want[0].tolist()}, got {full[0].tolist()}")
+
+
+def test_per_sample_linear_grad_equals_an_autograd_loop():
+    """A linear y = x W^T at every token and each example's own loss, differentiated one
+    example at a time with autograd (float64), against per_sample_linear_grad of the output
+    gradients of ONE backward of the summed losses (SPEC 5.3 step 3)."""
+    g = torch.Generator().manual_seed(1)
+    B, T, d_in, d_out = 3, 4, 5, 2
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    x = torch.randn(B, T, d_in, generator=g, dtype=torch.float64)
+    target = torch.randn(B, T, d_out, generator=g, dtype=torch.float64)
+
+    def loss(b, y_b):                       # a different loss per example: nothing may mix
+        return (b + 1) * ((y_b - target[b]) ** 2).mean()
+    want = []
+    for b in range(B):
+        Wb = W.clone().requires_grad_()
+        want.append(torch.autograd.grad(loss(b, x[b] @ Wb.T), Wb)[0])
+    want = torch.stack(want)
+    y = (x @ W.T).requires_grad_()
+    gout = torch.autograd.grad(sum(loss(b, y[b]) for b in range(B)), y)[0]
+    got = persample.per_sample_linear_grad(x, gout)
+    assert tuple(got.shape) == (B, d_out, d_in), (
+        f"expected shape [B, out, in] = {(B, d_out, d_in)}, got {tuple(got.shape)}")
+    assert rel_err(got, want) < 1e-12, (
+        f"autograd loop, example 2: expected {want[2].tolist()}, got {got[2].tolist()}")
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])

@@ -66,11 +66,12 @@ def write(path, rows):
 def test_mcqa_state_hand_values():
     # renormalised: q = (0.5, 0.25, 0.25) -> mu = 0.5, sigma = -(0.5 ln 2 + 2 * 0.25 ln 4)
     mu, sigma = probe.mcqa_state([0.2, 0.1, 0.1], 0, "neg-entropy")
-    assert mu == pytest.approx(0.5) and sigma == pytest.approx(-1.5 * math.log(2))
+    assert (mu, sigma) == pytest.approx((0.5, -1.5 * math.log(2))), (
+        f"probs (0.2, 0.1, 0.1), gold 0: expected (0.5, -1.5 ln 2), got {(mu, sigma)}")
     # raw (released): the entropy of the un-renormalised probabilities, stored negated
     mu, sigma = probe.mcqa_state([0.2, 0.1, 0.1], 0, "raw-entropy")
-    assert mu == pytest.approx(0.5)
-    assert sigma == pytest.approx(0.2 * math.log(0.2) + 2 * 0.1 * math.log(0.1))
+    want = (0.5, 0.2 * math.log(0.2) + 2 * 0.1 * math.log(0.1))
+    assert (mu, sigma) == pytest.approx(want), f"raw-entropy: expected {want}, got {(mu, sigma)}"
     # range [-log K, 0]: uniform and one-hot ends; a zero probability contributes 0
     assert probe.mcqa_state([0.1] * 4, 3)[1] == pytest.approx(-math.log(4))
     assert probe.mcqa_state([0.0, 0.7, 0.0], 1) == pytest.approx((1.0, 0.0))
@@ -80,17 +81,20 @@ def test_mcqa_state_hand_values():
 
 
 def test_oeqa_mu():
-    assert probe.oeqa_mu(["correct", "wrong", "refuse", "correct"]) == 0.5
-    assert probe.oeqa_mu(["refuse"] * 10) == 0.0
-    assert probe.oeqa_mu(["correct"] * 9 + ["wrong"]) == pytest.approx(0.9)
+    for labels, want in ((["correct", "wrong", "refuse", "correct"], 0.5), (["refuse"] * 10, 0.0),
+                         (["correct"] * 9 + ["wrong"], 0.9)):
+        got = probe.oeqa_mu(labels)
+        assert got == pytest.approx(want), f"oeqa_mu({labels}): expected {want}, got {got}"
 
 
 def test_embedding_certainty_hand_values():
     # cosines: (1,2) = 0, (1,3) = (2,3) = 1/sqrt 2; 6 ordered pairs -> (4 / sqrt 2) / 6
     e = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]])     # norms must not matter
-    assert probe.embedding_certainty(e) == pytest.approx(math.sqrt(2) / 3)
-    assert probe.embedding_certainty(torch.ones(10, 5)) == pytest.approx(1.0)
-    assert probe.embedding_certainty(torch.tensor([[1.0, 0], [-1.0, 0]])) == pytest.approx(-1.0)
+    for emb, want in ((e, math.sqrt(2) / 3), (torch.ones(10, 5), 1.0),
+                      (torch.tensor([[1.0, 0], [-1.0, 0]]), -1.0)):
+        got = probe.embedding_certainty(emb)
+        assert got == pytest.approx(want), (
+            f"embedding_certainty({emb.tolist()[:3]}...): expected {want:.4f}, got {got}")
 
 
 def test_cut_at_hint():

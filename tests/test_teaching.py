@@ -1,12 +1,13 @@
-"""The README's "For teachers" table: every paper formula is a small pure function whose named
-test fails for a blanked body and for the plausible wrong versions a student might write.
+"""The teachers' table (course.FORMULAS, printed in the README): every paper formula is a small
+pure function whose named tests fail for a blanked body and for the plausible wrong versions a
+student might write.
 
-Each row of the table names `file.py::function` and a pytest command; this file reads the table,
-swaps each function for each of its mutants below (a blank body first), runs the named tests
-in-process and requires every mutant to make at least one of them fail."""
+Each row names `file.py::qualname` and its grading tests; this file reads the rows, swaps each
+function for each of its mutants below (a blank body first), runs the named tests in-process and
+requires every mutant to make at least one of them fail."""
 import importlib
+import inspect
 import math
-import re
 
 import pytest
 import torch
@@ -14,8 +15,12 @@ import torch
 from conftest import ROOT
 
 import construct as C
+import course
+import evaluate
 import probe
 import rehearse
+from kernels import lora
+from kernels import persample as ps
 from kernels import ths as kt
 
 
@@ -105,6 +110,42 @@ def auroc_flipped(scores, correct):
     import numpy as np
     s, y = np.asarray(scores, float), np.asarray(correct, bool)
     return float(np.mean([[(p < n) + 0.5 * (p == n) for n in s[~y]] for p in s[y]]))
+
+
+def quadrants_swapped_bases(known, labels):
+    """Over-refusal over the unknown items and hallucination over the known ones."""
+    return REAL["kernels/ths.py::quadrants"]([not k for k in known], labels)
+
+
+def quadrants_precision_inverted(known, labels):
+    q = REAL["kernels/ths.py::quadrants"](known, labels)
+    return {**q, "refusal_precision": 100.0 - q["refusal_precision"]}
+
+
+def lora_no_scaling(self, x):
+    return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def lora_base_only(self, x):
+    return self.base_layer(x)
+
+
+def lora_scaling_r_over_alpha(self, x):
+    return self.base_layer(x) + self.lora_B(self.lora_A(x)) * (self.r / self.alpha)
+
+
+def per_sample_grad_transposed(x, gout, token_mask=None):
+    return torch.bmm(x.transpose(1, 2), gout)
+
+
+def per_sample_grad_batch_summed(x, gout, token_mask=None):
+    """The ordinary weight gradient, the same for every example."""
+    g = torch.einsum("bto,bti->oi", gout, x)
+    return g.expand(x.shape[0], *g.shape)
+
+
+def per_sample_grad_mask_ignored(x, gout, token_mask=None):
+    return torch.bmm(gout.transpose(1, 2), x)
 
 
 def mcqa_no_renormalisation(probs, gold_index, certainty="neg-entropy"):
@@ -278,15 +319,99 @@ def grait_code_weights(states, task, n_van, n_idk, features, select="greedy",
     return REAL["construct.py::grait"](states, task, n_van, n_idk, features, select, "code", T)
 
 
-MODULES = {"kernels/ths.py": kt, "probe.py": probe, "rehearse.py": rehearse, "construct.py": C}
-REAL = {f"{f}::{name}": getattr(m, name) for f, m in MODULES.items() for name in dir(m)}
+MODULES = {"kernels/ths.py": kt, "probe.py": probe, "rehearse.py": rehearse, "construct.py": C,
+           "kernels/lora.py": lora, "kernels/persample.py": ps, "evaluate.py": evaluate}
+
+
+def owner(target):
+    """(object holding the function, attribute name) for 'file.py::qualname'."""
+    file, qualname = target.split("::")
+    obj = MODULES[file]
+    *outer, name = qualname.split(".")
+    for part in outer:
+        obj = getattr(obj, part)
+    return obj, name
+
+
+def paired_diff_unpaired(table, macro, n=10, seed=0):
+    """Each model resampled on its own: the point is right, the resamples are not paired."""
+    import numpy as np
+    from kernels import ths as kt
+    point, _ = REAL["kernels/ths.py::paired_diff"](table, macro, n, seed)
+    t = np.asarray(table)
+    a = kt.bootstrap_ci(t.sum(-1), macro, n, seed)
+    return point, np.full(n, a["ths"][0] - a["ths"][1])
+
+
+def paired_diff_reversed(table, macro, n=10, seed=0):
+    point, draws = REAL["kernels/ths.py::paired_diff"](table, macro, n, seed)
+    return -point, -draws
+
+
+def paired_diff_pc_not_ths(table, macro, n=10, seed=0):
+    """The difference of the correct rates, not of THS."""
+    import numpy as np
+    from kernels import ths as kt
+    t = np.asarray(table)
+    d = kt.summarize(t.sum(-1), macro)["pc"] - kt.summarize(t.sum(-2), macro)["pc"]
+    return float(d), np.zeros(n)
+
+
+def crss_no_normalisation(idk, van, tau=0.97):
+    import torch
+    a, b = torch.as_tensor(idk, dtype=torch.float64), torch.as_tensor(van, dtype=torch.float64)
+    if len(a) == 0 or len(b) == 0:
+        return None
+    return float(((a @ b.T).max(-1).values > tau).double().mean())
+
+
+def crss_mean_not_max(idk, van, tau=0.97):
+    import torch
+    if len(idk) == 0 or len(van) == 0:
+        return None
+    a = torch.nn.functional.normalize(torch.as_tensor(idk, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(torch.as_tensor(van, dtype=torch.float64), dim=-1)
+    return float(((a @ b.T).mean(-1) > tau).double().mean())
+
+
+def crss_at_least(idk, van, tau=0.97):
+    """>= instead of >, and the share of van items instead of IdK items."""
+    import torch
+    if len(idk) == 0 or len(van) == 0:
+        return None
+    a = torch.nn.functional.normalize(torch.as_tensor(idk, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(torch.as_tensor(van, dtype=torch.float64), dim=-1)
+    return float(((a @ b.T).max(0).values >= tau).double().mean())
+
+
+def flow_agreement_all_items(flow_a, flow_b, tau=0.5):
+    """Every item, not only the IdK candidates."""
+    return REAL["evaluate.py::flow_agreement"](flow_a, flow_b, tau=2.0)
+
+
+def flow_agreement_zeros_dropped(flow_a, flow_b, tau=0.5):
+    out = REAL["evaluate.py::flow_agreement"](flow_a, flow_b, tau)
+    return {**out, "agree": out["moved_agree"]}
+
+
+REAL = {r["function"]: getattr(*owner(r["function"])) for r in course.FORMULAS}
 MUTANTS = {
     "kernels/ths.py::ths": [ths_sign_flip, ths_inverted_ratio, ths_no_ratio],
     "kernels/ths.py::quadrants": [quadrants_recall_over_all, quadrants_precision_recall_swapped,
-                                  quadrants_known_refused],
+                                  quadrants_known_refused, quadrants_swapped_bases,
+                                  quadrants_precision_inverted],
     "kernels/ths.py::average_precision": [ap_ties_in_input_order, ap_interpolated,
                                           ap_precision_at_every_rank],
     "kernels/ths.py::auroc": [auroc_ties_lost, auroc_ties_won, auroc_flipped],
+    "kernels/ths.py::paired_diff": [paired_diff_unpaired, paired_diff_reversed,
+                                    paired_diff_pc_not_ths],
+    "construct.py::crss": [crss_no_normalisation, crss_mean_not_max, crss_at_least],
+    "evaluate.py::flow_agreement": [flow_agreement_all_items, flow_agreement_zeros_dropped],
+    "kernels/lora.py::LoRALinear.forward": [lora_no_scaling, lora_base_only,
+                                            lora_scaling_r_over_alpha],
+    "kernels/persample.py::per_sample_linear_grad": [per_sample_grad_transposed,
+                                                     per_sample_grad_batch_summed,
+                                                     per_sample_grad_mask_ignored],
     "probe.py::mcqa_state": [mcqa_no_renormalisation, mcqa_entropy_not_negated,
                              mcqa_entropy_of_raw_probs],
     "probe.py::oeqa_mu": [oeqa_mu_refusal_counts, oeqa_mu_count_not_share],
@@ -308,42 +433,39 @@ MUTANTS = {
 
 
 def teachers_table():
-    """[(formula, 'file.py::function', ['tests/x.py::test_y', ...])] from README.md."""
-    text = open(f"{ROOT}/README.md", encoding="utf-8").read()
-    section = text.split("## For teachers", 1)[1].split("\n## ", 1)[0]
-    rows = []
-    for line in section.splitlines():
-        m = re.match(r"\| (.+?) \| `([\w/]+\.py::\w+)` \| `\.venv/bin/python -m pytest -q "
-                     r"([^`]+)` \|$", line)
-        if m:
-            rows.append((m.group(1), m.group(2), m.group(3).split()))
-    return rows
+    """[(formula, 'file.py::qualname', ['tests/x.py::test_y', ...])] from course.FORMULAS."""
+    return [(r["formula"], r["function"], r["tests"]) for r in course.FORMULAS]
+
+
+def grading_test(t):
+    """The test function named 'tests/x.py::test_y'."""
+    path, name = t.split("::")
+    return getattr(importlib.import_module(path.split("/")[-1][:-3]), name, None)
 
 
 def test_table_covers_every_formula():
     rows = teachers_table()
     named = [f for _, f, _ in rows]
     assert sorted(named) == sorted(MUTANTS), (
-        f"README table and MUTANTS differ: {sorted(set(named) ^ set(MUTANTS))}")
+        f"course.FORMULAS and MUTANTS differ: {sorted(set(named) ^ set(MUTANTS))}")
     for _, f, tests in rows:
-        assert f in REAL and callable(REAL[f]), f"{f}: no such function"
+        assert callable(REAL[f]), f"{f}: no such function"
         for t in tests:
-            path, name = t.split("::")
-            mod = importlib.import_module(path.split("/")[-1][:-3])
-            assert callable(getattr(mod, name, None)), f"{t}: no such test"
+            fn = grading_test(t)
+            assert callable(fn), f"{t}: no such test"
+            assert not inspect.signature(fn).parameters, (
+                f"{t}: a grading test takes no fixtures (it is run in-process here)")
 
 
 @pytest.mark.parametrize("row", teachers_table(), ids=lambda r: r[1])
 def test_named_tests_fail_for_blank_and_wrong_versions(row, monkeypatch):
     _, target, tests = row
-    file, name = target.split("::")
-    funcs = [getattr(importlib.import_module(t.split("/")[-1].split("::")[0][:-3]),
-                     t.split("::")[1]) for t in tests]
+    funcs = [grading_test(t) for t in tests]
     for real_ok in funcs:     # the real function passes its tests
         real_ok()
     for mutant in [blank] + MUTANTS[target]:
         with monkeypatch.context() as m:
-            m.setattr(MODULES[file], name, mutant)
+            m.setattr(*owner(target), mutant)
             failed = []
             for f in funcs:
                 try:
