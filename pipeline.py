@@ -273,13 +273,14 @@ def build_world(folder, seed, world_args):
     return [(os.path.basename(folder), runs.stage_command("world.py", args), None, [])]
 
 
-def in_parallel(jobs, units, times):
+def in_parallel(jobs, units, times, one_thread=False):
     """Run units (lists of stages, each list in order) at once in up to `jobs` threads, each
     stage a subprocess, and add their stage times, in the order of `units`, to `times`. Stages
     running beside others get one torch thread each (OMP_NUM_THREADS=1), a wave of one unit (or
-    --jobs 1) torch's default. The first failure, or Ctrl-C, stops the running stages at once
+    --jobs 1) torch's default; one_thread: every stage one thread (the world: float sums then
+    never depend on the machine's core count or load, issue 26). The first failure, or Ctrl-C, stops the running stages at once
     (SIGINT: each keeps its partial work for the next run) and then the run."""
-    env = {"OMP_NUM_THREADS": "1"} if jobs > 1 and len(units) > 1 else {}
+    env = {"OMP_NUM_THREADS": "1"} if one_thread or (jobs > 1 and len(units) > 1) else {}
     running, stopping = set(), threading.Event()
 
     def unit(stages):
@@ -454,7 +455,7 @@ def main():
              else [os.path.join(a.out, slug(a.model, a.data))])
     if a.model == "world":      # cached when a world's configuration is unchanged
         in_parallel(a.jobs, [build_world(r, w, a.world_args) for r, w in zip(roots, a.worlds)],
-                    times)
+                    times, one_thread=True)
     # run seeds: --seeds for every world, else each world's own seed (world 0: seed 0)
     seeds = {r: a.seeds or ([w] if a.model == "world" else [0]) for r, w in zip(roots, a.worlds)}
     # once, here: fail early on missing data, write the --limit subsamples, hand the paths to units
@@ -462,14 +463,15 @@ def main():
     cells = [(a, r, t, s, paths[r, t]) for r in roots for t in a.tasks for s in seeds[r]]
     # The stages of a task and seed depend on each other only through probe -> rehearse -> the
     # methods -> the report: run each of these three waves across tasks, seeds and methods at once.
+    world = a.model == "world"        # one thread per stage: the same numbers on any machine
     in_parallel(a.jobs, [prepare(*cell) for cell in cells] +
-                ([pool_known(*cell) for cell in cells] if a.model == "world" and
-                 a.until not in ("probe", "rehearse") else []), times)
+                ([pool_known(*cell) for cell in cells] if world and
+                 a.until not in ("probe", "rehearse") else []), times, world)
     if a.until not in ("probe", "rehearse"):
         rows = a.methods + (["init_basic", "init_refuse"] if a.until == "all" else [])
-        in_parallel(a.jobs, [method(*cell, m) for cell in cells for m in rows], times)
+        in_parallel(a.jobs, [method(*cell, m) for cell in cells for m in rows], times, world)
     if a.until == "all":
-        in_parallel(a.jobs, [report(*cell) for cell in cells], times)
+        in_parallel(a.jobs, [report(*cell) for cell in cells], times, world)
     wall = time.time() - t_start
     md = ["# Wall time per stage", "", f"{a.jobs} job(s) at once; wall time {wall:.1f} s.", "",
           "| stage | seconds | |", "|---|---|---|"]

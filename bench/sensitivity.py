@@ -107,7 +107,7 @@ def main():
                               (f"{tag} evaluate", runs.stage_command("evaluate.py", ev),
                                f"{d}/pred_id.jsonl", [model, test_id, f"{d}/adapter"])])
     times = []
-    pipeline.in_parallel(a.jobs, units, times)
+    pipeline.in_parallel(a.jobs, units, times, one_thread=True)
     res = {}
     for w, task, dose, R, test_id, d in cells:
         res.setdefault((task, dose), []).append(measure(R, test_id, d))
