@@ -137,6 +137,7 @@ PRESETS = {
 }
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
 FAMOUS_LOG2_POP = 5     # well-known people: 32 exposures per fact and epoch (learned for sure)
+GREEDY_TOKENS = 8      # knowledge.md's greedy answers: one-word values, with room for a prefix
 LATENT_MIN_EXPOSURE = 8  # knowledge.md compares latent and other facts seen this often (DESIGN:
                          # greedy accuracy ~0.5 from 8 exposures per epoch)
 N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 the OOD test
@@ -590,25 +591,44 @@ def next_token_probs(model, tok, prompts, batch=256):
                       for i in range(0, len(seqs), batch)])
 
 
-def knowledge(model, tok, items):
-    """Greedy open-QA accuracy, option-scoring MCQA accuracy and p(gold) per fact, by bin.
+def greedy_answers(model, tok, prompts, max_new=GREEDY_TOKENS, batch=256):
+    """M0's greedy answer to each rendered prompt, as evaluate.py reads a plain-prompt model: the
+    first non-empty line of the continuation (kernels/lm.py's left-padded batch)."""
+    from kernels.lm import left_pad
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids, mask, _ = left_pad([models.encode(tok, p) for p in prompts[i:i + batch]],
+                                tok.pad_token_id, model.device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=max_new, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, temperature=None, top_p=None,
+                                 top_k=None)
+        for row in gen[:, ids.shape[1]:].tolist():
+            text = tok.decode(row, skip_special_tokens=True)
+            out.append(next((x for x in text.split("\n") if x.strip()), ""))
+    return out
 
-    The world's answers are single tokens, so greedy decoding = argmax of the next token, and an
-    option's log-likelihood is that of its one token (the option reader of SPEC 10)."""
+
+def knowledge(model, tok, items):
+    """Greedy open-QA accuracy (BASIC1 prompt, the answer's first line labelled by alias
+    containment as evaluate.py labels it, SPEC 7), option-scoring MCQA accuracy, and p(gold) of
+    the answer's token as the next token, per fact, by exposure bin. An option's log-likelihood
+    is that of its one token (the option reader of SPEC 10)."""
     rows = {}
     twin_values = {}        # a known twin's values, to see whether M0 says them for the other
     for v in items.values():
         for it in v:
             if it["task"] == "oeqa" and it["meta"].get("twin") == "known":
                 twin_values.setdefault(it["meta"]["person"], {})[it["subject"]] = it["answer"]
-    refusal_start = tok.convert_tokens_to_ids(tok.tokenize(models.IDK["oeqa"])[0])     # "I"
     for split in ("train", "test_id", "test_ood", "shots"):
         oe, mc = items["oeqa", split], items["mcqa", split]
-        po = next_token_probs(model, tok, [models.render(tok, models.user_prompt(it, "basic"))
-                                           for it in oe])
+        prompts = [models.render(tok, models.user_prompt(it, "basic")) for it in oe]
+        po = next_token_probs(model, tok, prompts)
+        said = greedy_answers(model, tok, prompts)
         pm = next_token_probs(model, tok, [models.render(tok, models.user_prompt(it, "basic"))
                                            for it in mc])
-        for it, p, im, q in zip(oe, po, mc, pm):
+        for it, p, text, im, q in zip(oe, po, said, mc, pm):
             gold = tok.convert_tokens_to_ids(it["answer"])
             opt_ids = [tok.convert_tokens_to_ids(c) for c in im["choices"]]
             mc_pick = int(torch.argmax(q[opt_ids]))
@@ -617,13 +637,12 @@ def knowledge(model, tok, items):
             rows.setdefault(split, []).append({
                 "exposure": it["meta"]["exposure"], "p_gold": float(p[gold]),
                 "latent": it["meta"]["latent"], "twin": twin,
-                "says_twin_value": twin == "unseen" and int(torch.argmax(p)) ==
-                tok.convert_tokens_to_ids(twin_value),
-                "oeqa": int(int(torch.argmax(p)) == gold),
+                "says_twin_value": twin == "unseen" and models.alias_match(text, [twin_value]),
+                "oeqa": int(models.alias_match(text, it["aliases"]) and not models.is_refusal(text)),
                 "mcqa": int(files.LETTERS[mc_pick] == im["answer"]),
-                # M0 must answer, not refuse, under BASIC: a greedy answer starting like the refusal
-                "refuses": int(int(torch.argmax(p)) == refusal_start) + int(
-                    int(torch.argmax(q)) == refusal_start)})
+                # M0 must answer, not refuse, under BASIC
+                "refuses": int(models.is_refusal(text)) + int(
+                    int(torch.argmax(q)) == tok.convert_tokens_to_ids("I"))})
     report = {}
     for split, rs in rows.items():
         by = {}
@@ -663,8 +682,10 @@ def planted_rows(rs):
 
 def knowledge_md(report, seconds):
     lines = ["# What the world model knows", "",
-             f"Pre-training took {seconds:.0f} s. Greedy open-QA (BASIC1 prompt) and option-scoring "
-             "MCQA (BASIC hint, 4 options, chance 0.25) accuracy by exposures per epoch.", ""]
+             f"Pre-training took {seconds:.0f} s. Greedy open-QA (BASIC1 prompt; the answer's first "
+             "line, correct when it contains the value, as evaluate.py labels Init-Basic) and "
+             "option-scoring MCQA (BASIC hint, 4 options, chance 0.25) accuracy by exposures per "
+             "epoch; p(gold): the value's probability as the very next token.", ""]
     for split, name in (("train", "train pool (ID relations)"), ("test_id", "ID test"),
                         ("test_ood", "OOD test (held-out relations)")):
         r = report[split]
@@ -681,7 +702,7 @@ def knowledge_md(report, seconds):
                          f"{r['planted']['unseen twins']['says_twin_value']:.0%}")
         lines += ["", f"p(gold) at temperature 1, histogram over [0,0.1),...,[0.9,1]: "
                       f"{r['p_gold_hist']}; middle band (0.1 <= p <= 0.9): {r['middle_band']:.0%}; "
-                      f"greedy BASIC answers that start like the refusal: "
+                      f"greedy BASIC answers that refuse: "
                       f"{r['basic_refusal_start']:.1%}", ""]
     return "\n".join(lines)
 
