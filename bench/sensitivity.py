@@ -9,7 +9,7 @@ world cannot show what removing static conflicts (CRaFT's certainty ranking) buy
 CRaFT then comes out. Not run by the tests.
 
     make all WORLDS="0 1 2"                                   # the runs it reads
-    OMP_NUM_THREADS=1 .venv/bin/python bench/sensitivity.py --worlds 0 1 2    # ~10 min, 2 jobs
+    .venv/bin/python bench/sensitivity.py --worlds 0 1 2    # 4.5 min on 2 cores, 2 jobs
 
 Each dose is a folder sens-<dose>/ beside cor/ in runs/<world>/<task>/s<seed>/, made by the same
 commands the pipeline runs (printed), skipped when unchanged. Dose 0 is Cor-RAIT's own set.
@@ -49,7 +49,7 @@ def dosed(examples, known_items, dose, rng, task):
 
 
 def measure(run_dir, items_path, dose_dir):
-    """(Pr, over-refusal, THS) of a dose's ID predictions against Init-Basic's."""
+    """(Pr, over-refusal, refusal recall, THS) of a dose's ID predictions against Init-Basic's."""
     items = files.read_jsonl(items_path, files.check_item)
     ids = [it["id"] for it in items]
     lab = {}
@@ -60,7 +60,7 @@ def measure(run_dir, items_path, dose_dir):
     count = lambda ls: [ls.count(x) for x in ("correct", "wrong", "refuse", "unparsed")]  # noqa
     r, r0 = rates(count(lab["me"])), rates(count(lab["init"]))
     q = quadrants(np.array(lab["init"]) == "correct", lab["me"])
-    return float(r[2]), q["over_refusal"], float(ths(r[0], r[1], r0[0], r0[1]))
+    return float(r[2]), q["over_refusal"], q["refusal_recall"], float(ths(r[0], r[1], r0[0], r0[1]))
 
 
 def main():
@@ -113,11 +113,12 @@ def main():
         res.setdefault((task, dose), []).append(measure(R, test_id, d))
     lines = ["# Sensitivity: Cor-RAIT with known facts planted among its IdK examples", "",
              f"Worlds {' '.join(map(str, a.worlds))}; ID test; mean ± std over the worlds. "
-             "Over-refusal = refused among the test facts Init-Basic answers correctly; THS "
-             "against Init-Basic (SPEC 7).", "",
-             "| task | IdK replaced by known facts | Pr | over-refusal | THS |", "|---|---|---|---|---|"]
+             "Over-refusal = refused among the test facts Init-Basic answers correctly; refusal "
+             "recall = refused among the others; THS against Init-Basic (SPEC 7).", "",
+             "| task | IdK replaced by known facts | Pr | over-refusal | refusal recall | THS |",
+             "|---|---|---|---|---|---|"]
     for (task, dose), v in res.items():
-        cols = [pipeline.mean_sd([x[i] for x in v if x[i] is not None]) for i in range(3)]
+        cols = [pipeline.mean_sd([x[i] for x in v if x[i] is not None]) for i in range(4)]
         lines.append(f"| {task} | {dose}% | " + " | ".join(cols) + " |")
     text = "\n".join(lines) + "\n"
     files.atomic_write_text(os.path.join(a.out, "sensitivity.md"), text)
