@@ -40,6 +40,8 @@ THRESHOLDS = {"mcqa": (TAU, TAU), "oeqa": (0.51, 0.49)}        # (van if mu >=, 
 # SPEC 4: the paper's counts (IdK : van = 1 : 4) and the pools they were drawn from
 PAPER_COUNTS = {"mcqa": (4000, 1000), "oeqa": (8000, 2000)}     # (N_van, N_idk)
 PAPER_POOL = {"mcqa": 14042, "oeqa": 87622}                     # MMLU test, TriviaQA train
+SIGMA_DECIMALS = 6       # certainty ties for ranking (issue 26): far below any real difference,
+                         # above float32 noise (measured: 1.6e-7 between two CPUs' OEQA sigmas)
 TAU_SIM = 0.97           # SPEC 7: CRSS threshold, CRaFT's headline value
 TAU_SIM_SWEEP = (0.95, 0.96, 0.97, 0.98, 0.99)                  # SPEC 7: the swept range
 SCALED_IDK_SHARE = 0.1   # smaller pools (the world, --limit): N_idk = 10% of the pool, N_van = 4x
@@ -70,9 +72,11 @@ def flow_filter(idk, rule="le0"):
 
 
 def by_certainty(rows, n, most_certain):
-    """The n most (or least) certain rows: sigma descending (or ascending), ties by id (SPEC 9 #5)."""
-    key = (lambda s: (-s["sigma"], s["id"])) if most_certain else (lambda s: (s["sigma"], s["id"]))
-    return sorted(rows, key=key)[:n]
+    """The n most (or least) certain rows: sigma descending (or ascending), ties by id (SPEC 9 #5).
+    Sigmas equal to SIGMA_DECIMALS places are ties: float32 sums differ in the last bits across
+    CPUs, and a set must not depend on them."""
+    sign = -1 if most_certain else 1
+    return sorted(rows, key=lambda s: (sign * round(s["sigma"], SIGMA_DECIMALS), s["id"]))[:n]
 
 
 def draw(rows, n, rng, with_replacement=False):

@@ -25,7 +25,8 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
 - LlamaForCausalLM (hidden 128, 4 layers, 4 heads, intermediate 512, tied embeddings) pre-trained
   with AdamW on CPU, saved with save_pretrained, so stages load it like any hub model.
 
-    python world.py --out runs/world                 # the default world (about 4 minutes)
+    python world.py --out runs/world                 # the default world: shipped M0, 10 s
+    python world.py --out /tmp/w --rebuild           # pre-train it here (about 3.5 minutes)
     python world.py --out /tmp/w --preset small      # about a minute, for tests
 
 Outputs in --out: model/ (model + tokenizer), {mcqa,oeqa}/{train,test_id,test_ood,shots}.jsonl,
@@ -125,6 +126,8 @@ QA_FORMATS = ("basic1", "basic2", "mcqa", "mcqa")
 # seen 32+ times per epoch, where batch 64 at lr 3e-3 (DESIGN's first recipe) reached 0.25.
 # Windows are 128 tokens (the MCQA REFUSE prompt is about 82), 4 per step: the same 512 tokens
 # per step as the measured 8 x 64.
+# small: --qa-mentions 0.1, where 0.2 (the default's) left the 2-layer model answering the bare
+# question in the MCQA format (" A . Delhi"), 0.55 greedy open-QA at 16+ exposures (0.1: 1.0)
 PRESETS = {
     "default": dict(people=250, famous=40, twins=30, values=24, epochs=3, seq_len=128, batch=4,
                     lr=2e-3, hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
@@ -132,7 +135,7 @@ PRESETS = {
                     test_frac=0.2),
     "small": dict(people=60, famous=12, twins=8, values=8, epochs=12, seq_len=128, batch=4,
                   lr=3e-3, hidden=128, layers=2, heads=4, inter=256, pop_lo=-2.0, pop_hi=6.0,
-                  qa_share=0.15, qa_mentions=0.2, latent=0.3, everyday_share=0.08,
+                  qa_share=0.15, qa_mentions=0.1, latent=0.3, everyday_share=0.08,
                   test_frac=0.25),
 }
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)

@@ -629,3 +629,13 @@ def test_candidates_are_each_methods_pools():
     assert [len(x) for x in C.candidates("craft", st, "mcqa")] == [2, 1]    # b rose: dropped
     assert [len(x) for x in C.candidates("grait", st, "mcqa")] == [1, 2]    # mu = 0.5 excluded
     assert [len(x) for x in C.candidates("van", st, "mcqa")] == [4, 0]
+
+
+def test_certainty_ties_within_float_noise_go_by_id():
+    """Sigmas that differ only in float32's last bits (another CPU's sums) are ties, by id, so a
+    CRaFT set is the same on every machine (issue 26)."""
+    rows = [S("b", 0, 1.0 - 1e-7), S("a", 0, 1.0), S("c", 0, 0.9)]
+    assert ids(C.by_certainty(rows, 2, most_certain=True)) == ["a", "b"]
+    rows = [S("b", 0, 1.0), S("a", 0, 1.0 - 1e-7), S("c", 0, 0.9)]
+    assert ids(C.by_certainty(rows, 2, most_certain=True)) == ["a", "b"]
+    assert ids(C.by_certainty(rows, 1, most_certain=False)) == ["c"]

@@ -161,7 +161,7 @@ def test_planted_twins_and_latent_facts_exist(runs):
         for it in unseen:
             twin = by_q[it["question"].replace(it["meta"]["person"], it["meta"]["twin_of"])]
             assert it["meta"]["exposure"] == 0 and twin["meta"]["exposure"] > 0
-            assert it["answer"] != twin["answer"]
+            assert value(it) != value(twin)
             base, mark = it["meta"]["person"].split()           # one word added to the name
             assert base == twin["meta"]["person"] and mark in world.TWIN_MARKS
         labels = {p["id"]: p["label"] for p in files.read_jsonl(
@@ -174,6 +174,11 @@ def test_planted_twins_and_latent_facts_exist(runs):
                  and "twin" not in it["meta"]]
         assert latent and sum(latent) / len(latent) > 0.5 * sum(other) / len(other)
         assert (task_dir(runs, task) / "rehearsal-b" / "flow.jsonl").exists()
+
+
+def value(it):
+    """The fact's value: the OEQA answer, or the MCQA gold option's text."""
+    return it["answer"] if it["task"] == "oeqa" else it["choices"][files.LETTERS.index(it["answer"])]
 
 
 def test_oracle_judgement_is_init_basics(runs, tmp_path):
