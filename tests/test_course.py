@@ -23,6 +23,17 @@ def test_readme_table_is_the_course_table():
         "README.md: the teachers' table differs from `python course.py table`; paste its output")
 
 
+def test_readme_stage_list_names_every_formula_of_its_stage():
+    text = open(f"{ROOT}/README.md", encoding="utf-8").read()
+    section = text.split("### Staged assignments", 1)[1].split("\n## ", 1)[0]
+    listed = {int(row.split("|")[1]): set(row.split("`")[1].split())
+              for row in section.splitlines() if row.startswith("| ") and row[2].isdigit()}
+    want = {}
+    for r in course.FORMULAS:
+        want.setdefault(r["stage"], set()).add(r["name"])
+    assert listed == want, f"README staged list {listed}, course.FORMULAS stages {want}"
+
+
 SOURCE = '''import os
 
 

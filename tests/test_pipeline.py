@@ -139,7 +139,9 @@ def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path, sma
     # wave runs 4 stages at once) into a fresh path
     log = {m.group(1): m.group(2) for m in re.finditer(r"\[pipeline\] (world/oeqa/s0 [\w ]+): "
                                                         r"(.+)", run_a.stderr)}
-    assert not log["world/oeqa/s0 probe"].startswith("OMP_NUM_THREADS")   # alone in its wave
+    # every stage of a world run gets one thread, even alone in its wave (issue 26: the numbers
+    # must not depend on the machine's core count)
+    assert log["world/oeqa/s0 probe"].startswith("OMP_NUM_THREADS=1 ")
     words = shlex.split(log["world/oeqa/s0 construct grait"])
     env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
     assert env == {"OMP_NUM_THREADS": "1"}
@@ -155,9 +157,10 @@ def test_make_all_killed_anywhere_then_rerun_gives_the_same_report(tmp_path, sma
                          "--eval-args=--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
     last = [ln for ln in r3.stderr.splitlines() if ln.strip()][-1]
     assert r3.returncode == 1 and "Traceback" not in r3.stderr, r3.stderr[-3000:]
-    assert re.fullmatch(r"\[pipeline\] world/oeqa/s0 evaluate \w+ (id|ood) failed \(exit 2\); "
+    # the first evaluate.py to run is Init-Basic on the pool (issue 26), beside the rehearsals
+    assert re.fullmatch(r"\[pipeline\] world/oeqa/s0 evaluate \w+ (id|ood|pool) failed \(exit 2\); "
                         r"rerun the same command to resume", last), last
-    assert "skip world/oeqa/s0 finetune grait: unchanged" in r3.stderr
+    assert "skip world/oeqa/s0 rehearse: unchanged" in r3.stderr
 
 
 def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
@@ -165,8 +168,9 @@ def test_several_worlds_report_mean_and_std_over_worlds(tmp_path):
     runs each with its own run seed and writes runs/worlds.md with mean ± std over the worlds,
     the Oracle-RAIT row and the static-conflict / quadrant table."""
     small = "--preset small --epochs 1 --people 40 --hidden 64 --inter 128"   # mechanics only
-    sh("pipeline.py", "--world-args", small, "--worlds", "0", "1",
-           "--tasks", "oeqa", "--methods", "oracle", "--jobs", "2", "--out", str(tmp_path))
+    sh("pipeline.py", "--world-args", small, "--worlds", "0", "1",   # a 168-item pool: 40 + 10
+           "--tasks", "oeqa", "--methods", "oracle", "--jobs", "2", "--out", str(tmp_path),
+           "--construct-args", "--n-van 40 --n-idk 10")
     for d in ("world/oeqa/s0", "world-w1/oeqa/s1"):
         assert (tmp_path / d / "report.md").is_file(), d
     a, b = ((tmp_path / w / "oeqa" / "train.jsonl").read_text() for w in ("world", "world-w1"))
@@ -323,7 +327,8 @@ def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
     """Issue 15: each GRAIT ablation row is `construct.py --method grait` with its flags into its
     own folder, then finetune and evaluate there, and a report input; grait-less first trains
     the LESS warm-up (SPEC 5.3 step 1) on the rehearsal set and builds on it. The default grait
-    row's commands are what they were before the rows existed."""
+    row's commands are the world's (issue 26: --known, --model, --crss and the 160/40 counts for
+    every method) plus GRAIT's warm-up and projection."""
     import evaluate
     import pipeline
     a, root, R, paths = world_rows("mcqa", list(pipeline.GRAIT_ROWS))
@@ -335,8 +340,9 @@ def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
         "construct grait": ["--method", "grait", "--items", paths[1], "--state",
                             f"{R}/probe_init.jsonl", "--flow", f"{R}/rehearsal/flow.jsonl",
                             "--out", f"{R}/grait/train.jsonl", "--mcqa-reader", "option",
-                            "--seed", "0", "--model", paths[0], "--warmup",
-                            f"{R}/rehearsal/adapter", "--projection", "sketch"],
+                            "--seed", "0", "--known", f"{R}/init_basic/pred_pool.jsonl",
+                            "--model", paths[0], "--crss", "--n-van", "160", "--n-idk", "40",
+                            "--warmup", f"{R}/rehearsal/adapter", "--projection", "sketch"],
         "finetune grait": ["--model", paths[0], "--train", f"{R}/grait/train.jsonl", "--out",
                            f"{R}/grait/adapter", "--seed", "0", "--batch-size", "8",
                            "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "16", "--epochs", "3"],
@@ -350,7 +356,8 @@ def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
         got = argvs(m)
         warmup = f"{R}/{'rehearsal' if warm == 'rehearsal' else 'less-warmup'}/adapter"
         base = argvs("grait")["construct grait"]
-        assert got[f"construct {m}"] == [x.replace("/grait/", f"/{m}/") for x in base[:17]] + [
+        k = base.index("--warmup") + 1
+        assert got[f"construct {m}"] == [x.replace("/grait/", f"/{m}/") for x in base[:k]] + [
             warmup] + flags + ["--projection", "sketch"]
         assert got[f"finetune {m}"][got[f"finetune {m}"].index("--train") + 1] == \
             f"{R}/{m}/train.jsonl"

@@ -137,7 +137,7 @@ def test_shipped_weights_are_used_and_their_checksum_is_checked(small_world, tmp
     monkeypatch.setattr(world, "SHIPPED", {h: (files.sha256_of(str(src)), 12.3)})
     world.main(["--preset", "small", "--out", str(tmp_path / "w")])
     err = capsys.readouterr().err
-    assert "shipped weights" in err and "pre-training" not in err and "the shipped bytes" in err
+    assert "shipped weights" in err and "[world] pre-training" not in err and "the shipped bytes" in err
     assert read_bytes(tmp_path / "w" / "model" / "model.safetensors") == read_bytes(src)
     assert json.loads((tmp_path / "w" / "world.config.json").read_text())["shipped"] is True
     for task in files.TASKS:            # the items come out as the fixture's
