@@ -449,6 +449,8 @@ def crss_summary(model_name, items_by_id, van, idk, trust_remote_code=False):
     rendering), the same representation for both tasks. Not the last token's state alone: that
     one predicts the answer, so near-identical questions with different answers get distant
     states there (measured on world 0: median cosine 0.42 between twins, 0.94 mean-pooled)."""
+    if not van or not idk:
+        return {"crss": None}
     import torch
     from kernels.lm import mean_last_hidden
     model, tok = models.load_model(model_name, trust_remote_code=trust_remote_code)
@@ -458,8 +460,6 @@ def crss_summary(model_name, items_by_id, van, idk, trust_remote_code=False):
                 for r in rows]
         return torch.cat([mean_last_hidden(model, seqs[i:i + 64], tok.pad_token_id)
                           for i in range(0, len(seqs), 64)])
-    if not van or not idk:
-        return {"crss": None}
     zi, zv = reps(idk), reps(van)
     return {"crss": crss(zi, zv), "crss_sweep": {str(t): crss(zi, zv, t) for t in TAU_SIM_SWEEP}}
 
