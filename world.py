@@ -255,6 +255,8 @@ def check_settings(a):
             a.qa_share + a.everyday_share >= 1:
         raise files.InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
                                 "be >= 0 with a sum below 1")
+    if a.threads < 1:
+        raise files.InputError(f"--threads {a.threads}: need at least 1")
     if not 0 <= a.latent <= 1 or not 0 <= a.qa_mentions <= 1 or a.twins < 0:
         raise files.InputError("--latent and --qa-mentions must lie in [0, 1], --twins be >= 0")
     if a.people < 4 or a.famous < 3:
