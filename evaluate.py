@@ -65,6 +65,7 @@ from kernels.ths import (BOOTSTRAP, auroc, average_precision, bootstrap_ci, pair
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
 LABELS = ("correct", "wrong", "refuse", "unparsed")
+LABEL_INITIALS = "".join(x[0] for x in LABELS)  # results.json item_labels: one letter per item
 GRAIT_ABLATIONS = ("grait-code", "grait-uniform", "grait-released", "grait-less")   # issue 15,
                                                         # pipeline.py GRAIT_ROWS: run when asked
 LOSS_ABLATIONS = ("cor-token", "craft-token")   # issue 27, pipeline.py TOKEN_ROWS: run when asked
@@ -238,11 +239,6 @@ def line_done(new, line_ids):
     return brk[:, -1] & (~brk).any(1)
 
 
-def first_line(text):
-    """The first non-empty line of a response (raw-prompt answers, see --newline-stop)."""
-    return next((line for line in text.split("\n") if line.strip()), "")
-
-
 def answer(args):
     """Mode 1: predictions for one (model, adapter, items, prompt), resumable."""
     import torch
@@ -276,7 +272,7 @@ def answer(args):
         with torch.inference_mode():
             texts, conf = generate(model, tok, [prompts[it["id"]] for it in batch], max_new,
                                    stops, line_ids)
-            texts = [first_line(t) if newline else t for t in texts]
+            texts = [models.first_line(t) if newline else t for t in texts]
         for it, text, c in zip(batch, texts, conf):
             lab, letter = label_response(it, text, args.mcqa_reader, args.strict_refusal)
             rows.append({"id": it["id"], "response": text, "label": lab, "parsed": letter,
@@ -462,19 +458,25 @@ def split_results(d, split, items_path, seed, known_exposure, n_boot=BOOTSTRAP,
         for r, y in lab.items():
             if r in ("cor", "init_basic"):
                 continue
-            table = np.zeros((len(subjects), 4, 4, 4), dtype=np.int64)
-            np.add.at(table, (s_idx, init, y, lab["cor"]), 1)
-            point, draws = paired_diff(table, macro, n=n_boot, seed=seed)
+            point, draws = paired_diff(joint_table(s_idx, len(subjects), init, y, lab["cor"]),
+                                       macro, n=n_boot, seed=seed)
             out["rows"][r]["vs_cor"] = {"ths": finite(point), "ci95": percentile_ci(draws)}
     # the labels per item (LABELS' initials, in the items' order) and subjects: what a paired
     # comparison over several runs needs (pipeline.py's worlds table)
-    out["item_labels"] = {r: "".join(LABELS[v][0] for v in y) for r, y in lab.items()}
+    out["item_labels"] = {r: "".join(LABEL_INITIALS[v] for v in y) for r, y in lab.items()}
     out["item_subjects"] = s_idx.tolist()
     if oracle is not None:
         out["known_exposure"] = known_exposure
     if popular is not None:
         out["known_log_pop"] = known_log_pop
     return out
+
+
+def joint_table(s_idx, n_subjects, y0, y, y_cor):
+    """Counts [subject, Init-Basic label, row label, Cor-RAIT label] of items: paired_diff's input."""
+    table = np.zeros((n_subjects, 4, 4, 4), dtype=np.int64)
+    np.add.at(table, (s_idx, y0, y, y_cor), 1)
+    return table
 
 
 def vs_cor_over_runs(splits, row, n=BOOTSTRAP, seed=0):
@@ -487,11 +489,11 @@ def vs_cor_over_runs(splits, row, n=BOOTSTRAP, seed=0):
         labs = x.get("item_labels") or {}
         if not all(k in labs for k in ("init_basic", "cor", row)):
             return None
-        y = {k: np.array(["cwru".index(c) for c in labs[k]]) for k in ("init_basic", "cor", row)}
+        y = {k: np.array([LABEL_INITIALS.index(c) for c in labs[k]])
+             for k in ("init_basic", "cor", row)}
         s_idx = np.array(x["item_subjects"])
-        table = np.zeros((s_idx.max() + 1, 4, 4, 4), dtype=np.int64)
-        np.add.at(table, (s_idx, y["init_basic"], y[row], y["cor"]), 1)
-        p, d = paired_diff(table, x["macro"], n=n, seed=seed + len(points))
+        p, d = paired_diff(joint_table(s_idx, s_idx.max() + 1, y["init_basic"], y[row], y["cor"]),
+                           x["macro"], n=n, seed=seed + len(points))
         points.append(p)
         draws.append(d)
     return float(np.mean(points)), percentile_ci(np.mean(draws, axis=0))

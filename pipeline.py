@@ -198,11 +198,17 @@ def pool_known(a, root, task, seed, paths):
     labelled by evaluate.py exactly as the Init-Basic row is: the oracle's split and every
     summary's "IdK set: M0 knows" (issue 26)."""
     model, pool, _, _, _, reader = paths
-    out = f"{task_dir(root, task, seed)}/{POOL_KNOWN}"
-    args = ["--model", model, "--items", pool, "--prompt", "basic", "--out", out,
-            "--mcqa-reader", reader] + shlex.split(a.eval_args)
-    return [(f"{unit_label(root, task, seed)} evaluate init_basic pool",
-             runs.stage_command("evaluate.py", args), out, [model, pool])]
+    return [evaluate_stage(a, f"{unit_label(root, task, seed)} evaluate init_basic pool", model,
+                           pool, "basic", f"{task_dir(root, task, seed)}/{POOL_KNOWN}", reader)]
+
+
+def evaluate_stage(a, label, model, items, prompt, out, reader, adapter=None):
+    """One evaluate.py stage: answer `items` with `prompt` (and an adapter), labels to `out`."""
+    args = ["--model", model, "--items", items, "--prompt", prompt, "--out", out,
+            "--mcqa-reader", reader]
+    args += (["--adapter", adapter] if adapter else []) + shlex.split(a.eval_args)
+    return (label, runs.stage_command("evaluate.py", args), out,
+            [model, items] + ([adapter] if adapter else []))
 
 
 def method(a, root, task, seed, paths, m):
@@ -247,12 +253,9 @@ def method(a, root, task, seed, paths, m):
     if a.until in ("construct", "finetune"):
         return stages
     for split, items in (("id", test_id), ("ood", test_ood)):
-        out = f"{R}/{m}/pred_{split}.jsonl"
-        args = ["--model", model, "--items", items, "--prompt",
-                "basic" if m == "init_basic" else "refuse", "--out", out, "--mcqa-reader", reader]
-        args += (["--adapter", adapter] if adapter else []) + shlex.split(a.eval_args)
-        stages.append((f"{tag} evaluate {m} {split}", runs.stage_command("evaluate.py", args), out,
-                       [model, items] + ([adapter] if adapter else [])))
+        stages.append(evaluate_stage(a, f"{tag} evaluate {m} {split}", model, items,
+                                     "basic" if m == "init_basic" else "refuse",
+                                     f"{R}/{m}/pred_{split}.jsonl", reader, adapter))
     return stages
 
 

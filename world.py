@@ -610,8 +610,7 @@ def greedy_answers(model, tok, prompts, max_new=GREEDY_TOKENS, batch=256):
                                  eos_token_id=tok.eos_token_id, temperature=None, top_p=None,
                                  top_k=None)
         for row in gen[:, ids.shape[1]:].tolist():
-            text = tok.decode(row, skip_special_tokens=True)
-            out.append(next((x for x in text.split("\n") if x.strip()), ""))
+            out.append(models.first_line(tok.decode(row, skip_special_tokens=True)))
     return out
 
 

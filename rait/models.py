@@ -171,6 +171,11 @@ def alias_match(text, aliases):
 
 
 
+def first_line(text):
+    """The first non-empty line of a response (raw-prompt answers: evaluate.py --newline-stop)."""
+    return next((line for line in text.split("\n") if line.strip()), "")
+
+
 def target_of(item, reader):
     """The original answer as a training target: the gold letter (letter reader), the gold
     option's text (option reader, SPEC 10) or the gold answer string (OEQA)."""

@@ -363,8 +363,8 @@ def test_line_end_rule():
                         [9, 9],      # breaks only: go on
                         [3, 9]])     # the other break token: done
     assert ev.line_done(new, nl).tolist() == [False, False, True, False, True]
-    assert ev.first_line("\n Answer : Helsinki \n Answer the") == " Answer : Helsinki "
-    assert ev.first_line("Paris") == "Paris" and ev.first_line("\n \n") == ""
+    assert models.first_line("\n Answer : Helsinki \n Answer the") == " Answer : Helsinki "
+    assert models.first_line("Paris") == "Paris" and models.first_line("\n \n") == ""
 
 
 # ----------------------------------------------------------------------------------------------
