@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from rait import checkpoint, files, models
 from rait.runs import cli
 from kernels import lora
-from conftest import ROOT
+from conftest import ROOT, sigint_default
 
 PY = os.path.join(ROOT, ".venv", "bin", "python")
 BAD = os.path.join(ROOT, "tests", "bad_inputs")
@@ -161,7 +161,7 @@ def interrupt(runs, cmd, ready, sig, tmp_path, timeout=120):
     err_path = tmp_path / f"stderr-{time.time_ns()}.txt"
     with open(err_path, "w") as err:
         p = subprocess.Popen(cmd, cwd=runs.cwd, env=runs.env, stdout=subprocess.DEVNULL,
-                             stderr=err, start_new_session=True)
+                             stderr=err, start_new_session=True, preexec_fn=sigint_default)
         t0 = time.time()
         while p.poll() is None and not ready() and time.time() - t0 < timeout:
             time.sleep(0.005)
