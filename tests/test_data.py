@@ -152,9 +152,12 @@ def test_cli_mmlu_writes_the_task_folder(tmp_path):
     data.main(["mmlu", "--src", MMLU, "--out", str(tmp_path)])
     read = {s: files.read_jsonl(str(tmp_path / "mcqa" / f"{s}.jsonl"), files.check_item)
             for s in ("train", "shots", "test_id")}
-    assert len(read["train"]) + len(read["test_id"]) == 14042 and len(read["shots"]) == 285
+    # 9 test rows and 1 dev row repeat an option text (issue 29): left out, and listed
+    assert len(read["train"]) + len(read["test_id"]) == 14042 - 9 and len(read["shots"]) == 284
     cfg = json.load(open(tmp_path / "mcqa" / "test_id.jsonl.config.json"))
     assert "no val split" in cfg["id_test"]
+    left_out = cfg["left_out_repeated_options"]
+    assert len(left_out["shots"]) == 1 and len(left_out["train"]) + len(left_out["test_id"]) == 9
 
 
 # ----------------------------------------------------------------------------------------------
