@@ -269,8 +269,7 @@ def answer(args):
 
     def fn(batch, _seed):
         rows = []
-        models.check_context(model, [models.encode(tok, prompts[it["id"]]) for it in batch], batch,
-                             max_new)
+        models.check_context(model, [models.encode(tok, prompts[it["id"]]) for it in batch], batch)
         with torch.inference_mode():
             texts, conf = generate(model, tok, [prompts[it["id"]] for it in batch], max_new,
                                    stops, line_ids)

@@ -496,10 +496,10 @@ def train(args, examples, out_dir):
                 torch.distributed.all_reduce(s)
                 loss, tokens = float(s[0]), int(s[1])
             if not (math.isfinite(loss) and math.isfinite(norm)):   # before it reaches a file
-                raise files.InputError(f"{getattr(args, 'train', None) or out_dir}: step {step + 1}:"
-                                       f" loss {loss}, gradient norm {norm} (not finite); "
-                                       "stopped, no checkpoint of this step (check the weights "
-                                       "and --lr)")
+                where = getattr(args, "train", None) or out_dir
+                raise files.InputError(f"{where}: step {step + 1}: loss {loss}, gradient norm "
+                                       f"{norm} (not finite); stopped, no checkpoint of this "
+                                       "step (check the weights and --lr)")
             loop_s += time.perf_counter() - t0
             loop_cpu += time.process_time() - c0
             n_tok += tokens

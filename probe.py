@@ -196,7 +196,7 @@ def read_samples(model, tok, embedder, items, shots_for, args, seed):
     """SPEC 2.2: N samples per question, cut at the hint, labelled; mu = fraction correct;
     sigma = mean off-diagonal cosine similarity of their sentence embeddings."""
     prompts = [models.encode(tok, oeqa_prompt(tok, it, shots_for[it["id"]])) for it in items]
-    models.check_context(model, prompts, items, args.max_new_tokens)
+    models.check_context(model, prompts, items)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     mark = HINT_CUT.lower()
     toks = sample(model, prompts, args.n_samples, gen, tok.pad_token_id, stop_token_ids(model, tok),

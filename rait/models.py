@@ -173,17 +173,16 @@ def alias_match(text, aliases):
 
 
 
-def check_context(model, seqs, items, new_tokens=0):
-    """Refuse a prompt the model cannot see whole (README "Prompt length"): seqs[i] (token ids of
-    items[i]'s prompt) plus `new_tokens` to generate must fit max_position_embeddings; past it a
-    model's answers are garbage, so an item too long stops the run with one line naming it."""
+def check_context(model, seqs, items):
+    """Refuse a prompt the model cannot see whole (README "Prompt length"): seqs[i], the token ids
+    of items[i]'s prompt, must fit max_position_embeddings; past it a model's answers are noise,
+    so an item too long stops the run with one line naming it."""
     limit = getattr(model.config, "max_position_embeddings", None)
     for s, it in zip(seqs, items):
-        if limit and len(s) + new_tokens > limit:
-            plus = f" + {new_tokens} new tokens" if new_tokens else ""
-            raise InputError(f"item {it['id']!r}: prompt of {len(s)} tokens{plus} exceeds the "
-                             f"model's context of {limit} tokens (max_position_embeddings); "
-                             "shorten or drop the item")
+        if limit and len(s) > limit:
+            raise InputError(f"item {it['id']!r}: prompt of {len(s)} tokens exceeds the model's "
+                             f"context of {limit} tokens (max_position_embeddings); shorten or "
+                             "drop the item")
 
 
 def first_line(text):

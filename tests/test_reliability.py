@@ -978,10 +978,9 @@ def test_a_partial_line_that_is_not_a_batch_is_redone(tmp_path):
     from rait import runs as rruns
     out = str(tmp_path / "o.jsonl")
     items = [{"id": str(i)} for i in range(4)]
+    lines = [{"_key": "k"}, {"_batch": 0, "rows": [{"id": "0"}, {"id": "1"}]}, {"rows": []}]
     with open(out + ".part0", "w") as f:
-        f.write(json.dumps({"_key": "k"}) + "\n" + json.dumps({"_batch": 0, "rows": [{"id": "0"},
-                                                                                       {"id": "1"}]})
-                + "\n" + json.dumps({"rows": []}) + "\n")
+        f.write("".join(json.dumps(o) + "\n" for o in lines))
     calls = []
 
     def fn(batch, seed):
