@@ -310,7 +310,8 @@ def claim_folder(path, owner, signs=()):
     empty, or hold its OWNER marker naming `owner` (or, made before the marker existed, a file
     matching one of the glob patterns `signs`, files only `owner` writes). Any other existing
     folder (another script's output, a model, a folder of the user's) stops the run with one
-    line; so does a file or a special file. mark_folder writes the marker with the first output."""
+    line; so does a file or a special file. Creates nothing: mark_folder writes the marker with
+    the first output."""
     special = special_file(path)
     if special or (os.path.exists(path) and not os.path.isdir(path)):
         raise InputError(f"{path}: is a {special or 'file'}; the output must be a folder")
@@ -327,7 +328,6 @@ def claim_folder(path, owner, signs=()):
         raise InputError(f"{path}: an existing folder not made by {owner} (no {OWNER} file "
                          f"naming it); {owner} writes only into its own output folder, choose a "
                          "new or empty one")
-    check_output(os.path.join(path, OWNER))
 
 
 def mark_folder(path, owner):
