@@ -122,10 +122,11 @@ data: $(VENV)/.installed
 # one torch thread per test process: tiny models gain nothing from a second thread (measured up
 # to 20x slower when oversubscribed); TEST_WORKERS pytest-xdist workers share the tests, one per
 # core by default (--dist worksteal: the long pipeline tests do not hold the others up; the
-# session's small world is built once for all workers, conftest.built_once)
+# session's small world is built once for all workers, conftest.built_once); --durations=15
+# prints the 15 slowest tests
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 test: $(VENV)/.installed $(SMOLLM2)/config.json
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
 
 # --- a course kit (course.py; README "For teachers"): `make assignment` writes a student copy with
 # --- the chosen formulas blanked (FORMULAS="ths craft ..."; default: every row of the table) to

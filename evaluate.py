@@ -269,6 +269,7 @@ def answer(args):
 
     def fn(batch, _seed):
         rows = []
+        models.check_context(model, [models.encode(tok, prompts[it["id"]]) for it in batch], batch)
         with torch.inference_mode():
             texts, conf = generate(model, tok, [prompts[it["id"]] for it in batch], max_new,
                                    stops, line_ids)
@@ -284,7 +285,8 @@ def answer(args):
                                          "confidence")),   # batches from before issue 27 lack it
            **{name: files.digest(path) for name, path in (
                ("items", args.items), ("model", args.model), ("adapter", args.adapter))}}
-    rows = runs.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key)
+    rows = runs.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key,
+                                  source=args.items)
     if rows is None:
         return
     by_id = {r["id"]: r for r in rows}

@@ -135,7 +135,7 @@ def train_args_error(a):
              ("--lora-dropout", 0 <= a.lora_dropout < 1, "in [0, 1)"),
              ("--save-steps", a.save_steps >= 0, ">= 0"), ("--log-steps", a.log_steps >= 1, ">= 1"),
              ("--stop-after-steps", a.stop_after_steps >= 0, ">= 0")]
-    bad = [f"{flag} must be {want}" for flag, ok, want in rules if not ok]
+    bad = [f"{flag} must be {want}" for flag, ok, want in rules if not ok] + runs.flag_errors(a)
     return "; ".join(bad) or None
 
 
@@ -495,6 +495,11 @@ def train(args, examples, out_dir):
                 s = torch.tensor([loss, tokens], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(s)
                 loss, tokens = float(s[0]), int(s[1])
+            if not (math.isfinite(loss) and math.isfinite(norm)):   # before it reaches a file
+                where = getattr(args, "train", None) or out_dir
+                raise files.InputError(f"{where}: step {step + 1}: loss {loss}, gradient norm "
+                                       f"{norm} (not finite); stopped, no checkpoint of this "
+                                       "step (check the weights and --lr)")
             loop_s += time.perf_counter() - t0
             loop_cpu += time.process_time() - c0
             n_tok += tokens
@@ -549,6 +554,7 @@ def main(argv=None):
     if train_args_error(args):
         ap.error(train_args_error(args))
     examples = files.read_jsonl(args.train, check=files.check_example)
+    files.check_trainable(args.train, examples)
     train(args, examples, args.out)
 
 

@@ -147,6 +147,7 @@ def read_letters(model, tok, items, shots_for, letters, certainty):
     bos = models.raw_prompt_bos(tok)                                     # opencompass adds BOS
     seqs = [bos + tok(letter_prompt(it, shots_for[it["id"]]), add_special_tokens=False)
             ["input_ids"] + shared for it in items]
+    models.check_context(model, seqs, items)
     logp = last_logprobs(model, seqs, tok.pad_token_id)
     rows = []
     for i, it in enumerate(items):
@@ -176,6 +177,8 @@ def read_options(model, tok, items, certainty, context="prompt"):
                 raise InputError(f"item {it['id']}: option {o!r} has no tokens")
             ctx.append(c)
             cont.append(t)
+    models.check_context(model, [a + b for a, b in zip(ctx, cont)],
+                         [it for it in items for _ in it["choices"]])
     ll = continuation_logliks(model, ctx, cont, tok.pad_token_id).tolist()
     rows, j = [], 0
     for it in items:
@@ -193,6 +196,7 @@ def read_samples(model, tok, embedder, items, shots_for, args, seed):
     """SPEC 2.2: N samples per question, cut at the hint, labelled; mu = fraction correct;
     sigma = mean off-diagonal cosine similarity of their sentence embeddings."""
     prompts = [models.encode(tok, oeqa_prompt(tok, it, shots_for[it["id"]])) for it in items]
+    models.check_context(model, prompts, items)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     mark = HINT_CUT.lower()
     toks = sample(model, prompts, args.n_samples, gen, tok.pad_token_id, stop_token_ids(model, tok),
@@ -395,7 +399,7 @@ def main(argv=None):
                ("items", args.items), ("shots", args.shots), ("model", args.model),
                ("adapter", args.adapter), ("embedder", args.embedder))}}
     rows = runs.resumable_batches(items, fn, args.out, args.batch_size, f"probe {reader}",
-                                  seed=args.seed, key=key)
+                                  seed=args.seed, key=key, source=args.items)
     if rank == 0:
         files.write_config(args.out, args, **extra)
         report(rows, items)

@@ -265,6 +265,8 @@ def check_settings(a):
         raise files.InputError(f"--hidden {a.hidden} is not divisible by --heads {a.heads}")
     if a.pop_lo > a.pop_hi:
         raise files.InputError("--pop-lo must not exceed --pop-hi")
+    if runs.flag_errors(a):
+        raise files.InputError("; ".join(runs.flag_errors(a)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,6 +732,7 @@ def config_hash(key):
 def main(argv=None):
     a = parse_args(argv)
     check_settings(a)
+    files.claim_folder(a.out, "world.py", signs=["world.config.json"])
     files.check_output(os.path.join(a.out, "world.config.json"))
     key = config_key(a)
     cfg_path = os.path.join(a.out, "world.config.json")
@@ -752,6 +755,7 @@ def main(argv=None):
         model, seconds, n_tokens = pretrain(a, tok, docs)
     else:
         seconds, n_tokens = SHIPPED[h][1], None
+    files.mark_folder(a.out, "world.py")
     model.save_pretrained(os.path.join(a.out, "model"))
     tok.save_pretrained(os.path.join(a.out, "model"))
     sha = files.sha256_of(os.path.join(a.out, "model", "model.safetensors"))

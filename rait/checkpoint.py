@@ -98,17 +98,36 @@ def save_state(folder, rank, model, tok, opt, params, args, step, extra, meta):
         lora.save_safetensors(os.path.join(folder, FULL_CKPT), params)
     elif not args.full:
         lora.save_adapter(model, folder, base_name=args.model)
+    if not complete and not args.shard:     # resume checks the weights' bytes against it
+        meta = {**meta, DIGEST: files.sha256_of(os.path.join(folder, weights_name(args)))}
     lora.save_trainer_state(os.path.join(folder, lora.TRAINER_STATE), moments, step, extra, meta)
+
+
+def weights_name(args):
+    """The checkpoint's weights file (not --shard): the flat --full tensors or the adapter."""
+    return FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS
 
 
 def write_checkpoint(out_dir, rank, *state):
     """Write checkpoint.tmp, then swap it in (checkpoint.old survives a crash mid-swap). Every
-    rank calls it: rank 0 writes, and under --shard every rank writes its shard first."""
+    rank calls it: rank 0 writes, and under --shard every rank writes its shard first. A save
+    that fails (a full disk) or is interrupted leaves no checkpoint.tmp, and no train log when
+    there is no checkpoint to resume from."""
     ck, tmp, old = (os.path.join(out_dir, "checkpoint" + x) for x in ("", ".tmp", ".old"))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    save_state(tmp, rank, *state)
+    try:
+        save_state(tmp, rank, *state)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(ck) and not os.path.isdir(old):
+                try:
+                    os.remove(os.path.join(out_dir, LOG))
+                except OSError:
+                    pass
+        raise
     barrier()
     if rank != 0:
         return
@@ -119,21 +138,37 @@ def write_checkpoint(out_dir, rank, *state):
     shutil.rmtree(old, ignore_errors=True)
 
 
+DIGEST = "weights_sha256"    # trainer-state metadata of a checkpoint: sha256 of its weights file
+
+
+def digest_problem(folder, args):
+    """Why a checkpoint's weights are not the bytes it saved (None if they are): the sha256 that
+    save_state wrote into the trainer state's metadata; a checkpoint without one is not used."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(folder, lora.TRAINER_STATE), framework="pt") as f:
+        want = (f.metadata() or {}).get(DIGEST)
+    if want is None:
+        return "no weights digest (made by an older version)"
+    if files.sha256_of(os.path.join(folder, weights_name(args))) != want:
+        return f"{weights_name(args)}: content differs from the digest written when it was saved"
+    return None
+
+
 def resume(out_dir, key, args, model, opt, params, rank, world):
     """Load the checkpoint's weights, Adam moments and this rank's RNG state when it was made with
     the same arguments (or with --resume); --shard: this rank's slices. Returns (steps done,
     {epoch: saved data order})."""
     from safetensors.torch import load_file
     ck = None
-    weights_file = FULL_CKPT if args.full else lora.ADAPTER_WEIGHTS
+    weights_file = weights_name(args)
     shards = [SHARD_CKPT.format(r) for r in range(world)] if args.shard else [weights_file]
     for d in ("checkpoint", "checkpoint.old"):    # the newest whole one (a kill, a full disk)
         d = os.path.join(out_dir, d)
         names = [lora.TRAINER_STATE, *shards]     # every rank checks every shard: same choice
         if not os.path.isfile(os.path.join(d, names[0])):
             continue
-        problem = files.files_problem(d, names)
-        if problem is None:
+        problem = files.files_problem(d, names) or (not args.shard and digest_problem(d, args))
+        if not problem:
             ck = d
             break
         print(f"[resume] {d}: damaged ({problem}), not used", file=sys.stderr)

@@ -3,14 +3,17 @@
 JSONL readers that validate every line (`file:line: reason`), the five record checkers, atomic
 writes, the output pre-check and the `<out>.config.json` every stage writes.
 """
+import glob
 import hashlib
 import importlib.metadata
 import json
 import math
 import os
 import platform
+import stat
 import sys
 import time
+import unicodedata
 
 from kernels.base import InputError, atomic_write_text, stable_hash  # noqa: F401 (stages use them as files.X)
 
@@ -25,6 +28,10 @@ def default_data_dir(data):
 
 
 MAX_LINE = 1 << 20   # 1 MiB: no legitimate record is near this; a larger line is a broken file
+# A JSONL input is read whole (the stages hold every record): about 7.5 bytes of memory per byte
+# of file (measured: 2.1 KB per 280-byte world item), so a 562 MB file of 2M items took 4.65 GB.
+# Larger files are refused before reading; split them or subsample them (data.py --limit).
+MAX_FILE = 256 << 20
 
 
 def _num(x):
@@ -33,6 +40,29 @@ def _num(x):
 
 def _str(x):
     return isinstance(x, str)
+
+
+ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))   # removed by text_form
+
+
+def text_form(text):
+    """Unicode NFKC (fullwidth letters, ligatures and no-break spaces become their plain forms),
+    zero-width characters removed, every run of whitespace one space, none at either end. Two
+    option texts of an item must differ in it (case counts: the alleles `Rr` and `rr`)."""
+    return " ".join(unicodedata.normalize("NFKC", text).translate(ZERO_WIDTH).split())
+
+
+def answer_form(text):
+    """The one normal form in which OEQA answers, aliases and responses are compared (README
+    "Labels"): text_form, lower-cased."""
+    return text_form(text).lower()
+
+
+def repeated_option(choices):
+    """(i, j), i < j, of the first two option texts that are one text in text_form, else None."""
+    forms = [text_form(c) for c in choices]
+    j = next((j for j, f in enumerate(forms) if f in forms[:j]), None)
+    return None if j is None else (forms.index(forms[j]), j)
 
 
 def check_item(o):
@@ -51,11 +81,18 @@ def check_item(o):
             return "mcqa item needs 'choices', a list of strings"
         if len(ch) < 2 or len(ch) > len(LETTERS):
             return f"mcqa item needs 2 to {len(LETTERS)} choices, got {len(ch)}"
+        forms = [text_form(c) for c in ch]
+        if not all(forms):
+            return f"option {LETTERS[forms.index('')]} is blank"
+        twins = repeated_option(ch)
+        if twins:       # a reader would take the first of the two for the other
+            return (f"options {LETTERS[twins[0]]} and {LETTERS[twins[1]]} repeat the text "
+                    f"{ch[twins[1]]!r} (compared in NFKC, whitespace folded)")
         if len(o["answer"]) != 1 or o["answer"] not in LETTERS[:len(ch)]:
             return f"answer {o['answer']!r} is not one of the letters {LETTERS[:len(ch)]}"
     else:
         al = o.get("aliases")
-        if not isinstance(al, list) or not al or not all(_str(a) and a.strip() for a in al):
+        if not isinstance(al, list) or not al or not all(_str(a) and answer_form(a) for a in al):
             return "oeqa item needs 'aliases', a non-empty list of non-blank strings"
     if "meta" in o and not isinstance(o["meta"], dict):
         return "'meta' must be an object"
@@ -138,44 +175,66 @@ def read_json(path, what):
 
 
 def read_jsonl(path, check=None, unique_ids=True, allow_empty=False):
-    """Read a JSONL file of objects; any malformed line raises InputError(`path:line: reason`)."""
+    """Read a JSONL file of objects; any malformed line raises InputError(`path:line: reason`).
+    A file over MAX_FILE bytes is refused before it is read."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if size > MAX_FILE:
+        raise InputError(f"{path}: {size:,} bytes, over the {MAX_FILE:,}-byte limit of a JSONL "
+                         "input (records are held in memory, about 7.5 bytes per byte of file); "
+                         "split it or subsample it")
+    rows = list(iter_jsonl(path, check, unique_ids))
+    if not rows and not allow_empty:
+        raise InputError(f"{path}: empty file (no records)")
+    return rows
+
+
+def iter_jsonl(path, check=None, unique_ids=True):
+    """The records of a JSONL file one at a time, each validated as read_jsonl does: memory holds
+    one line (at most MAX_LINE bytes: a longer line is refused after reading MAX_LINE + 1 of its
+    bytes, never whole) and the ids seen so far."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    rows, seen = [], {}
+    seen = {}
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
             if len(raw) > MAX_LINE:
-                raise InputError(f"{path}:{n}: line of {len(raw)} bytes exceeds {MAX_LINE}")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
+                raise InputError(f"{path}:{n}: line of more than {MAX_LINE} bytes exceeds "
+                                 f"{MAX_LINE}")
+            o = _parse_line(path, n, raw, check)
+            if o is None:
                 continue
-            try:
-                o = json.loads(line, parse_constant=float, object_pairs_hook=_no_duplicates)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
-            except (ValueError, RecursionError) as e:   # ours below; 5,000-digit ints; deep nesting
-                why = str(e).splitlines()[0][:120] if isinstance(e, ValueError) else "nested too deep"
-                raise InputError(f"{path}:{n}: invalid JSON ({why})") from None
-            if not isinstance(o, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object, got {type(o).__name__}")
-            err = check(o) if check else None
-            if err:
-                raise InputError(f"{path}:{n}: {err}")
-            bad = _non_finite(o)            # the checkers name their own fields first
-            if bad:
-                raise InputError(f"{path}:{n}: '{bad}' must be a finite number (NaN or Infinity)")
             if unique_ids and "id" in o:
                 if o["id"] in seen:
                     raise InputError(f"{path}:{n}: duplicate id {o['id']!r} "
                                      f"(first on line {seen[o['id']]})")
                 seen[o["id"]] = n
-            rows.append(o)
-    if not rows and not allow_empty:
-        raise InputError(f"{path}: empty file (no records)")
-    return rows
+            yield o
+
+
+def _parse_line(path, n, raw, check):
+    """The checked object of line n (None for a blank line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        o = json.loads(line, parse_constant=float, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:   # ours below; 5,000-digit ints; deep nesting
+        why = str(e).splitlines()[0][:120] if isinstance(e, ValueError) else "nested too deep"
+        raise InputError(f"{path}:{n}: invalid JSON ({why})") from None
+    if not isinstance(o, dict):
+        raise InputError(f"{path}:{n}: expected a JSON object, got {type(o).__name__}")
+    err = check(o) if check else None
+    if err:
+        raise InputError(f"{path}:{n}: {err}")
+    bad = _non_finite(o)            # the checkers name their own fields first
+    if bad:
+        raise InputError(f"{path}:{n}: '{bad}' must be a finite number (NaN or Infinity)")
+    return o
 
 
 def dumps(o):
@@ -200,6 +259,10 @@ def check_output(path, inputs=(), folder=False):
     a folder output that holds a model not made by finetune.py (a base model folder: an adapter
     written there would be applied silently by every later load), a file output that is a folder,
     and a location that cannot be written."""
+    special = special_file(path)
+    if special:
+        raise InputError(f"{path}: is a {special}, not a regular file or folder; choose another "
+                         "output")
     out = os.path.realpath(path)
     for flag, p in inputs:
         if p and os.path.exists(p) and os.path.realpath(p) == out:
@@ -225,6 +288,59 @@ def check_output(path, inputs=(), folder=False):
     except OSError as e:
         raise InputError(f"{path}: output location is not writable ({e.strerror})") from None
     lock_output(path)
+
+
+def special_file(path):
+    """What `path` is when it exists and is neither a regular file nor a folder (a device node,
+    a FIFO, a socket: a write through it would replace it or block), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    kinds = [(stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket")]
+    return next((name for test, name in kinds if test(mode)), None)
+
+
+OWNER = ".rait-owner"   # in a folder output: the script that made it (README "Outputs")
+
+
+def claim_folder(path, owner, signs=()):
+    """Before any work: a folder output that only `owner` (world.py, data.py) writes must be new,
+    empty, or hold its OWNER marker naming `owner` (or, made before the marker existed, a file
+    matching one of the glob patterns `signs`, files only `owner` writes). Any other existing
+    folder (another script's output, a model, a folder of the user's) stops the run with one
+    line; so does a file or a special file. Creates nothing: mark_folder writes the marker with
+    the first output."""
+    special = special_file(path)
+    if special or (os.path.exists(path) and not os.path.isdir(path)):
+        raise InputError(f"{path}: is a {special or 'file'}; the output must be a folder")
+    names = os.listdir(path) if os.path.isdir(path) else []
+    if OWNER in names:
+        try:
+            with open(os.path.join(path, OWNER), encoding="utf-8") as f:
+                mine = f.read().strip() == owner
+        except (OSError, UnicodeDecodeError):
+            mine = False
+    else:
+        mine = any(glob.glob(os.path.join(glob.escape(path), s)) for s in signs)
+    if names and not mine:
+        raise InputError(f"{path}: an existing folder not made by {owner} (no {OWNER} file "
+                         f"naming it); {owner} writes only into its own output folder, choose a "
+                         "new or empty one")
+
+
+def mark_folder(path, owner):
+    """Write the OWNER marker of a folder claimed by claim_folder (before its first output)."""
+    if not os.path.isfile(os.path.join(path, OWNER)):
+        atomic_write_text(os.path.join(path, OWNER), owner + "\n")
+
+
+def check_trainable(path, examples):
+    """A training set with at least one example of weight > 0 (all-zero weights train nothing:
+    loss and gradient 0 at every step)."""
+    if examples and not any(e.get("weight", 1.0) > 0 for e in examples):
+        raise InputError(f"{path}: every example has 'weight' 0; nothing would be trained")
 
 
 _LOCKS = {}    # lock file -> descriptor, held until this process ends
@@ -292,7 +408,7 @@ def digest(path):
     else:
         paths = sorted(os.path.join(d, f) for d, sub, fs in os.walk(path) for f in fs
                        if "checkpoint" not in os.path.relpath(d, path)
-                       and not f.endswith((".stage.json", ".config.json", ".lock"))
+                       and not f.endswith((".stage.json", ".config.json", ".lock", OWNER))
                        and ".part" not in f and ".tmp" not in f)
     for p in paths:
         st = os.stat(p)
@@ -306,19 +422,34 @@ def digest(path):
     return h.hexdigest()[:16]
 
 
+def read_safetensors_header(path):
+    """{tensor name: {"dtype", "shape", "data_offsets"}} (and "__metadata__") of a .safetensors
+    file, from its header alone; InputError if the header cannot be read."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise InputError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise InputError(f"unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise InputError("unreadable header (not a JSON object)")
+    return header
+
+
 def safetensors_problem(path):
     """Why a .safetensors file cannot be whole (None if it can): the 8-byte header length, the
     JSON header, and a size that ends exactly where the last tensor does. Reads only the header,
     so a truncated final adapter is caught before `already trained` without loading weights."""
     try:
         size = os.path.getsize(path)
+        header = read_safetensors_header(path)
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                return f"header length {n} does not fit the file's {size} bytes"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        return f"unreadable header ({e})"
+    except (OSError, InputError) as e:
+        return str(e)
     end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] or [0])
     if size != 8 + n + end:
         return f"{size} bytes where the header needs {8 + n + end} (truncated or padded)"

@@ -5,7 +5,7 @@ security).
 """
 import os
 
-from rait.files import LETTERS, InputError
+from rait.files import LETTERS, InputError, answer_form
 
 # ----------------------------------------------------------------------------------------------
 # Prompt and refusal strings, quoted from SPEC 2.3 (exact; do not edit)
@@ -165,10 +165,24 @@ def is_refusal(text, strict=False):
 
 
 def alias_match(text, aliases):
-    """SPEC 2.2 / 7: correct if any lower-cased alias is a substring of the lower-cased output."""
-    t = text.strip().lower()
-    return any(a.lower() in t for a in aliases if a)
+    """SPEC 2.2 / 7: correct if any alias is a substring of the output, both in the one normal
+    form files.answer_form (NFKC, zero-width characters removed, whitespace folded, lower case;
+    README "Labels")."""
+    t = answer_form(text)
+    return any(answer_form(a) in t for a in aliases if answer_form(a))
 
+
+
+def check_context(model, seqs, items):
+    """Refuse a prompt the model cannot see whole (README "Prompt length"): seqs[i], the token ids
+    of items[i]'s prompt, must fit max_position_embeddings; past it a model's answers are noise,
+    so an item too long stops the run with one line naming it."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for s, it in zip(seqs, items):
+        if limit and len(s) > limit:
+            raise InputError(f"item {it['id']!r}: prompt of {len(s)} tokens exceeds the model's "
+                             f"context of {limit} tokens (max_position_embeddings); shorten or "
+                             "drop the item")
 
 
 def first_line(text):
@@ -216,6 +230,33 @@ def check_model_dir(path):
         raise InputError(f"{path}: refusing to load: {why}")
 
 
+def config_mismatch(folder):
+    """The first weight of a local model folder whose shape is not the one its config.json
+    builds (`name: file (a, b), config (c, d)`), else None; transformers would stop on it with a
+    RuntimeError after a table on stderr. Reads the safetensors headers and builds the model on
+    the meta device (no memory)."""
+    import glob
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from rait.files import read_safetensors_header
+    if not os.path.isdir(folder):
+        return None
+    try:
+        with torch.device("meta"):
+            want = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).state_dict()
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: cannot load model ({str(e).splitlines()[0]})") from None
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors"))):
+        try:
+            header = read_safetensors_header(path)
+        except InputError:
+            return None             # a damaged file: the loader names it
+        for k, t in header.items():
+            if k in want and tuple(t["shape"]) != tuple(want[k].shape):
+                return f"{k}: file {tuple(t['shape'])}, config {tuple(want[k].shape)}"
+    return None
+
+
 def load_tokenizer(name, trust_remote_code=False):
     from transformers import AutoTokenizer
     try:
@@ -223,15 +264,23 @@ def load_tokenizer(name, trust_remote_code=False):
     except (OSError, ValueError) as e:
         raise InputError(f"{name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise InputError(f"{name}: the tokenizer has neither a pad nor an eos token (batches "
+                             "are padded with one, answers end at the eos)")
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_model(name, adapter=None, device=None, dtype=None, trust_remote_code=False):
     """AutoModelForCausalLM + tokenizer (+ a LoRA adapter folder), in eval mode on `device`."""
+    import torch
     from transformers import AutoModelForCausalLM
     from safetensors import SafetensorError
     check_model_dir(name)
+    shape_problem = not trust_remote_code and config_mismatch(name)
+    if shape_problem:
+        raise InputError(f"{name}: cannot load model: config.json does not match the weights "
+                         f"({shape_problem})")
     dev, dt = device_and_dtype(device)
     dtype = dtype or dt
     try:
@@ -239,6 +288,12 @@ def load_model(name, adapter=None, device=None, dtype=None, trust_remote_code=Fa
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as e:   # SafetensorError: a truncated file
         raise InputError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:          # a hub model whose config does not match its weights
+        raise InputError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
+    bad = next((k for k, p in model.state_dict().items()
+                if p.is_floating_point() and not torch.isfinite(p).all()), None)
+    if bad:
+        raise InputError(f"{name}: the weights hold NaN or infinite values ({bad})")
     tok = load_tokenizer(name, trust_remote_code)
     if adapter:
         from kernels.lora import load_adapter

@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -33,11 +34,12 @@ def cli(main):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:
-        if e.errno not in MACHINE_ERRORS:
+    except Exception as e:                  # noqa: BLE001 (re-raised unless a machine error)
+        where = machine_error(e)
+        if not where:
             raise
-        print(f"error: {e.filename or 'writing'}: {e.strerror}; completed work is kept, rerun "
-              "the same command to resume", file=sys.stderr)
+        print(f"error: {where}; completed work is kept, rerun the same command to resume",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: partial results are kept; rerun the same command to resume",
@@ -45,6 +47,35 @@ def cli(main):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, term)
+
+
+SEED_LIMIT = 2 ** 63    # torch.manual_seed takes 64-bit seeds; 2**64 overflows after work began
+
+
+def flag_errors(args):
+    """The flags of parsed `args` that no run can use, as `--flag must ...` phrases: a float that
+    is NaN or infinite (`--lr inf`, `--lora-alpha 1e400`) and a seed outside [0, 2**63)."""
+    bad = []
+    for k, v in sorted(vars(args).items()):
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            bad.append(f"{flag} must be a finite number, got {v}")
+        elif k.endswith("seed") and isinstance(v, int) and not 0 <= v < SEED_LIMIT:
+            bad.append(f"{flag} must lie in [0, 2**63), got {v}")
+    return bad
+
+
+def machine_error(e):
+    """`file: reason` of a machine error (MACHINE_ERRORS), else None: an OSError, or safetensors'
+    SafetensorError, whose writer reports a full disk as `... (os error 28) at path "..."`."""
+    if isinstance(e, OSError):
+        code, path = e.errno, e.filename
+    elif type(e).__name__ == "SafetensorError":
+        m = re.search(r"\(os error (\d+)\)(?: at path \"(.*)\")?", str(e))
+        code, path = (int(m.group(1)), m.group(2)) if m else (None, None)
+    else:
+        return None
+    return f"{path or 'writing'}: {os.strerror(code)}" if code in MACHINE_ERRORS else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +222,14 @@ def _read_partial(path, key):
                 o = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 break
+            batch = isinstance(o, dict) and isinstance(o.get("_batch"), int) and \
+                isinstance(o.get("rows"), list)
+            if n and not batch:     # not a batch line of ours: it and what follows are redone
+                print(f"[resume] {path}:{n + 1}: not a batch line, redone from there",
+                      file=sys.stderr)
+                break
             if n == 0:
+                o = o if isinstance(o, dict) else {}
                 if o.get("_key") != key:
                     print(f"[resume] {path}: made with {changed(o.get('_key'), key)}, starting "
                           "over", file=sys.stderr)
@@ -212,7 +250,7 @@ def changed(old, new):
     return "other arguments or inputs"
 
 
-def resumable_batches(items, fn, out, batch_size, desc, seed=0, key=""):
+def resumable_batches(items, fn, out, batch_size, desc, seed=0, key="", source=""):
     """Apply fn(batch_items, batch_seed) -> list of output rows to fixed batches of `items`.
 
     Batches are fixed by position and each gets its own seed, so the result does not depend on
@@ -221,7 +259,8 @@ def resumable_batches(items, fn, out, batch_size, desc, seed=0, key=""):
     writes `out` atomically. `key` ({"args": hash of the arguments, "items": files.digest(...),
     "model": ...}) guards against resuming from a partial file made with other arguments or other
     contents of the inputs (issue 17); a mismatch starts over and says which part changed.
-    Returns the merged rows on rank 0 (None elsewhere)."""
+    An InputError of fn (a bad item) is said as `source: ...` (the items file); before any batch
+    finished it leaves no partial file. Returns the merged rows on rank 0 (None elsewhere)."""
     rank, world = dist_info()
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     mine = [b for b in range(len(batches)) if b % world == rank]
@@ -236,7 +275,13 @@ def resumable_batches(items, fn, out, batch_size, desc, seed=0, key=""):
     with open(part, "a", encoding="utf-8") as f, progress(total=len(mine), desc=desc) as bar:
         bar.update(len(mine) - len(todo))
         for b in todo:
-            rows = fn(batches[b], stable_hash(seed, b))
+            try:
+                rows = fn(batches[b], stable_hash(seed, b))
+            except InputError as e:     # a bad item: a partial file with no work in it goes too
+                if not done and b == todo[0]:
+                    f.close()
+                    os.remove(part)
+                raise InputError(f"{source}: {e}" if source else str(e)) from None
             f.write(dumps({"_batch": b, "rows": rows}) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -20,6 +20,14 @@ LLAMA2_TEMPLATE = (
     "{% endif %}{% endfor %}")
 
 
+def sigint_default():
+    """preexec_fn of a child that a test stops with Ctrl-C (SIGINT): a background job (`nohup
+    make test &`) starts with SIGINT ignored, and a child would inherit that; Python installs
+    its KeyboardInterrupt handler only where SIGINT is not ignored at start."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def make_tiny_llama(folder, tokenizer, hidden=32, layers=2, heads=4, inter=64, seed=0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

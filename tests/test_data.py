@@ -37,7 +37,9 @@ def test_mmlu_counts():
     assert len(test) == 14042 and len({it["subject"] for it in test}) == 57
     assert len(dev) == 285 and len({it["subject"] for it in dev}) == 57
     assert data.mmlu_split(MMLU, "val") == []
-    all_valid(test)
+    repeated = [it["id"] for it in test if files.repeated_option(it["choices"])]
+    assert len(repeated) == 9          # issue 29: options that repeat a text (data.py drops them)
+    all_valid([it for it in test if it["id"] not in repeated])
     first = test[0]
     assert first["subject"] == "abstract algebra" and first["id"] == "abstract_algebra/test/0"
     assert len(first["choices"]) == 4 and first["answer"] in "ABCD"
@@ -152,9 +154,12 @@ def test_cli_mmlu_writes_the_task_folder(tmp_path):
     data.main(["mmlu", "--src", MMLU, "--out", str(tmp_path)])
     read = {s: files.read_jsonl(str(tmp_path / "mcqa" / f"{s}.jsonl"), files.check_item)
             for s in ("train", "shots", "test_id")}
-    assert len(read["train"]) + len(read["test_id"]) == 14042 and len(read["shots"]) == 285
+    # 9 test rows and 1 dev row repeat an option text (issue 29): left out, and listed
+    assert len(read["train"]) + len(read["test_id"]) == 14042 - 9 and len(read["shots"]) == 284
     cfg = json.load(open(tmp_path / "mcqa" / "test_id.jsonl.config.json"))
     assert "no val split" in cfg["id_test"]
+    left_out = cfg["left_out_repeated_options"]
+    assert len(left_out.pop("shots")) == 1 and sum(map(len, left_out.values())) == 9
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, sigint_default
 
 sys.path.insert(0, ROOT)
 import data as data_mod  # noqa: E402
@@ -79,7 +79,8 @@ def kill_when(args, trigger, delay, sig=signal.SIGKILL):
     """Start `pipeline.py args`; `delay` s after a stderr line contains `trigger`, send `sig` to
     it and the stages it runs (SIGINT: Ctrl-C in a terminal). Returns the exit status."""
     p = subprocess.Popen([sys.executable, "pipeline.py", *args], cwd=ROOT, text=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=sigint_default)
     seen = []
     for line in p.stderr:
         seen.append(line)
@@ -225,12 +226,17 @@ def test_run_command_passes_ctrl_c_on_and_ends_quietly(monkeypatch, capfd):
     stopped too (SIGTERM), says `interrupted` itself, and the caller exits 130 without a second
     line."""
     monkeypatch.setattr(runs, "STOP_GRACE", 0.2)
+    # a background job (`nohup make test &`) ignores SIGINT: this test needs Ctrl-C delivered
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     child = f"import sys, time; sys.path.insert(0, {ROOT!r}); from rait import runs; " \
             "runs.cli(lambda: time.sleep(60))"
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     t0 = time.time()
-    with pytest.raises(SystemExit) as e:
-        runs.run_command([sys.executable, "-c", child])
+    try:
+        with pytest.raises(SystemExit) as e:
+            runs.run_command([sys.executable, "-c", child])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert e.value.code == 130 and time.time() - t0 < 30
     lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
     assert lines[-1].startswith("interrupted: ") and sum("interrupted" in ln for ln in lines) == 1

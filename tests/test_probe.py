@@ -374,7 +374,10 @@ def mmlu_items(folder, split, n_subjects, per_subject):
     rows = []
     for path in sorted(glob.glob(os.path.join(folder, split, "*.csv")))[:n_subjects]:
         with open(path, newline="", encoding="utf-8") as f:
-            for r in list(csv.DictReader(f))[:per_subject]:
+            # the first per_subject rows whose options are 4 texts (issue 29: the item check
+            # refuses a repeated option, e.g. business_ethics/test/2's 'Employee rights' twice)
+            ok = [r for r in csv.DictReader(f) if not files.repeated_option([r[c] for c in "ABCD"])]
+            for r in ok[:per_subject]:
                 subject = os.path.basename(path).rsplit(f"_{split}", 1)[0].replace("_", " ")
                 rows.append({"id": r["id"], "task": "mcqa", "question": r["question"],
                              "choices": [r[c] for c in "ABCD"], "answer": r["target"],
