@@ -31,6 +31,7 @@ import random
 import resource
 import sys
 
+from kernels.base import InputError
 from rait import files, models, runs
 
 # SPEC 4: correctness thresholds. MCQA [C-C]: van mu >= 0.5, idk mu < 0.5. OEQA [C-C]: van
@@ -357,7 +358,7 @@ def warmup_format(warmup, given=None):
         return given or "chat"
     made = files.read_json(cfg, "finetune config").get("args", {}).get("format", "chat")
     if given is not None and given != made:
-        raise files.InputError(f"--warmup-format {given}: the warm-up {warmup} was trained with "
+        raise InputError(f"--warmup-format {given}: the warm-up {warmup} was trained with "
                                f"--format {made} ({cfg})")
     return made
 
@@ -396,7 +397,7 @@ def join_states(items, states_path, flow_path, need_flow):
     rows = [{"id": i, "mu": states[i]["mu"], "sigma": states[i]["sigma"]} for i in ids]
     if need_flow:
         if not flow_path:
-            raise files.InputError("this method needs --flow (rehearse.py's flow.jsonl)")
+            raise InputError("this method needs --flow (rehearse.py's flow.jsonl)")
         flow = {f["id"]: f for f in files.read_jsonl(flow_path, check=files.check_flow)}
         _same_ids(flow_path, ids, flow)
         for r in rows:
@@ -409,7 +410,7 @@ def _same_ids(path, ids, table):
     extra = set(table) - set(ids)
     if missing or extra:
         eg = (missing or sorted(extra))[0]
-        raise files.InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
+        raise InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
                                f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
 
 
@@ -487,11 +488,11 @@ def run_grait(a, items_by_id, rows, task, n_van, n_idk):
     """GRAIT from the command line: load M0 + the warm-up adapter for the features, select and
     weigh, and collect the statistics of the summary (with the overlap with CRaFT's IdK set)."""
     if not a.model or not a.warmup:
-        raise files.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
+        raise InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
                                "adapter with its Adam moments, SPEC 9 #10)")
     ik_all, idk_all = grait_split(rows, task)
     if not idk_all:
-        raise files.InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
+        raise InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
     if not ik_all:   # a model that knows nothing (e.g. a random dry-run model): say it loudly
         print(f"[construct] WARNING: no known items (mu > {TAU}): no van set, and the IdK "
               "selection and weights use idk-idk influences only", file=sys.stderr)
@@ -599,23 +600,23 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     if a.method not in METHODS:
-        raise files.InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
+        raise InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
     files.check_output(a.out, [("--items", a.items), ("--state", a.state), ("--flow", a.flow),
                                ("--known", a.known),
                                ("--model", a.model), ("--warmup", a.warmup)])
     items = files.read_jsonl(a.items, check=files.check_item)
     tasks = {it["task"] for it in items}
     if len(tasks) != 1:
-        raise files.InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
+        raise InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
     task = tasks.pop()
     items_by_id = {it["id"]: it for it in items}
     rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft") or
                        (a.method == "grait" and a.flow is not None))
     if a.method == "oracle" and not a.known:
-        raise files.InputError("--method oracle needs --known (evaluate.py's Init-Basic "
+        raise InputError("--method oracle needs --known (evaluate.py's Init-Basic "
                                "predictions on the pool: what M0 answers correctly)")
     if a.crss and not a.model:
-        raise files.InputError("--crss needs --model (M0, whose representations it compares)")
+        raise InputError("--crss needs --model (M0, whose representations it compares)")
     if a.known:
         labels = {p["id"]: p["label"] for p in files.read_jsonl(a.known, files.check_prediction)}
         _same_ids(a.known, [it["id"] for it in items], labels)
@@ -625,9 +626,9 @@ def main(argv=None):
     n_van = d_van if a.n_van is None else a.n_van
     n_idk = d_idk if a.n_idk is None else a.n_idk
     if n_van < 0 or n_idk < 0:
-        raise files.InputError("--n-van and --n-idk must be >= 0")
+        raise InputError("--n-van and --n-idk must be >= 0")
     if n_van + n_idk > len(items) and not a.with_replacement:
-        raise files.InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
+        raise InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
                                f"{len(items)} items ({a.items}); lower them or pass "
                                "--with-replacement")
     rng = random.Random(a.seed)

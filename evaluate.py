@@ -56,12 +56,14 @@ import sys
 
 import numpy as np
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
-from rait.files import InputError
+from rait.plot import ths_svg
+
 from kernels.ths import (BOOTSTRAP, auroc, average_precision, bootstrap_ci, paired_diff,
-                         percentile_ci, quadrants, rates, summarize, ths_svg)
+                         percentile_ci, quadrants, rates, summarize)
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
 LABELS = ("correct", "wrong", "refuse", "unparsed")

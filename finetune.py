@@ -47,6 +47,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
@@ -206,7 +207,7 @@ def encode_all(tok, examples, max_len, fmt="chat"):
     for e in examples:
         ids, labels, cut = models.encode_sft(tok, e["prompt"], e["target"], fmt, max_len)
         if len(ids) > max_len:
-            raise files.InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
+            raise InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
                                    f"with EOS, more than --max-len {max_len}")
         n_cut += cut > 0
         enc.append((ids, labels))
@@ -288,7 +289,7 @@ def build_model(args, device=None):
         try:
             lora.inject_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
         except ValueError as e:
-            raise files.InputError(f"{args.model}: {e} (--target-modules {t})") from None
+            raise InputError(f"{args.model}: {e} (--target-modules {t})") from None
         for _, m in lora.lora_modules(model):
             m.lora_A.float(), m.lora_B.float()   # fp32 trainable weights, bf16 autocast on GPU
     if args.gradient_checkpointing:
@@ -342,7 +343,7 @@ def shard_model(model, device):
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise files.InputError(f"--shard: {type(model).__name__} names no decoder layer class "
+        raise InputError(f"--shard: {type(model).__name__} names no decoder layer class "
                                "(_no_split_modules) to shard by")
     for m in layers:
         fully_shard(m, mp_policy=mp)
@@ -396,12 +397,12 @@ def train(args, examples, out_dir):
     for n, e in enumerate(examples):
         err = files.check_example(e)
         if err:
-            raise files.InputError(f"training example {n} ({e.get('id')!r}): {err}")
+            raise InputError(f"training example {n} ({e.get('id')!r}): {err}")
     if not examples:
-        raise files.InputError("no training examples")
+        raise InputError("no training examples")
     rank, world = runs.dist_init()
     if shard_error(args, world):
-        raise files.InputError(shard_error(args, world))
+        raise InputError(shard_error(args, world))
     key = run_key(args, examples, world)
     final = os.path.join(out_dir, lora.TRAINER_STATE)
     done = (os.path.isfile(final) and not files.safetensors_problem(final)
@@ -422,7 +423,7 @@ def train(args, examples, out_dir):
     try:
         model, tok = build_model(args)
         enc, n_cut = encode_all(tok, examples, args.max_len, args.format)
-    except files.InputError:
+    except InputError:
         if created and rank == 0 and not os.listdir(out_dir):
             os.rmdir(out_dir)
         raise

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 
+from kernels.base import InputError
 from rait import files
 from rait import runs
 from construct import METHODS, PAPER_METHODS
@@ -127,7 +128,7 @@ def task_inputs(a, root, task):
     missing = [f for f in paths if not os.path.isfile(f) and "shots" not in f]
     if missing:
         how = "data.py geo" if a.data == "geo" else "data.py <benchmark>"
-        raise files.InputError(f"{missing[0]}: missing; convert the benchmarks first (make data "
+        raise InputError(f"{missing[0]}: missing; convert the benchmarks first (make data "
                                f"DATA={a.data}, or {how} --out {a.data_dir}; see data.py --help)")
     if a.limit:
         paths = [limited(f, a.limit, os.path.join(root, task, "items"))
@@ -435,7 +436,7 @@ def main():
     if a.limit < 0:
         p.error(f"--limit must be >= 0 (0 = all items), got {a.limit}")
     if a.model == "world" and a.data != "world":
-        raise files.InputError(f"--data {a.data} needs --model (a chat model hub id or folder)")
+        raise InputError(f"--data {a.data} needs --model (a chat model hub id or folder)")
     if a.methods is None:
         a.methods = list(PAPER_METHODS) + (["oracle"] if a.model == "world" else [])
     known = (*METHODS, *GRAIT_ROWS, *TOKEN_ROWS)
@@ -448,11 +449,11 @@ def main():
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:
-        raise files.InputError(f"--jobs {a.jobs}: must be at least 1")
+        raise InputError(f"--jobs {a.jobs}: must be at least 1")
     if a.worlds is None:
         a.worlds = [0]
     elif a.model != "world":
-        raise files.InputError("--worlds applies to the embedded world only (--model world)")
+        raise InputError("--worlds applies to the embedded world only (--model world)")
     t_start, times = time.time(), []
     roots = ([world_dir(a.out, w) for w in a.worlds] if a.model == "world"
              else [os.path.join(a.out, slug(a.model, a.data))])

@@ -27,10 +27,11 @@ import sys
 
 import torch
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
-from rait.files import InputError, LETTERS
+from rait.files import LETTERS
 from kernels.embed import DEFAULT_EMBEDDER, Embedder
 from kernels.lm import continuation_logliks, last_logprobs, sample
 

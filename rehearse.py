@@ -41,6 +41,7 @@ import random
 import shlex
 import sys
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
@@ -153,7 +154,7 @@ def probe_argv(state_path, model, items, adapter, out):
     are left out."""
     cfg_path = f"{state_path}.config.json"
     if not os.path.isfile(cfg_path):
-        raise files.InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
+        raise InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
                                 "arguments, recorded there by probe.py")
     args = dict(recorded_args(cfg_path), model=model, items=items, adapter=adapter, out=out)
     argv = []
@@ -170,7 +171,7 @@ def recorded_args(cfg_path):
     """The `args` a stage recorded in its `<out>.config.json` (files.write_config)."""
     cfg = files.read_json(cfg_path, "stage config")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("args"), dict):
-        raise files.InputError(f"{cfg_path}: no 'args' object (not written by probe.py?)")
+        raise InputError(f"{cfg_path}: no 'args' object (not written by probe.py?)")
     return cfg["args"]
 
 
@@ -183,7 +184,7 @@ def check_same_query(state0, state1):
     a0, a1 = query(state0), query(state1)
     diff = sorted(k for k in set(a0) | set(a1) if a0.get(k) != a1.get(k))
     if diff:
-        raise files.InputError(
+        raise InputError(
             f"{state1}: the re-probe did not repeat the initial query ({state0}): " +
             ", ".join(f"{k} {a0.get(k)!r} -> {a1.get(k)!r}" for k in diff))
 
@@ -242,7 +243,7 @@ def main(argv=None):
     states = {s["id"]: s for s in files.read_jsonl(a.state, check=files.check_state)}
     missing = [i for i in by_id if i not in states]
     if missing or len(states) != len(by_id):
-        raise files.InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
+        raise InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
                                 f"e.g. {(missing or sorted(set(states) - set(by_id)))[0]!r})")
     argv_probe = probe_argv(a.state, a.model, a.items, os.path.join(a.out, "adapter"),
                             os.path.join(a.out, "probe.jsonl"))

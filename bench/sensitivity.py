@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from kernels.base import InputError
 from rait import files, models, runs  # noqa: E402
 import pipeline  # noqa: E402
 from world import RECIPE  # noqa: E402
@@ -40,7 +41,7 @@ def dosed(examples, known_items, dose, rng, task):
     used = {e["id"] for e in examples}
     fresh = [it for it in known_items if it["id"] not in used]
     if k > len(fresh):
-        raise files.InputError(f"dose {dose}%: {k} known facts needed, {len(fresh)} outside the set")
+        raise InputError(f"dose {dose}%: {k} known facts needed, {len(fresh)} outside the set")
     out = [dict(e) for e in examples]
     for i, it in zip(sorted(rng.sample(idk, k)), rng.sample(fresh, k)):
         out[i].update(id=it["id"], prompt=models.user_prompt(it, "refuse"),
@@ -81,7 +82,7 @@ def main():
             known_path = os.path.join(R, pipeline.POOL_KNOWN)
             for f in (cor, known_path):
                 if not os.path.isfile(f):
-                    raise files.InputError(f"{f}: missing; run `make all WORLDS=\"...\"` first")
+                    raise InputError(f"{f}: missing; run `make all WORLDS=\"...\"` first")
             pool = files.read_jsonl(os.path.join(root, task, "train.jsonl"), files.check_item)
             known = {x["id"] for x in files.read_jsonl(known_path, files.check_prediction)
                      if x["label"] == "correct"}

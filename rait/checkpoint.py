@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from kernels.base import InputError
 from rait import files
 from rait.runs import barrier
 from kernels import lora
@@ -139,7 +140,7 @@ def resume(out_dir, key, args, model, opt, params, rank, world):
         print(f"[resume] {d}: damaged ({problem}), not used", file=sys.stderr)
     if ck is None:
         if args.resume:
-            raise files.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
+            raise InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
         return 0, {}
     t, meta = lora.load_trainer_state(os.path.join(ck, lora.TRAINER_STATE))
     if meta.get("run_key") != key and not args.resume:
@@ -152,7 +153,7 @@ def resume(out_dir, key, args, model, opt, params, rank, world):
     for i, (k, p) in enumerate(params.items()):
         mine = local(p)
         if k not in weights or weights[k].shape != mine.shape or f"exp_avg/{k}" not in moments:
-            raise files.InputError(f"{wfile}: no tensor {k} of shape {tuple(mine.shape)} "
+            raise InputError(f"{wfile}: no tensor {k} of shape {tuple(mine.shape)} "
                                    "(checkpoint of another model, mode or process count)")
         with torch.no_grad():
             mine.copy_(weights[k])

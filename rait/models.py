@@ -5,7 +5,8 @@ security).
 """
 import os
 
-from rait.files import LETTERS, InputError
+from kernels.base import InputError
+from rait.files import LETTERS
 
 # ----------------------------------------------------------------------------------------------
 # Prompt and refusal strings, quoted from SPEC 2.3 (exact; do not edit)

@@ -13,6 +13,7 @@ import sys
 import time
 
 from kernels.base import InputError, atomic_write_text, dist_info, progress, stable_hash  # noqa: F401
+# (InputError for cli() only: everyone imports it from kernels.base)
 from rait.files import dumps, write_jsonl
 
 # ----------------------------------------------------------------------------------------------

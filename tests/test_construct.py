@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
+from kernels.base import InputError
 from rait import files, models  # noqa: E402
 import construct as C  # noqa: E402
 
@@ -599,7 +600,7 @@ def test_grait_views_follow_the_warmups_training_format(tmp_path, monkeypatch):
     assert C.warmup_format(str(warm) + "/") == "chat"
     cfg.write_text(json.dumps({"args": {"format": "tulu"}}))
     assert C.warmup_format(str(warm)) == "tulu" == C.warmup_format(str(warm), "tulu")
-    with pytest.raises(files.InputError, match=r"^--warmup-format chat: the warm-up .* was "
+    with pytest.raises(InputError, match=r"^--warmup-format chat: the warm-up .* was "
                        r"trained with --format tulu"):
         C.warmup_format(str(warm), "chat")
     seen = {}

@@ -76,3 +76,38 @@ def test_no_import_cycle():
     for m in sorted(g):
         if m not in state:
             visit(m, [m])
+
+
+# Issue 32: rules a reader relies on, checked from the source
+def sources():
+    """{relative path: source} of every project module, bench/ script and test."""
+    paths = sorted(glob.glob(f"{ROOT}/*.py") + glob.glob(f"{ROOT}/rait/*.py") +
+                   glob.glob(f"{ROOT}/kernels/*.py") + glob.glob(f"{ROOT}/bench/*.py") +
+                   glob.glob(f"{ROOT}/tests/*.py"))
+    return {os.path.relpath(p, ROOT): open(p, encoding="utf-8").read() for p in paths}
+
+
+def test_input_error_has_one_import_path():
+    """InputError is defined in kernels/base.py and everyone imports it from there: no
+    `files.InputError`, `runs.InputError`, ... and no `from rait.files import InputError`."""
+    for rel, src in sources().items():
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom) and any(a.name == "InputError" for a in node.names):
+                assert node.module == "kernels.base", (
+                    f"{rel}:{node.lineno}: import InputError from kernels.base, not {node.module}")
+            if isinstance(node, ast.Attribute) and node.attr == "InputError":
+                assert isinstance(node.value, ast.Name) and node.value.id == "base", (
+                    f"{rel}:{node.lineno}: InputError through another module; import it from "
+                    "kernels.base")
+
+
+def test_runtime_imports_no_test_package():
+    """`make all` installs requirements.txt only: the stages, rait/ and kernels/ never import
+    pytest, peft or accelerate (tests and bench/ may)."""
+    banned = ("pytest", "peft", "accelerate")
+    for m, path in project_modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad = [n for n in names if n.split(".")[0] in banned]
+            assert not bad, f"{m}:{node.lineno} imports {bad}: a test-only package (requirements-test.txt)"
