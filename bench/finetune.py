@@ -73,6 +73,7 @@ def peak_memory_mb():
 
 def run_ours(a, examples, work):
     import finetune
+    from rait import checkpoint
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     finetune.add_train_args(ap)
@@ -82,7 +83,7 @@ def run_ours(a, examples, work):
                               str(a.grad_accum), "--epochs", "1", "--lr", str(a.lr),
                               "--save-steps", "0"])
         finetune.train(args, exs, out)
-        with open(os.path.join(out, finetune.LOG)) as f:
+        with open(os.path.join(out, checkpoint.LOG)) as f:   # the done line: tokens, loop time
             return [json.loads(line) for line in f][-1]
 
     once(examples[:a.warmup_steps * a.batch_size * a.grad_accum], os.path.join(work, "warm"))
