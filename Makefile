@@ -42,7 +42,7 @@ JOBS    ?=
 # Extra flags per stage, added after the world's recipe (world.RECIPE) in every command of that
 # stage; `pipeline.py --help` and each script's --help list them:
 # PROBE_ARGS: probe.py (the rehearsal's re-probe repeats them), e.g. PROBE_ARGS="--batch-size 8"
-# REHEARSE_ARGS: finetune.py flags for the rehearsal run (rehearse.py --train-args), e.g.
+# REHEARSE_ARGS: finetune.py flags for the rehearsal run (after rehearse.py's `--`), e.g.
 #   REHEARSE_ARGS="--full --lr 2e-6"
 # CONSTRUCT_ARGS: construct.py, every method (GRAIT: --projection, --grad-batch-size, ...)
 # FINETUNE_ARGS: finetune.py for the method runs, e.g. FINETUNE_ARGS="--epochs 2"

@@ -180,10 +180,9 @@ def prepare(a, root, task, seed, paths):
     args = ["--model", model, "--items", pool, "--state", state, "--out", f"{R}/rehearsal",
             "--mcqa-reader", reader, "--seed", str(seed),
             "--size", str(min(1000, max(32, round(REHEARSAL_SHARE * n_pool))))]
-    train_args = shlex.join(WORLD_RECIPE["rehearse"][task]) if world else ""
-    train_args = " ".join(x for x in (train_args, a.rehearse_args) if x)
-    if train_args:
-        args += ["--train-args", train_args]
+    train_flags = (WORLD_RECIPE["rehearse"][task] if world else []) + shlex.split(a.rehearse_args)
+    if train_flags:   # finetune.py's flags after `--`, each quoted once
+        args += ["--", *train_flags]
     stages.append((f"{tag} rehearse", runs.stage_command("rehearse.py", args),
                    f"{R}/rehearsal/flow.jsonl", [model, pool, state]))
     if world:   # flow reliability (issue 26): the same rehearsal with another seed
@@ -426,7 +425,7 @@ def main():
     p.add_argument("--stage-args", "--finetune-args", default="",
                    help="extra finetune.py flags for the method runs, e.g. --epochs 2")
     p.add_argument("--rehearse-args", default="",
-                   help="extra finetune.py flags for the rehearsal run (rehearse.py --train-args, "
+                   help="extra finetune.py flags for the rehearsal run (after rehearse.py's `--`, "
                         "after the world's recipe); a single flag as --rehearse-args=--full")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags (e.g. --max-new-tokens 8)")
     p.add_argument("--jobs", type=int, help="stages run at once, each a process with one torch "

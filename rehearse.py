@@ -7,13 +7,13 @@ SFT: labelling them IdK creates a dynamic conflict, so CRaFT drops them (constru
 rehearsal adapter keeps its Adam moments: GRAIT reuses it as its warm-up (SPEC 9 #10).
 
     python rehearse.py --model runs/world/model --items pool.jsonl --state probe_init.jsonl \\
-        --out runs/world/mcqa/rehearsal --train-args "--batch-size 16 --lr 1e-3 --lora-r 16"
+        --out runs/world/mcqa/rehearsal -- --batch-size 16 --lr 1e-3 --lora-r 16
     python rehearse.py ... --launcher "torchrun --standalone --nproc_per_node 2"   # DDP training
                                                                     # and a sharded re-probe
 
 Steps 2 and 3 run the other stages as the commands a user would type (printed first): the
 training is `finetune.py --model M --train <out>/train.jsonl --out <out>/adapter --warmup-ratio 0
---seed S <--train-args>` and the re-probe is `probe.py <the initial probe's recorded arguments,
+--seed S <the flags after -->` and the re-probe is `probe.py <the initial probe's recorded arguments,
 adapter and output swapped>`. rehearse.py itself is one process; `--launcher` goes in front of
 both commands, so they scale out. A rerun resumes: finetune.py continues from its checkpoint (or
 says it is already trained) and probe.py from its finished batches.
@@ -25,7 +25,7 @@ knowledge state), flow.jsonl (id, mu0, mu1, flow, sigma0, sigma1) and flow_summa
 
 Where we differ from the released code (SPEC 3, 6, 9):
 - both tasks rehearse with LoRA (the SPEC 9 #12 recipe with no warm-up), so the adapter can serve
-  as GRAIT's warm-up; `--train-args "--full --lr 2e-6"` reproduces the released OEQA full
+  as GRAIT's warm-up; `-- --full --lr 2e-6` reproduces the released OEQA full
   fine-tuning;
 - OEQA flow is the mean over each question's own samples (the released index bug, SPEC 3, is not
   reproduced); the target is the gold answer (`--rehearsal-target modal`: the model's most frequent
@@ -208,11 +208,6 @@ def parse_args(argv=None):
                    help="OEQA target: the gold answer (what ran) or the modal correct sample")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the rehearsal draw, passed on to finetune.py --seed")
-    p.add_argument("--train-args", default="",
-                   help="finetune.py flags for the rehearsal run, one string (e.g. \"--lr 1e-3 "
-                        "--epochs 3\"), after rehearse's own `--warmup-ratio 0 --seed S` (SPEC 6: "
-                        "the RAIT recipe with no warm-up), so they may override them; finetune.py "
-                        "checks them")
     p.add_argument("--trust-remote-code", action="store_true",
                    help=models.TRUST_HELP + " (passed to finetune.py; the re-probe repeats the "
                         "initial probe's choice)")
@@ -220,13 +215,19 @@ def parse_args(argv=None):
                    help="command in front of the training and the re-probe, e.g. \"torchrun "
                         "--standalone --nproc_per_node 2\" (default: this Python, one process); "
                         "rehearse.py itself always runs as one process")
-    a = p.parse_args(argv)
+    p.epilog = ("finetune.py flags for the rehearsal run go after `--`, each quoted once (as "
+                "torchrun takes its script's flags): rehearse.py ... -- --lr 1e-3 --epochs 3. They "
+                "follow rehearse's own `--warmup-ratio 0 --seed S` (SPEC 6: the RAIT recipe with no "
+                "warm-up), so they may override them; finetune.py checks them")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    a.train_flags = argv[cut + 1:]                    # finetune.py's flags, as given
     bad = ["--size must be >= 1"] if a.size < 1 else []
-    for flag in ("train_args", "launcher"):
-        try:
-            shlex.split(getattr(a, flag))
-        except ValueError as e:
-            bad.append(f"--{flag.replace('_', '-')}: {e}")
+    try:
+        shlex.split(a.launcher)
+    except ValueError as e:
+        bad.append(f"--launcher: {e}")
     if runs.dist_info()[1] > 1:
         bad.append("run rehearse.py as one process; --launcher scales out its training and "
                    "re-probe")
@@ -268,7 +269,7 @@ def main(argv=None):
     adapter = os.path.join(a.out, "adapter")
     argv_train = ["--model", a.model, "--train", train, "--out", adapter, "--warmup-ratio", "0",
                   "--seed", str(a.seed)] + (["--trust-remote-code"] if a.trust_remote_code else [])
-    run(runs.stage_command("finetune.py", argv_train + shlex.split(a.train_args), a.launcher))
+    run(runs.stage_command("finetune.py", argv_train + a.train_flags, a.launcher))
     # step 3: the same knowledge query on M~ (probe.py with the adapter; resumes on rerun)
     run(runs.stage_command("probe.py", argv_probe, a.launcher))
     check_same_query(a.state, os.path.join(a.out, "probe.jsonl"))

@@ -177,7 +177,7 @@ RECIPE = {
     # where it does not, 0.36-0.46 per relation. Pre-training on 4-turn QA text did not help: the
     # model then answered from the shots' famous people ("jeweler", p = 0.98).
     "probe": {"mcqa": [], "oeqa": ["--n-shots", "0"]},
-    # rehearse.py --train-args: brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
+    # rehearse.py's finetune flags (after its `--`): brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
     "rehearse": {task: ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs",
                         "3", "--lora-r", "16"] for task in files.TASKS},
     # construct.py, every method: 160 answers and 40 refusals (the paper's 1:4), so that known

@@ -83,8 +83,9 @@ class Runs:
 
     def rehearse(self, state, out):
         return [PY, script("rehearse"), "--model", self.model, "--items", self.pool, "--state",
-                state, "--out", out, "--mcqa-reader", "option", "--size", "32", "--train-args",
-                "--batch-size 2 --grad-accum 1 --epochs 2 --lr 1e-3 --lora-r 8 --save-steps 1"]
+                state, "--out", out, "--mcqa-reader", "option", "--size", "32", "--",
+                "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3",
+                "--lora-r", "8", "--save-steps", "1"]
 
     def construct(self, state, flow, out):
         return [PY, script("construct"), "--method", "craft", "--items", self.pool, "--state",
@@ -735,7 +736,7 @@ def run_flags(stage, argv, monkeypatch, capsys):
      "--epochs must be >= 1; --lora-r must be >= 1"),
     ("finetune", ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
     ("rehearse", ["--size", "0"], "--size must be >= 1"),
-    ("rehearse", ["--train-args", "--lr '1e-3"], "--train-args: No closing quotation"),
+    ("rehearse", ["--launcher", "torchrun '"], "--launcher: No closing quotation"),
     ("probe", ["--temperature", "1e-300"],           # was a RuntimeError in the sampler
      "need 0.01 <= --temperature < inf, 0 < --top-p <= 1, --max-new-tokens >= 1"),
 ])
@@ -752,12 +753,12 @@ def test_training_flags_out_of_range(stage, flags, message, runs, tmp_path, monk
 
 
 def test_rehearse_training_flags_are_checked_by_finetune(runs, tmp_path):
-    """rehearse.py hands --train-args to finetune.py, which rejects a bad one before loading
+    """rehearse.py hands the flags after `--` to finetune.py, which rejects a bad one before loading
     anything: its usage error, then rehearse's one line naming the command and its exit status;
     no traceback, and nothing made but the rehearsal set (cheap; the rerun writes it again)."""
     out = tmp_path / "rehearsal"
     cmd = runs.rehearse(f"{runs.A}/probe.jsonl", str(out))
-    cmd[cmd.index("--train-args") + 1] = "--epochs 1 --lr=-1e-3"
+    cmd = cmd[:cmd.index("--") + 1] + ["--epochs", "1", "--lr=-1e-3"]
     r = runs.run(cmd, check=False)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
