@@ -6,7 +6,7 @@ init_basic/pred_pool.jsonl, the judgement of every "M0 knows" share), leaving ev
 as it is. Fine-tune each set with the world's recipe and evaluate it on the ID test. If the
 dose does not move over-refusal (refusals among the test facts Init-Basic answers) or THS, the
 world cannot show what removing static conflicts (CRaFT's certainty ranking) buys, whichever way
-CRaFT then comes out. Not run by the tests.
+CRaFT then comes out. The tests run its dose-0 path on a hand-made run (no training).
 
     make all WORLDS="0 1 2"                                   # the runs it reads
     .venv/bin/python bench/sensitivity.py --worlds 0 1 2    # 4.5 min on 2 cores, 2 jobs
@@ -108,7 +108,8 @@ def main():
                               (f"{tag} evaluate", runs.stage_command("evaluate.py", ev),
                                f"{d}/pred_id.jsonl", [model, test_id, f"{d}/adapter"])])
     times = []
-    pipeline.in_parallel(a.jobs, units, times, one_thread=True)
+    if units:                                   # --doses 0 alone: nothing to train
+        pipeline.in_parallel(a.jobs, units, times, one_thread=True)
     res = {}
     for w, task, dose, R, test_id, d in cells:
         res.setdefault((task, dose), []).append(measure(R, test_id, d))
