@@ -481,8 +481,8 @@ def run_grait(a, items_by_id, rows, task, n_van, n_idk):
     the warm-up adapter (SPEC 5.3), then greedy IdK selection and weights (grait); the summary's
     statistics, with the overlap with CRaFT's IdK set. Returns (van, idk, weights, extra)."""
     from kernels import persample
-    params = None if WEIGHT_VARIANTS[a.grait_weights] is None else (a.grait_weight_sign,
-                                                                   a.grait_weight_scale)
+    params = weight_params(a.grait_weights, a.grait_weight_sign, a.grait_weight_scale)
+    sign, scale = params or (None, None)                     # None: uniform, every weight 1
     # GRAIT step 1 (SPEC 5.2): split by correctness
     ik_all, idk_all = grait_split(rows, task)
     if not idk_all:
@@ -516,8 +516,7 @@ def run_grait(a, items_by_id, rows, task, n_van, n_idk):
                          params=params)
     extra = {"grait": {"feature_path": path, "projection": projection, "grad_dim": a.grad_dim,
                        "adam": not a.no_adam, "select": a.grait_select,
-                       "weights": a.grait_weights, "weight_sign": a.grait_weight_sign,
-                       "weight_scale": a.grait_weight_scale,
+                       "weights": a.grait_weights, "weight_sign": sign, "weight_scale": scale,
                        "ik_all": len(ik_all), "idk_all": len(idk_all),
                        "weight_stats": stats([{"w": x} for x in weights.values()], "w")}}
     if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
@@ -563,9 +562,8 @@ def parse_args(argv=None):
                     ("--grait-temperature", a.grait_temperature)):
         if not (math.isfinite(v) and v > 0):
             p.error(f"{flag} must be finite and > 0, got {v}")
-    try:   # SPEC 9 #8: the effective (sign, scale), recorded in <out>.config.json; None: uniform
-        a.grait_weight_sign, a.grait_weight_scale = weight_params(
-            a.grait_weights, a.grait_weight_sign, a.grait_weight_scale) or (None, None)
+    try:   # SPEC 9 #8: checked here, resolved where GRAIT runs (run_grait)
+        weight_params(a.grait_weights, a.grait_weight_sign, a.grait_weight_scale)
     except ValueError as e:
         p.error(str(e))
     return a
