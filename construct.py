@@ -28,9 +28,9 @@ import argparse
 import math
 import os
 import random
-import resource
 import sys
 
+from kernels.base import InputError
 from rait import files, models, runs
 
 # SPEC 4: correctness thresholds. MCQA [C-C]: van mu >= 0.5, idk mu < 0.5. OEQA [C-C]: van
@@ -173,7 +173,8 @@ def candidates(method, states, task, flow_rule="le0"):
 
 # ---------------------------------------------------------------------------------------------
 # GRAIT (SPEC 5): split -> van top-N by correctness -> greedy IdK selection by gradient influence
-# -> adaptive weights. The gradient features come from kernels/persample.py (grait_features).
+# -> adaptive weights. run_grait computes the gradient features (kernels/persample.py) and passes
+# them to grait() as tensors.
 GRAIT_T = 0.05          # SPEC 5.5: softmax temperature of the adaptive weights
 # SPEC 5.5 / SPEC 9 #8: --grait-weights variants as (sign, scale) of
 # w = scale * N * softmax(sign * delta / T); None: every weight 1. Sign and scale are separate
@@ -282,64 +283,54 @@ def weight_params(variant, sign=None, scale=None):
     return sign, scale
 
 
-def grait(states, task, n_van, n_idk, features, select="greedy", weights="inferred", T=GRAIT_T,
-          sign=None, scale=None):
-    """GRAIT (SPEC 5.2-5.5, SPEC 9 #7-#8). features(rows, view) -> the rows' normalised gradient
-    features [len(rows), d], view "idk" (target IdK) or "van" (the Cor-RAIT target).
-    weights: a WEIGHT_VARIANTS name; sign, scale override its (sign, scale).
-    Returns (van rows, idk rows, {idk id: weight})."""
+def grait(idk_all, van, z, n_idk, select="greedy", T=GRAIT_T, params=WEIGHT_VARIANTS["inferred"]):
+    """GRAIT steps 2b-3 (SPEC 5.4-5.5, SPEC 9 #7-#8) after step 1 (grait_split: idk_all) and
+    step 2a (by_correctness: van), on the three feature matrices run_grait computes (SPEC 5.3):
+    z["idk"]: idk_all in the IDK view [len(idk_all), d]; z["van"]: van in the van view (None
+    without van rows); z["ik"]: ik_all in the IDK view (None without known items; unused when
+    params is None). params: (sign, scale) of the weights (weight_params), None for uniform.
+    Returns (idk rows, {idk id: weight})."""
     import torch
     from kernels.persample import gram_column, gram_row_sums
-    params = weight_params(weights, sign, scale)
-    # 1. split by correctness (SPEC 5.2)
-    ik_all, idk_all = grait_split(states, task)
-    if not idk_all:
-        raise ValueError(f"GRAIT needs unknown items (mu < {TAU}); found none")
-    # 2a. D_ik_sel: the N_van known items with the highest correctness
-    van = by_correctness(ik_all, n_van)
-    # 2b. D_idk_sel: greedy selection by gradient influence (SPEC 5.4)
-    z_c = features(idk_all, "idk")                              # candidates C, IDK view
-    score0 = (gram_row_sums(z_c, features(van, "van")) if van     # s_j = sum_v K_iv[j, v]
+    z_c = z["idk"]                                              # candidates C, IDK view
+    # GRAIT step 2b (SPEC 5.4): greedy IdK selection by gradient influence
+    score0 = (gram_row_sums(z_c, z["van"]) if van               # s_j = sum_v K_iv[j, v]
               else torch.zeros(len(idk_all), dtype=torch.float64))
     k = min(n_idk, len(idk_all))
     col = lambda j: gram_column(z_c, z_c[j])                    # noqa: E731  K_ii[:, j]
     picked = (greedy_select(score0, col, k)[0] if select == "greedy" else    # SPEC 9 #7
               released_select(score0, col, k))
     idk = [idk_all[j] for j in picked]
-    # 3. adaptive weights from the influence on known vs unknown items (SPEC 5.5)
+    # GRAIT step 3 (SPEC 5.5): adaptive weights from the influence on known vs unknown items
     if params is None:                                          # uniform: no delta needed
         w = [1.0] * len(idk)
     else:
-        z_ik = features(ik_all, "idk") if ik_all else None
-        w = grait_weights(grait_delta(z_c[picked], z_ik, z_c), T, *params).tolist()
-    return van, idk, {s["id"]: float(x) for s, x in zip(idk, w)}
+        w = grait_weights(grait_delta(z_c[picked], z["ik"], z_c), T, *params).tolist()
+    return idk, {s["id"]: float(x) for s, x in zip(idk, w)}
 
 
-def grait_features(model_name, warmup, items_by_id, task, reader, grad_dim, projection, seed,
-                   batch_size, adam=True, trust_remote_code=False, fmt="chat"):
-    """The features function GRAIT needs: per-sample LoRA gradients at the warm-up adapter
-    (rehearse.py's, or the LESS warm-up: SPEC 9 #10), Adam-preconditioned with its moments,
-    projected, normalised (SPEC 5.3, kernels/persample.py), both views with the REFUSE prompt
-    (SPEC 5.3 step 2) rendered in `fmt`, the format the warm-up was trained in (warmup_format).
-    Returns (features(rows, view), info for the summary)."""
-    from kernels import lora, persample
+def load_warmup(model_name, warmup, adam=True, projection="auto", trust_remote_code=False):
+    """M0 with the warm-up adapter (rehearse.py's, or the LESS warm-up: SPEC 9 #10), its Adam
+    moments (None with --no-adam) and the projection that runs where it is (auto: Rademacher on
+    a GPU, CountSketch on CPU). Returns (model, tok, moments, projection)."""
+    from kernels import lora
     model, tok = models.load_model(model_name, adapter=warmup, trust_remote_code=trust_remote_code)
     moments = lora.load_adam_moments(warmup) if adam else None
     if projection == "auto":                         # what is affordable where it runs
         projection = "rademacher" if model.device.type == "cuda" else "sketch"
-    info = {"feature_path": None, "projection": projection, "grad_dim": grad_dim, "adam": adam}
+    return model, tok, moments, projection
 
-    def features(rows, view):
-        enc = []
-        for s in rows:
-            it = items_by_id[s["id"]]
-            target = models.IDK[task] if view == "idk" else models.target_of(it, reader)
-            enc.append(models.encode_sft(tok, models.user_prompt(it, "refuse"), target, fmt)[:2])
-        z, info["feature_path"] = persample.example_features(
-            model, enc, tok.pad_token_id, moments=moments, grad_dim=grad_dim, seed=seed,
-            batch_size=batch_size, projection=projection, desc=f"{view.upper()} view, {len(rows)} items")
-        return z
-    return features, info
+
+def encode_view(rows, view, tok, items_by_id, reader, fmt):
+    """SPEC 5.3 step 2: the rows as (ids, labels) with the REFUSE prompt rendered in `fmt` (the
+    warm-up's training format, warmup_format), target IdK (view "idk") or the Cor-RAIT target
+    (view "van")."""
+    enc = []
+    for s in rows:
+        it = items_by_id[s["id"]]
+        target = models.IDK[it["task"]] if view == "idk" else models.target_of(it, reader)
+        enc.append(models.encode_sft(tok, models.user_prompt(it, "refuse"), target, fmt)[:2])
+    return enc
 
 
 def warmup_format(warmup, given=None):
@@ -357,7 +348,7 @@ def warmup_format(warmup, given=None):
         return given or "chat"
     made = files.read_json(cfg, "finetune config").get("args", {}).get("format", "chat")
     if given is not None and given != made:
-        raise files.InputError(f"--warmup-format {given}: the warm-up {warmup} was trained with "
+        raise InputError(f"--warmup-format {given}: the warm-up {warmup} was trained with "
                                f"--format {made} ({cfg})")
     return made
 
@@ -396,7 +387,7 @@ def join_states(items, states_path, flow_path, need_flow):
     rows = [{"id": i, "mu": states[i]["mu"], "sigma": states[i]["sigma"]} for i in ids]
     if need_flow:
         if not flow_path:
-            raise files.InputError("this method needs --flow (rehearse.py's flow.jsonl)")
+            raise InputError("this method needs --flow (rehearse.py's flow.jsonl)")
         flow = {f["id"]: f for f in files.read_jsonl(flow_path, check=files.check_flow)}
         _same_ids(flow_path, ids, flow)
         for r in rows:
@@ -409,7 +400,7 @@ def _same_ids(path, ids, table):
     extra = set(table) - set(ids)
     if missing or extra:
         eg = (missing or sorted(extra))[0]
-        raise files.InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
+        raise InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
                                f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
 
 
@@ -420,11 +411,13 @@ def stats(rows, key):
     return {"mean": round(sum(v) / len(v), 4), "min": round(min(v), 4), "max": round(max(v), 4)}
 
 
-def summarize(method, van, idk, items_by_id, n_van, n_idk, pools, extra=None):
+def summarize(method, van, idk, items_by_id, requested, pools, extra=None):
     """Counts per kind, the selection pressure (candidates per requested example: at most 1 means
     the method took every candidate, nothing was selected), mu / sigma / flow of the selected
     sets, the share of IdK examples M0 answers correctly (with --known: CRaFT's static conflicts
-    as the evaluator judges them), and on the world the planted twins and latent facts among them."""
+    as the evaluator judges them), and on the world the planted twins and latent facts among them.
+    requested: (N_van, N_idk); pools: (van candidates, idk candidates)."""
+    n_van, n_idk = requested
     s = {"method": method, "requested": {"van": n_van, "idk": n_idk},
          "candidates": {"van": len(pools[0]), "idk": len(pools[1])},
          "pressure": {k: round(len(pool) / n, 2) if n else None
@@ -484,36 +477,48 @@ def print_summary(s, file=sys.stderr):
 
 
 def run_grait(a, items_by_id, rows, task, n_van, n_idk):
-    """GRAIT from the command line: load M0 + the warm-up adapter for the features, select and
-    weigh, and collect the statistics of the summary (with the overlap with CRaFT's IdK set)."""
-    if not a.model or not a.warmup:
-        raise files.InputError("--method grait needs --model (M0) and --warmup (the rehearsal "
-                               "adapter with its Adam moments, SPEC 9 #10)")
+    """GRAIT from the command line: split, the van set, the three gradient feature matrices at
+    the warm-up adapter (SPEC 5.3), then greedy IdK selection and weights (grait); the summary's
+    statistics, with the overlap with CRaFT's IdK set. Returns (van, idk, weights, extra)."""
+    from kernels import persample
+    params = weight_params(a.grait_weights, a.grait_weight_sign, a.grait_weight_scale)
+    sign, scale = params or (None, None)                     # None: uniform, every weight 1
+    # GRAIT step 1 (SPEC 5.2): split by correctness
     ik_all, idk_all = grait_split(rows, task)
     if not idk_all:
-        raise files.InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
+        raise InputError(f"{a.state}: GRAIT needs unknown items (mu < {TAU}); found none")
     if not ik_all:   # a model that knows nothing (e.g. a random dry-run model): say it loudly
         print(f"[construct] WARNING: no known items (mu > {TAU}): no van set, and the IdK "
               "selection and weights use idk-idk influences only", file=sys.stderr)
+    # GRAIT step 2a (SPEC 5.2): D_ik_sel = the N_van known items with the highest correctness
+    van = by_correctness(ik_all, n_van)
+    # plumbing: the views' rendering (SPEC 5.3 step 2), M0 + the warm-up adapter and its moments
     a.warmup_format = warmup_format(a.warmup, a.warmup_format)    # recorded in <out>.config.json
     print(f"[construct] GRAIT features at the warm-up {a.warmup}, views rendered in the "
           f"{a.warmup_format} format it was trained in (SPEC 5.3 step 2)", file=sys.stderr)
-    features, info = grait_features(a.model, a.warmup, items_by_id, task, a.mcqa_reader,
-                                    a.grad_dim, a.projection, a.seed, a.grad_batch_size,
-                                    adam=not a.no_adam, trust_remote_code=a.trust_remote_code,
-                                    fmt=a.warmup_format)
-    van, idk, weights = grait(rows, task, n_van, n_idk, features, a.grait_select,
-                              a.grait_weights, a.grait_temperature, a.grait_weight_sign,
-                              a.grait_weight_scale)
-    w = list(weights.values())
-    sign, scale = weight_params(a.grait_weights, a.grait_weight_sign,
-                                a.grait_weight_scale) or (None, None)
-    extra = {"grait": {**info, "select": a.grait_select, "weights": a.grait_weights,
-                       "weight_sign": sign, "weight_scale": scale,
+    model, tok, moments, projection = load_warmup(a.model, a.warmup, adam=not a.no_adam,
+                                                  projection=a.projection,
+                                                  trust_remote_code=a.trust_remote_code)
+    # GRAIT features (SPEC 5.3 steps 2-5): per-sample LoRA gradients, Adam-preconditioned,
+    # projected, normalised; candidates and known items in the IDK view, van rows in the van view
+    z, path = {}, None
+    for name, view, some in (("idk", "idk", idk_all), ("van", "van", van),
+                             ("ik", "idk", ik_all if params else [])):
+        z[name] = None
+        if some:
+            z[name], path = persample.example_features(
+                model, encode_view(some, view, tok, items_by_id, a.mcqa_reader, a.warmup_format),
+                tok.pad_token_id, moments=moments, grad_dim=a.grad_dim, seed=a.seed,
+                batch_size=a.grad_batch_size, projection=projection,
+                desc=f"{view.upper()} view, {len(some)} items")
+    # GRAIT steps 2b-3 (SPEC 5.4-5.5): greedy IdK selection, adaptive weights
+    idk, weights = grait(idk_all, van, z, n_idk, select=a.grait_select, T=a.grait_temperature,
+                         params=params)
+    extra = {"grait": {"feature_path": path, "projection": projection, "grad_dim": a.grad_dim,
+                       "adam": not a.no_adam, "select": a.grait_select,
+                       "weights": a.grait_weights, "weight_sign": sign, "weight_scale": scale,
                        "ik_all": len(ik_all), "idk_all": len(idk_all),
-                       "weight_stats": stats([{"w": x} for x in w], "w"),
-                       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                             / 1024)}}
+                       "weight_stats": stats([{"w": x} for x in weights.values()], "w")}}
     if all("flow" in r for r in rows):                      # overlap with CRaFT's IdK set
         craft_idk = {s["id"] for s in craft(rows, task, n_van, n_idk, random.Random(0))[1]}
         extra["grait"]["overlap_with_craft_idk"] = len(craft_idk & set(weights)) / max(1, len(idk))
@@ -548,7 +553,42 @@ def parse_args(argv=None):
                         "(Alg. 1 / released OEQA code)")
     p.add_argument("--with-replacement", action="store_true",
                    help="sample with replacement (released MCQA code, SPEC 9 #6)")
-    g = p.add_argument_group("GRAIT (SPEC 5, SPEC 9 #7-#10)")
+    add_grait_args(p.add_argument_group("GRAIT (SPEC 5, SPEC 9 #7-#10)"))
+    a = p.parse_args(argv)
+    need = flag_problem(a)
+    if need:                                          # one line, as runs.cli prints InputError
+        raise InputError(need)
+    for flag, v in (("--grad-dim", a.grad_dim), ("--grad-batch-size", a.grad_batch_size),
+                    ("--grait-temperature", a.grait_temperature)):
+        if not (math.isfinite(v) and v > 0):
+            p.error(f"{flag} must be finite and > 0, got {v}")
+    try:   # SPEC 9 #8: checked here, resolved where GRAIT runs (run_grait)
+        weight_params(a.grait_weights, a.grait_weight_sign, a.grait_weight_scale)
+    except ValueError as e:
+        p.error(str(e))
+    return a
+
+
+def flag_problem(a):
+    """What the flags lack or get wrong together (one line), or None: checked once, before
+    anything is read."""
+    if a.method not in METHODS:
+        return f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})"
+    if a.method == "oracle" and not a.known:
+        return ("--method oracle needs --known (evaluate.py's Init-Basic predictions on the "
+                "pool: what M0 answers correctly)")
+    if a.method == "grait" and (not a.model or not a.warmup):
+        return ("--method grait needs --model (M0) and --warmup (the rehearsal adapter with its "
+                "Adam moments, SPEC 9 #10)")
+    if a.crss and not a.model:
+        return "--crss needs --model (M0, whose representations it compares)"
+    if (a.n_van is not None and a.n_van < 0) or (a.n_idk is not None and a.n_idk < 0):
+        return "--n-van and --n-idk must be >= 0"
+    return None
+
+
+def add_grait_args(g):
+    """GRAIT's flags (SPEC 5, SPEC 9 #7-#10)."""
     g.add_argument("--model", help="M0, for the gradient features (and for --crss)")
     g.add_argument("--warmup", help="warm-up adapter with Adam moments: rehearse.py's adapter/ "
                    "(SPEC 9 #10 default) or a LESS-recipe one (finetune.py, SPEC 5.3 step 1)")
@@ -584,64 +624,51 @@ def parse_args(argv=None):
                    help="T of the weights (SPEC 5.5)")
     g.add_argument("--grad-batch-size", type=int, default=16, help="examples per gradient batch")
     g.add_argument("--trust-remote-code", action="store_true", help=models.TRUST_HELP)
-    a = p.parse_args(argv)
-    for flag, v in (("--grad-dim", a.grad_dim), ("--grad-batch-size", a.grad_batch_size),
-                    ("--grait-temperature", a.grait_temperature)):
-        if not (math.isfinite(v) and v > 0):
-            p.error(f"{flag} must be finite and > 0, got {v}")
-    try:
-        weight_params(a.grait_weights, a.grait_weight_sign, a.grait_weight_scale)
-    except ValueError as e:
-        p.error(str(e))
-    return a
 
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.method not in METHODS:
-        raise files.InputError(f"unknown method {a.method!r} (expected one of {', '.join(METHODS)})")
+    # plumbing: the output claimed; the pool joined with its knowledge state (and flow, --known)
     files.check_output(a.out, [("--items", a.items), ("--state", a.state), ("--flow", a.flow),
                                ("--known", a.known),
                                ("--model", a.model), ("--warmup", a.warmup)])
     items = files.read_jsonl(a.items, check=files.check_item)
     tasks = {it["task"] for it in items}
     if len(tasks) != 1:
-        raise files.InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
+        raise InputError(f"{a.items}: mixes tasks {sorted(tasks)}")
     task = tasks.pop()
     items_by_id = {it["id"]: it for it in items}
     rows = join_states(items, a.state, a.flow, need_flow=a.method in ("wocer", "craft") or
                        (a.method == "grait" and a.flow is not None))
-    if a.method == "oracle" and not a.known:
-        raise files.InputError("--method oracle needs --known (evaluate.py's Init-Basic "
-                               "predictions on the pool: what M0 answers correctly)")
-    if a.crss and not a.model:
-        raise files.InputError("--crss needs --model (M0, whose representations it compares)")
     if a.known:
         labels = {p["id"]: p["label"] for p in files.read_jsonl(a.known, files.check_prediction)}
         _same_ids(a.known, [it["id"] for it in items], labels)
         for r in rows:
             r["m0_known"] = labels[r["id"]] == "correct"
+    # SPEC 4: N_van and N_idk, the paper's counts or the 1:4 ratio scaled to the pool
     d_van, d_idk = default_counts(task, len(items))
     n_van = d_van if a.n_van is None else a.n_van
     n_idk = d_idk if a.n_idk is None else a.n_idk
-    if n_van < 0 or n_idk < 0:
-        raise files.InputError("--n-van and --n-idk must be >= 0")
     if n_van + n_idk > len(items) and not a.with_replacement:
-        raise files.InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
-                               f"{len(items)} items ({a.items}); lower them or pass "
-                               "--with-replacement")
+        raise InputError(f"--n-van {n_van} + --n-idk {n_idk} exceed the pool of "
+                         f"{len(items)} items ({a.items}); lower them or pass "
+                         "--with-replacement")
+    # CRaFT Alg. 1 steps 1-3 (craft), its ablations and the baselines as "CRaFT minus a step"
+    # (SPEC 4), GRAIT steps 1-3 (run_grait, SPEC 5): the van and idk sets
     rng = random.Random(a.seed)
     extra, weights = {}, None
     if a.method == "grait":
         van, idk, weights, extra = run_grait(a, items_by_id, rows, task, n_van, n_idk)
     elif a.method == "craft":
-        van, idk = craft(rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
+        van, idk = craft(rows, task, n_van, n_idk, rng, flow_rule=a.flow_rule,
+                         with_replacement=a.with_replacement)
     elif a.method == "corcer":
-        van, idk = corcer_rait(rows, task, n_van, n_idk, rng, a.with_replacement)
+        van, idk = corcer_rait(rows, task, n_van, n_idk, rng, with_replacement=a.with_replacement)
     elif a.method == "wocer":
-        van, idk = wocer_rait(rows, task, n_van, n_idk, rng, a.flow_rule, a.with_replacement)
+        van, idk = wocer_rait(rows, task, n_van, n_idk, rng, flow_rule=a.flow_rule,
+                              with_replacement=a.with_replacement)
     elif a.method == "cor":
-        van, idk = cor_rait(rows, task, n_van, n_idk, rng, a.with_replacement)
+        van, idk = cor_rait(rows, task, n_van, n_idk, rng, with_replacement=a.with_replacement)
     elif a.method == "oracle":
         van, idk = oracle_rait(rows, n_van, n_idk, rng, a.with_replacement)
     else:
@@ -650,12 +677,16 @@ def main(argv=None):
         if len(got) < want:
             print(f"[construct] short {kind} pool: {len(got)} of {want} requested; taking all "
                   "(SPEC 9 #6)", file=sys.stderr)
+    # CRaFT Alg. 1 steps 4-5 (SPEC 9 #13): van answers kept, idk answers replaced by IdK, the
+    # REFUSE prompt; GRAIT's weights on the idk examples (SPEC 5.6)
     examples = make_examples(items_by_id, van, idk, a.method, a.mcqa_reader, weights)
     random.Random(a.seed).shuffle(examples)       # a stable order; finetune shuffles anyway
+    # plumbing: the summary (selection pressure, CRSS: SPEC 7), the outputs and the config
     pools = candidates(a.method, rows, task, a.flow_rule)
     if a.crss or (a.method == "grait" and a.model):
         extra.update(crss_summary(a.model, items_by_id, van, idk, a.trust_remote_code))
-    summary = summarize(a.method, van, idk, items_by_id, n_van, n_idk, pools, extra)
+    summary = summarize(a.method, van, idk, items_by_id, requested=(n_van, n_idk), pools=pools,
+                        extra=extra)
     files.write_jsonl(a.out, examples)
     files.write_json(f"{a.out}.summary.json", summary)
     files.write_config(a.out, a)

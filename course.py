@@ -196,12 +196,13 @@ FORMULAS = [
          hint="GRAIT Fig. step 3 (adaptive weights); SPEC 5.5 and SPEC 9 #8: "
               "scale * N * softmax(sign * delta / T) in float64, sum scale * N"),
     dict(name="grait", stage=5, points=2,
-         formula="GRAIT end to end: split, top-N van, greedy IdK, `inferred` weights, "
-                 "`uniform` = all 1 (SPEC 5)",
+         formula="GRAIT after the split and top-N van, on the feature matrices: greedy IdK, "
+                 "`inferred` weights, `uniform` = all 1 (SPEC 5)",
          function="construct.py::grait",
          tests=["tests/test_construct.py::test_grait_composes_its_steps"],
-         hint="GRAIT Fig. steps 1-3; SPEC 5.2-5.5: grait_split, by_correctness, greedy_select "
-              "(or released_select), grait_delta, grait_weights; call the step functions above"),
+         hint="GRAIT Fig. steps 2b-3; SPEC 5.4-5.5: greedy_select (or released_select) on "
+              "s_j = sum_v K_iv[j, v], then grait_delta, grait_weights; call the step functions "
+              "above"),
 ]
 STAGES = {1: "THS and the knowledge quadrants", 2: "the knowledge query's mu and sigma",
           3: "knowledge flow and CRaFT Algorithm 1",

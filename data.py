@@ -57,10 +57,11 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
-from rait.files import InputError
+
 
 # Canonical public sources: (base URL, file name); file URL = base + "/" + name
 SOURCES = {

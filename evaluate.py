@@ -56,18 +56,24 @@ import sys
 
 import numpy as np
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
-from rait.files import InputError
+from rait.plot import ths_svg
+
 from kernels.ths import (BOOTSTRAP, auroc, average_precision, bootstrap_ci, paired_diff,
-                         percentile_ci, quadrants, rates, summarize, ths_svg)
+                         percentile_ci, quadrants, rates, summarize)
 
 MAX_NEW = {"mcqa": 1024, "oeqa": 50}          # SPEC 7 decoding budgets
 LABELS = ("correct", "wrong", "refuse", "unparsed")
 LABEL_INITIALS = "".join(x[0] for x in LABELS)  # results.json item_labels: one letter per item
 GRAIT_ABLATIONS = ("grait-code", "grait-uniform", "grait-released", "grait-less")   # issue 15,
                                                         # pipeline.py GRAIT_ROWS: run when asked
+# Arguments that cannot change mode 1's answers (excluded from its resume key): the output and
+# mode 2's flags
+NOT_IN_KEY = ("out", "report", "items_id", "items_ood", "known_exposure", "known_log_pop",
+              "bootstrap", "seed")
 LOSS_ABLATIONS = ("cor-token", "craft-token")   # issue 27, pipeline.py TOKEN_ROWS: run when asked
 ROWS = ("init_basic", "init_refuse", "van", "cor", "corcer", "wocer", "craft", "grait",
         *GRAIT_ABLATIONS, *LOSS_ABLATIONS, "oracle")
@@ -242,6 +248,7 @@ def line_done(new, line_ids):
 def answer(args):
     """Mode 1: predictions for one (model, adapter, items, prompt), resumable."""
     import torch
+    # plumbing: the items, the output claimed, the model
     items = files.read_jsonl(args.items, files.check_item)
     tasks = {it["task"] for it in items}
     if len(tasks) != 1:
@@ -267,7 +274,7 @@ def answer(args):
               + (", answer = first non-empty line" if newline else ""), file=sys.stderr)
     order = sorted(items, key=lambda it: -len(prompts[it["id"]]))   # similar lengths batch together
 
-    def fn(batch, _seed):
+    def fn(batch, _seed):   # SPEC 7: greedy answers, each labelled correct / wrong / refuse
         rows = []
         models.check_context(model, [models.encode(tok, prompts[it["id"]]) for it in batch], batch)
         with torch.inference_mode():
@@ -280,11 +287,9 @@ def answer(args):
                          "other_refusal": other_refusal(text) if lab != "refuse" else None,
                          "confidence": c})
         return rows
-    key = {"args": str(files.stable_hash(args.model, args.adapter, args.prompt, args.mcqa_reader,
-                                         max_new, args.strict_refusal, args.batch_size, newline,
-                                         "confidence")),   # batches from before issue 27 lack it
-           **{name: files.digest(path) for name, path in (
-               ("items", args.items), ("model", args.model), ("adapter", args.adapter))}}
+    # plumbing: the resume key, fixed batches that resume after a kill, the config
+    key = runs.resume_key(args, exclude=NOT_IN_KEY, extra=(max_new, newline), inputs=(
+        ("items", args.items), ("model", args.model), ("adapter", args.adapter)))
     rows = runs.resumable_batches(order, fn, args.out, args.batch_size, "evaluate", key=key,
                                   source=args.items)
     if rows is None:
@@ -670,10 +675,13 @@ def report(args):
     if not os.path.isdir(d):
         raise InputError(f"{d}: no such folder")
     given = {"id": args.items_id, "ood": args.items_ood}
-    res = {s: split_results(d, s, items_for(d, s, given[s]), args.seed, args.known_exposure,
-                            args.bootstrap, args.known_log_pop) for s in SPLITS}
+    # SPEC 7: rates, THS against Init-Basic, bootstrap intervals and quadrants per split and row
+    res = {s: split_results(d, s, items_for(d, s, given[s]), seed=args.seed,
+                            known_exposure=args.known_exposure, n_boot=args.bootstrap,
+                            known_log_pop=args.known_log_pop) for s in SPLITS}
     if not any(res.values()):
         raise InputError(f"{d}: no <method>/pred_{{id,ood}}.jsonl files")
+    # plumbing: what the other stages recorded, then results.json, report.md and the THS plane
     rehearsal, sets, reliability = rehearsal_makeup(d), set_summaries(d), flow_reliability(d)
     files.write_json(os.path.join(d, "results.json"),
                      {**res, **({"rehearsal": rehearsal} if rehearsal else {}), "sets": sets,

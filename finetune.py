@@ -39,19 +39,20 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import clip_grad_norm_
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
 from kernels import lora
-from rait.checkpoint import gather_rng, open_log, resume, save_state, write_checkpoint
+from rait.checkpoint import (claimed, finished, gather_rng, open_log, remove_checkpoints, resume,
+                             save_state, write_checkpoint)
 
 # Defaults: SPEC 9 #12 = the released MCQA recipe (SPEC 6) without 4-bit quantisation
 LR = 2e-4               # SPEC 6 MCQA RAIT
@@ -139,28 +140,19 @@ def train_args_error(a):
     return "; ".join(bad) or None
 
 
-# Arguments that do not change the result (excluded from the resume key)
-NOT_IN_KEY = {"save_steps", "log_steps", "resume", "stop_after_steps", "gradient_checkpointing"}
+# Arguments that do not change the result (excluded from the run key); --train and --out: the
+# examples' contents are in the key, the output folder is where the key is kept
+NOT_IN_KEY = ("out", "train", "save_steps", "log_steps", "resume", "stop_after_steps",
+              "gradient_checkpointing")
 
 
 def run_key(args, examples, world):
-    """Identifies a training run: its model, training arguments, data and process count."""
-    dests = {x.dest for x in add_train_args(argparse.ArgumentParser())._actions} - NOT_IN_KEY
-    cfg = {k: getattr(args, k) for k in sorted(dests) if k != "help"}
-    if cfg.get("loss_reduction") == "example":
-        del cfg["loss_reduction"]    # the default keeps the key it had before the flag existed
+    """Identifies a training run: runs.resume_key of its arguments, the model's contents (issue
+    17), the examples and the process count, as one string (trainer_state metadata)."""
     data = "".join(files.dumps(e) for e in examples)
-    return str(files.stable_hash(args.model, files.digest(args.model),     # issue 17: contents
-                                 json.dumps(cfg, sort_keys=True), data, world))
-
-
-def final_problem(out_dir, full):
-    """Why a finished run's final files cannot be used (None if they can): the weights and
-    config a later stage loads are present, the config is JSON, and every safetensors file is
-    whole (header and size; a kill or a full disk can truncate one after the trainer state)."""
-    need = ["config.json"] if full else [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
-    return files.files_problem(out_dir, sorted(set(need) | {
-        n for n in os.listdir(out_dir) if n.endswith(".safetensors")}))
+    key = runs.resume_key(args, exclude=NOT_IN_KEY, extra=(data, world),
+                          inputs=(("model", args.model),))
+    return str(files.stable_hash(json.dumps(key, sort_keys=True)))
 
 
 def lr_at(step, total, lr, warmup_ratio, warmup_start=WARMUP_START, schedule="cosine"):
@@ -206,7 +198,7 @@ def encode_all(tok, examples, max_len, fmt="chat"):
     for e in examples:
         ids, labels, cut = models.encode_sft(tok, e["prompt"], e["target"], fmt, max_len)
         if len(ids) > max_len:
-            raise files.InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
+            raise InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
                                    f"with EOS, more than --max-len {max_len}")
         n_cut += cut > 0
         enc.append((ids, labels))
@@ -288,7 +280,7 @@ def build_model(args, device=None):
         try:
             lora.inject_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
         except ValueError as e:
-            raise files.InputError(f"{args.model}: {e} (--target-modules {t})") from None
+            raise InputError(f"{args.model}: {e} (--target-modules {t})") from None
         for _, m in lora.lora_modules(model):
             m.lora_A.float(), m.lora_B.float()   # fp32 trainable weights, bf16 autocast on GPU
     if args.gradient_checkpointing:
@@ -342,7 +334,7 @@ def shard_model(model, device):
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise files.InputError(f"--shard: {type(model).__name__} names no decoder layer class "
+        raise InputError(f"--shard: {type(model).__name__} names no decoder layer class "
                                "(_no_split_modules) to shard by")
     for m in layers:
         fully_shard(m, mp_policy=mp)
@@ -355,118 +347,186 @@ def target_tokens(enc, idx):
     return sum(sum(t != -100 for t in enc[i][1][1:]) for i in idx)
 
 
-def train_step(net, opt, params, enc, weights, gb, lr, args, world, rank, pad, device):
-    """One optimizer step on the global batch `gb`; this process takes its micro-batches
-    (round-robin). One process runs only real micro-batches. Under DDP every rank must make the
-    same number of passes (the last one reduces the gradients), so a rank with one micro-batch
-    fewer than the others (a short step) adds one zero-weight pass; never more than one.
-    Returns (loss, non-pad tokens) of this process's share, and the pre-clip gradient norm."""
+def check_inputs(args, examples, world):
+    """Refuse bad training examples and a --shard that cannot run, before anything else."""
+    for n, e in enumerate(examples):
+        err = files.check_example(e)
+        if err:
+            raise InputError(f"training example {n} ({e.get('id')!r}): {err}")
+    if not examples:
+        raise InputError("no training examples")
+    if shard_error(args, world):
+        raise InputError(shard_error(args, world))
+
+
+def step_totals(loss, tokens, world, device):
+    """The step's loss and tokens summed over all processes (themselves with one process)."""
+    if world == 1:
+        return loss, tokens
+    s = torch.tensor([loss, tokens], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(s)
+    return float(s[0]), int(s[1])
+
+
+def check_finite(loss, norm, step, where):
+    """Stop at the first step whose loss or gradient norm is not finite (issue 29), before it
+    reaches the log or a checkpoint."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise InputError(f"{where}: step {step}: loss {loss}, gradient norm {norm} (not finite); "
+                         "stopped, no checkpoint of this step (check the weights and --lr)")
+
+
+def log_step(log, bar, win, *, loss, tokens, lr, norm, step, per_epoch, write):
+    """Add one step to the log window `win` and the progress bar; with `write` on rank 0 (`log`
+    None elsewhere), append the window's row (mean loss, lr, pre-clip gradient norm, tokens/s)
+    to train_log.jsonl and start a new window. Returns the window."""
+    win = {**win, "loss": win["loss"] + loss, "steps": win["steps"] + 1,
+           "tokens": win["tokens"] + tokens}
+    bar.update(1)
+    if not write or log is None:
+        return win
+    row = {"step": step, "epoch": round(step / per_epoch, 4), "loss": win["loss"] / win["steps"],
+           "lr": lr, "grad_norm": norm,
+           "tokens_per_s": round(win["tokens"] / (time.perf_counter() - win["t0"]), 1)}
+    log.write(files.dumps(row) + "\n")
+    log.flush()
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+
+
+def accumulate(net, gb, *, enc, examples, args, world, rank, pad_id, device):
+    """Gradients of one optimizer step's global batch `gb`, summed into the parameters' .grad
+    over this process's micro-batches (round-robin). One process runs only real micro-batches.
+    Under DDP every rank must make the same number of passes (the last one reduces the
+    gradients), so a rank with one micro-batch fewer than the others (a short step) adds one
+    zero-weight pass; never more than one. `enc`: encode_all's output for `examples` (each
+    example's "weight" scales its loss). Returns (loss, non-pad tokens) of this process's share."""
     micro = micro_batches(len(gb), args.batch_size, world, rank)
-    cuda = device.type == "cuda"
     step_tokens = target_tokens(enc, gb) if args.loss_reduction == "token" else None
     loss_sum, tokens = torch.zeros((), device=device), 0
     for j, rows in enumerate(micro):
+        # micro-batch: left-padded, logits on target positions only
         idx = [gb[i] for i in rows]
-        b = collate(enc, idx or gb[:1], [weights[k] for k in idx] or [0.0], pad, device)
+        weights = [float(examples[k].get("weight", 1.0)) for k in idx]
+        b = collate(enc, idx or gb[:1], weights or [0.0], pad_id, device)
         # DDP: reduce once per step; FSDP2 (--shard, no no_sync) reduce-scatters every
         # micro-batch, so the accumulated gradients stay sharded
         sync = not hasattr(net, "no_sync") or j == len(micro) - 1
         with contextlib.nullcontext() if sync else net.no_sync():
-            with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            # weighted per-example loss: SPEC 9 #11 (or --loss-reduction token); DDP averages the
+            # gradients over processes, hence the factor `world`
+            with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+                    else contextlib.nullcontext():
                 ce_sum, n_tokens = example_ce(net, b)
-            # SPEC 9 #11 (or --loss-reduction token); DDP averages the gradients over processes,
-            # hence the factor `world`
             loss = weighted_loss(ce_sum, n_tokens, b["weight"], args.loss_reduction, len(gb),
                                  step_tokens) * world
+            # backward: gradients add up over the micro-batches of the step
             loss.backward()
         loss_sum += loss.detach() / world
         tokens += b["tokens"] if idx else 0
-    for g in opt.param_groups:
-        g["lr"] = lr
-    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm or math.inf)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss_sum), tokens, float(norm)
+    return float(loss_sum), tokens
+
+
+def adamw(model, args):
+    """The trainable weights ({key: parameter}, trainable) and SPEC 6 AdamW over them (fused:
+    one kernel per step)."""
+    params = trainable(model, args.full)
+    return params, torch.optim.AdamW(list(params.values()), lr=args.lr, eps=args.adam_eps,
+                                     betas=(args.adam_beta1, args.adam_beta2),
+                                     weight_decay=args.weight_decay, fused=True)
+
+
+def sizes(n, args, world):
+    """SPEC 6: (accumulation, effective batch G = batch x accumulation x processes, optimizer
+    steps per epoch, all steps) for n examples."""
+    accum = args.grad_accum or max(1, EFFECTIVE_BATCH // (args.batch_size * world))
+    G = args.batch_size * accum * world
+    return accum, G, math.ceil(n / G), math.ceil(n / G) * args.epochs
+
+
+def ddp(model, device):
+    """The model under DistributedDataParallel (one full copy per process)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def announce(model, tok, params, args, *, rank, device, world, units, accum, total, n_cut, n):
+    """Say out loud what runs where (rank 0): device and dtype, processes, LoRA or full, the
+    effective batch and schedule, the prompt rendering, and how many prompts were cut."""
+    if rank != 0:
+        return
+    what = "full fine-tuning" if args.full else (f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
+                                                 f" on {len(lora.lora_modules(model))} layers")
+    how = f"FSDP2 fully_shard, {units} layer units + root" if args.shard else "DDP"
+    ddp = f" ({how}, {torch.distributed.get_backend()})" if world > 1 else ""
+    print(f"[finetune] device {device}, weights {next(iter(params.values())).dtype}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32, no autocast'}, {world} "
+          f"process(es){ddp}; {what}, {sum(p.numel() for p in params.values()):,} trainable "
+          "parameters", file=sys.stderr)
+    B, G = args.batch_size, args.batch_size * accum * world
+    print(f"[finetune] effective batch {G} = {B} per device x {accum} accumulation x {world} "
+          f"process(es); {total} optimizer steps ({total // args.epochs} per epoch x "
+          f"{args.epochs}), {args.schedule} schedule; prompts: "
+          f"{models.format_note(tok, args.format)}", file=sys.stderr)
+    if n_cut:
+        print(f"[finetune] {n_cut} of {n} examples exceed --max-len {args.max_len}: "
+              "prompt cut from the left", file=sys.stderr)
+
+
+def finish(out_dir, state, log, *, args, rank, world, key, n, n_cut, G, steps, timing):
+    """After the loop. Stopped early (steps = (stop, total), stop < total): close the log, the
+    checkpoint stays for the rerun. Complete: config and log first, then the weights and trainer
+    state (state(total), written last, it marks completion); then the checkpoints go.
+    `timing`: (tokens, loop s, loop CPU s), the done line of the train log (bench/finetune.py)."""
+    (stop, total), (n_tok, loop_s, loop_cpu) = steps, timing
+    if stop < total:
+        if rank == 0:
+            log.close()
+            print(f"[finetune] stopped after step {stop} of {total} (--stop-after-steps); "
+                  "rerun to resume", file=sys.stderr)
+        return
+    if rank == 0:
+        files.write_config(out_dir.rstrip("/"), args, run_key=key, examples=n, cut=n_cut,
+                           effective_batch=G, steps=total, processes=world)
+        log.write(files.dumps({"done": True, "steps": total, "tokens": n_tok,
+                                "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
+                                "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
+        log.close()
+    save_state(out_dir, rank, *state(total))   # rank 0 writes; --shard gathers the weights first
+    if rank == 0:
+        remove_checkpoints(out_dir)
+        print(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)",
+              file=sys.stderr)
+    runs.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
 def train(args, examples, out_dir):
-    """Fine-tune args.model on `examples` (dicts of the training-example contract); write the final
-    adapter (or model, --full) and trainer state to out_dir; resume from out_dir/checkpoint."""
-    for n, e in enumerate(examples):
-        err = files.check_example(e)
-        if err:
-            raise files.InputError(f"training example {n} ({e.get('id')!r}): {err}")
-    if not examples:
-        raise files.InputError("no training examples")
+    """Fine-tune args.model on `examples` into out_dir: the adapter (or model, --full) and trainer
+    state; a rerun resumes. Plumbing first: run key, finished run, claimed output, then model."""
     rank, world = runs.dist_init()
-    if shard_error(args, world):
-        raise files.InputError(shard_error(args, world))
+    check_inputs(args, examples, world)
     key = run_key(args, examples, world)
-    final = os.path.join(out_dir, lora.TRAINER_STATE)
-    done = (os.path.isfile(final) and not files.safetensors_problem(final)
-            and lora.load_trainer_state(final)[1].get("run_key") == key)
-    problem = done and final_problem(out_dir, args.full)
-    if problem and rank == 0:
-        print(f"[finetune] {out_dir}: finished before, but {problem}; training again",
-              file=sys.stderr)
-    if done and not problem:
-        if rank == 0:   # a kill right after the final save can leave checkpoints behind
-            for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-                shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
-            print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
+    if finished(out_dir, key, args.full, rank):
         return out_dir
-    created = not os.path.exists(out_dir)
-    files.check_output(out_dir, [("--model", args.model), ("--train", getattr(args, "train", None))],
-                       folder=True)                   # fail before loading anything
-    try:
+    with claimed(out_dir, [("--model", args.model), ("--train", getattr(args, "train", None))],
+                 rank):
         model, tok = build_model(args)
         enc, n_cut = encode_all(tok, examples, args.max_len, args.format)
-    except files.InputError:
-        if created and rank == 0 and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        raise
     device = next(model.parameters()).device
     units = shard_model(model, device) if args.shard else 0   # before the optimizer sees them
-    B = args.batch_size
-    accum = args.grad_accum or max(1, EFFECTIVE_BATCH // (B * world))
-    G = B * accum * world                                  # examples per optimizer step
-    per_epoch = math.ceil(len(enc) / G)
-    total = per_epoch * args.epochs
-    weights = [float(e.get("weight", 1.0)) for e in examples]
-    lengths = [len(x) for x, _ in enc]
-    params = trainable(model, args.full)
-    opt = torch.optim.AdamW(list(params.values()), lr=args.lr, eps=args.adam_eps,
-                            betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.weight_decay, fused=True)   # one kernel per step
-    if rank == 0:   # say out loud what runs where
-        what = "full fine-tuning" if args.full else (f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
-                                                     f" on {len(lora.lora_modules(model))} layers")
-        how = f"FSDP2 fully_shard, {units} layer units + root" if args.shard else "DDP"
-        ddp = f" ({how}, {torch.distributed.get_backend()})" if world > 1 else ""
-        print(f"[finetune] device {device}, weights {next(iter(params.values())).dtype}, "
-              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32, no autocast'}, {world} "
-              f"process(es){ddp}; {what}, {sum(p.numel() for p in params.values()):,} trainable "
-              "parameters", file=sys.stderr)
-        print(f"[finetune] effective batch {G} = {B} per device x {accum} accumulation x {world} "
-              f"process(es); {total} optimizer steps ({per_epoch} per epoch x {args.epochs}), "
-              f"{args.schedule} schedule; prompts: {models.format_note(tok, args.format)}",
-              file=sys.stderr)
-        if n_cut:
-            print(f"[finetune] {n_cut} of {len(enc)} examples exceed --max-len {args.max_len}: "
-                  "prompt cut from the left", file=sys.stderr)
-    start, orders = resume(out_dir, key, args, model, opt, params, rank, world)
-    if start == 0:
-        torch.manual_seed(files.stable_hash(args.seed, "dropout", rank))
-    net = model
-    if world > 1 and not args.shard:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    accum, G, per_epoch, total = sizes(len(enc), args, world)
+    params, opt = adamw(model, args)
+    announce(model, tok, params, args, rank=rank, device=device, world=world, units=units,
+             accum=accum, total=total, n_cut=n_cut, n=len(enc))
+    start, orders = resume(out_dir, key, args, model, opt, params, rank=rank, world=world)
+    net = ddp(model, device) if world > 1 and not args.shard else model
 
     def order(epoch):   # SPEC 9 #11 length-grouped order; the checkpoint's own for its epoch
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = epoch_order(lengths, G, args.seed, epoch, not args.no_group_by_length)
+            orders[epoch] = epoch_order([len(x) for x, _ in enc], G, args.seed, epoch,
+                                        not args.no_group_by_length)
         return orders[epoch]
 
     def state(step):    # what save_state writes
@@ -476,70 +536,40 @@ def train(args, examples, out_dir):
         meta = {"run_key": key, "mode": "full" if args.full else "lora",
                 "total_steps": str(total), "complete": "1" if step == total else "0"}
         return model, tok, opt, params, args, step, extra, meta
-
     log = open_log(out_dir, start) if rank == 0 else None
-    bar = runs.progress(total=total, desc="finetune")
-    bar.update(start)
     stop = min(total, start + args.stop_after_steps) if args.stop_after_steps else total
-    win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}   # log window
-    loop_s, loop_cpu, n_tok = 0.0, 0.0, 0   # wall and CPU seconds of the loop (bench/finetune.py)
-    with torch.enable_grad(), bar:   # Ctrl-C: the bar closes before cli's one-line message
+    win, n_tok = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}, 0
+    t0, c0 = time.perf_counter(), time.process_time()   # the loop's wall and CPU seconds
+    with torch.enable_grad(), runs.progress(total=total, desc="finetune") as bar:
+        bar.update(start)     # Ctrl-C: the bar closes before cli's one-line message
         for step in range(start, stop):
-            t0, c0 = time.perf_counter(), time.process_time()
             epoch, i = divmod(step, per_epoch)
+            gb = order(epoch)[i * G:(i + 1) * G]          # this step's global batch
+            # 1. learning rate: xtuner warm-up, then cosine (SPEC 6) or linear (SPEC 5.3) decay
             lr = lr_at(step, total, args.lr, args.warmup_ratio, args.warmup_start, args.schedule)
-            loss, tokens, norm = train_step(net, opt, params, enc, weights,
-                                            order(epoch)[i * G:(i + 1) * G], lr, args,
-                                            world, rank, tok.pad_token_id, device)
-            if world > 1:   # the step's loss and tokens over all processes
-                s = torch.tensor([loss, tokens], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(s)
-                loss, tokens = float(s[0]), int(s[1])
-            if not (math.isfinite(loss) and math.isfinite(norm)):   # before it reaches a file
-                where = getattr(args, "train", None) or out_dir
-                raise files.InputError(f"{where}: step {step + 1}: loss {loss}, gradient norm "
-                                       f"{norm} (not finite); stopped, no checkpoint of this "
-                                       "step (check the weights and --lr)")
-            loop_s += time.perf_counter() - t0
-            loop_cpu += time.process_time() - c0
-            n_tok += tokens
-            win = {**win, "loss": win["loss"] + loss, "steps": win["steps"] + 1,
-                   "tokens": win["tokens"] + tokens}
-            bar.update(1)
-            done = step + 1
-            if rank == 0 and (done % args.log_steps == 0 or done == stop):
-                row = {"step": done, "epoch": round(done / per_epoch, 4),
-                       "loss": win["loss"] / win["steps"], "lr": lr, "grad_norm": norm,
-                       "tokens_per_s": round(win["tokens"] / (time.perf_counter() - win["t0"]), 1)}
-                log.write(files.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                win = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+            # 2-4. micro-batches -> weighted per-example loss (SPEC 9 #11) -> backward
+            loss, tokens = accumulate(net, gb, enc=enc, examples=examples, args=args, world=world,
+                                      rank=rank, pad_id=tok.pad_token_id, device=device)
+            # 5. clip the global gradient norm (SPEC 6: 1.0; 0: off)
+            norm = float(clip_grad_norm_(list(params.values()), args.max_grad_norm or math.inf))
+            # 6. AdamW step at this step's learning rate
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # 7. log: the step's loss and tokens over all processes, a row every --log-steps
+            loss, tokens = step_totals(loss, tokens, world, device)
+            check_finite(loss, norm, step + 1, getattr(args, "train", None) or out_dir)
+            n_tok, done = n_tok + tokens, step + 1
+            win = log_step(log, bar, win, loss=loss, tokens=tokens, lr=lr, norm=norm, step=done,
+                           per_epoch=per_epoch, write=done % args.log_steps == 0 or done == stop)
+            # 8. checkpoint every --save-steps, and where --stop-after-steps stops
             if done < total and (done == stop or (args.save_steps and done % args.save_steps == 0)):
                 write_checkpoint(out_dir, rank, *state(done))   # rank 0; --shard: every rank
                 runs.barrier()
-    bar.close()
-    if stop < total:
-        if rank == 0:
-            log.close()
-            print(f"[finetune] stopped after step {stop} of {total} (--stop-after-steps); "
-                  "rerun to resume", file=sys.stderr)
-        return out_dir
-    st = state(total)
-    if rank == 0:   # config and log first: the trainer state written last marks completion
-        files.write_config(out_dir.rstrip("/"), args, run_key=key, examples=len(enc),
-                           cut=n_cut, effective_batch=G, steps=total, processes=world)
-        log.write(files.dumps({"done": True, "steps": total, "tokens": n_tok,
-                                "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
-                                "tokens_per_s": round(n_tok / max(loop_s, 1e-9), 1)}) + "\n")
-        log.close()
-    save_state(out_dir, rank, *st)   # rank 0 writes; --shard gathers the weights to it first
-    if rank == 0:
-        for d in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
-            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
-        print(f"[finetune] wrote {out_dir} ({n_tok / max(loop_s, 1e-9):,.0f} tokens/s)",
-              file=sys.stderr)
-    runs.barrier()
+    timing = (n_tok, time.perf_counter() - t0, time.process_time() - c0)
+    finish(out_dir, state, log, args=args, rank=rank, world=world, key=key, n=len(enc),
+           n_cut=n_cut, G=G, steps=(stop, total), timing=timing)
     return out_dir
 
 
@@ -554,6 +584,7 @@ def main(argv=None):
     if train_args_error(args):
         ap.error(train_args_error(args))
     examples = files.read_jsonl(args.train, check=files.check_example)
+    # SPEC 6 / SPEC 9 #11: weighted supervised fine-tuning of one method's training set
     files.check_trainable(args.train, examples)
     train(args, examples, args.out)
 

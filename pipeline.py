@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 
+from kernels.base import InputError
 from rait import files
 from rait import runs
 from construct import METHODS, PAPER_METHODS
@@ -127,7 +128,7 @@ def task_inputs(a, root, task):
     missing = [f for f in paths if not os.path.isfile(f) and "shots" not in f]
     if missing:
         how = "data.py geo" if a.data == "geo" else "data.py <benchmark>"
-        raise files.InputError(f"{missing[0]}: missing; convert the benchmarks first (make data "
+        raise InputError(f"{missing[0]}: missing; convert the benchmarks first (make data "
                                f"DATA={a.data}, or {how} --out {a.data_dir}; see data.py --help)")
     if a.limit:
         paths = [limited(f, a.limit, os.path.join(root, task, "items"))
@@ -179,10 +180,9 @@ def prepare(a, root, task, seed, paths):
     args = ["--model", model, "--items", pool, "--state", state, "--out", f"{R}/rehearsal",
             "--mcqa-reader", reader, "--seed", str(seed),
             "--size", str(min(1000, max(32, round(REHEARSAL_SHARE * n_pool))))]
-    train_args = shlex.join(WORLD_RECIPE["rehearse"][task]) if world else ""
-    train_args = " ".join(x for x in (train_args, a.rehearse_args) if x)
-    if train_args:
-        args += ["--train-args", train_args]
+    train_flags = (WORLD_RECIPE["rehearse"][task] if world else []) + shlex.split(a.rehearse_args)
+    if train_flags:   # finetune.py's flags after `--`, each quoted once
+        args += ["--", *train_flags]
     stages.append((f"{tag} rehearse", runs.stage_command("rehearse.py", args),
                    f"{R}/rehearsal/flow.jsonl", [model, pool, state]))
     if world:   # flow reliability (issue 26): the same rehearsal with another seed
@@ -425,7 +425,7 @@ def main():
     p.add_argument("--stage-args", "--finetune-args", default="",
                    help="extra finetune.py flags for the method runs, e.g. --epochs 2")
     p.add_argument("--rehearse-args", default="",
-                   help="extra finetune.py flags for the rehearsal run (rehearse.py --train-args, "
+                   help="extra finetune.py flags for the rehearsal run (after rehearse.py's `--`, "
                         "after the world's recipe); a single flag as --rehearse-args=--full")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags (e.g. --max-new-tokens 8)")
     p.add_argument("--jobs", type=int, help="stages run at once, each a process with one torch "
@@ -435,7 +435,7 @@ def main():
     if a.limit < 0:
         p.error(f"--limit must be >= 0 (0 = all items), got {a.limit}")
     if a.model == "world" and a.data != "world":
-        raise files.InputError(f"--data {a.data} needs --model (a chat model hub id or folder)")
+        raise InputError(f"--data {a.data} needs --model (a chat model hub id or folder)")
     if a.methods is None:
         a.methods = list(PAPER_METHODS) + (["oracle"] if a.model == "world" else [])
     known = (*METHODS, *GRAIT_ROWS, *TOKEN_ROWS)
@@ -448,11 +448,11 @@ def main():
     if a.jobs is None:
         a.jobs = (os.cpu_count() or 1) if a.model == "world" else 1
     if a.jobs < 1:
-        raise files.InputError(f"--jobs {a.jobs}: must be at least 1")
+        raise InputError(f"--jobs {a.jobs}: must be at least 1")
     if a.worlds is None:
         a.worlds = [0]
     elif a.model != "world":
-        raise files.InputError("--worlds applies to the embedded world only (--model world)")
+        raise InputError("--worlds applies to the embedded world only (--model world)")
     t_start, times = time.time(), []
     roots = ([world_dir(a.out, w) for w in a.worlds] if a.model == "world"
              else [os.path.join(a.out, slug(a.model, a.data))])

@@ -21,16 +21,16 @@ each, so an interrupted run resumes and sharding does not change the result (for
 carry meta.exposure (the world), end the log.
 """
 import argparse
-import json
 import math
 import sys
 
 import torch
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
-from rait.files import InputError, LETTERS
+from rait.files import LETTERS
 from kernels.embed import DEFAULT_EMBEDDER, Embedder
 from kernels.lm import continuation_logliks, last_logprobs, sample
 
@@ -199,9 +199,9 @@ def read_samples(model, tok, embedder, items, shots_for, args, seed):
     models.check_context(model, prompts, items)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     mark = HINT_CUT.lower()
-    toks = sample(model, prompts, args.n_samples, gen, tok.pad_token_id, stop_token_ids(model, tok),
-                  args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                  done_fn=lambda t: mark in tok.decode(t, skip_special_tokens=True).lower())
+    toks = sample(model, prompts, args.n_samples, gen, pad_id=tok.pad_token_id,
+                  stop_ids=stop_token_ids(model, tok), max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, done_fn=lambda t: mark in tok.decode(t, skip_special_tokens=True).lower())
     texts = [cut_at_hint(tok.decode(t, skip_special_tokens=True)) for t in toks]
     uniq = sorted(set(texts), key=lambda x: (len(x), x))          # less padding per batch
     emb = dict(zip(uniq, embedder.encode(uniq)))
@@ -349,6 +349,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, _ = runs.dist_init()
     log = (lambda *a: print("[probe]", *a, file=sys.stderr)) if rank == 0 else (lambda *a: None)
+    # plumbing: the items, the few-shot pool, the output claimed, the model
     items = load_items(args.items, args.task)
     if args.task == "mcqa" and args.mcqa_reader == "option" and (args.shots or args.n_shots):
         raise InputError("--mcqa-reader option is 0-shot (SPEC 10): drop --shots/--n-shots")
@@ -364,19 +365,20 @@ def main(argv=None):
     shot_src = args.shots or ("SPEC 2.2 TriviaQA shots" if reader == "sample" else "none")
     log(f"model {args.model} on {model.device} ({model.dtype}), reader {reader}, "
         f"{args.n_shots} shots from {shot_src}")
-    if reader == "letter":
+    # CRaFT's knowledge-state query (SPEC 2): the reader of each item's mu and sigma
+    if reader == "letter":    # SPEC 2.1: letter probabilities after k shots -> mu, sigma
         letters = letter_token_ids(tok, max(len(it["choices"]) for it in items))
         extra["letter_token_ids"] = letters[1]
         log(f"raw LM prompt, {'BOS' if models.raw_prompt_bos(tok) else 'no BOS'}, no chat template "
             f"(SPEC 2.1); letter tokens "
             f"{tok.convert_ids_to_tokens(letters[1])} after {letters[0] or 'Answer:'}")
         fn = lambda b, s: read_letters(model, tok, b, shots_for, letters, args.certainty)  # noqa
-    elif reader == "option":
+    elif reader == "option":  # SPEC 10: option log-likelihoods (the world's MCQA)
         log(f"option log-likelihoods after the 0-shot "
             f"{'BASIC prompt' if args.option_context == 'prompt' else 'question alone'}, "
             f"{'chat template' if models.has_chat_template(tok) else 'plain prompt'} (SPEC 10)")
         fn = lambda b, s: read_options(model, tok, b, args.certainty, args.option_context)  # noqa
-    else:
+    else:                     # SPEC 2.2: N samples -> mu = share correct, sigma = agreement
         try:
             embedder = Embedder(args.embedder, device=model.device)
         except (OSError, ValueError) as e:
@@ -388,16 +390,13 @@ def main(argv=None):
             f"N={args.n_samples} T={args.temperature} top_p={args.top_p} top_k={args.top_k} "
             f"max_new_tokens={args.max_new_tokens}; embedder {args.embedder} "
             f"(mean pooling, L2, transformers AutoModel)")
-        fn = lambda b, s: read_samples(model, tok, embedder, b, shots_for, args, s)  # noqa
-    # resume key: the arguments and the contents of every input (issue 17: an item fixed after a
-    # kill, or a retrained adapter, must not keep its old answers)
-    key = {"args": str(files.stable_hash(json.dumps({k: v for k, v in vars(args).items()
-                                                     if k != "out"}, sort_keys=True),
-                                         *[it["id"] for it in items],
-                                         *[s.get("id", "") for s in pool])),
-           **{name: files.digest(path) for name, path in (
-               ("items", args.items), ("shots", args.shots), ("model", args.model),
-               ("adapter", args.adapter), ("embedder", args.embedder))}}
+        fn = lambda b, s: read_samples(model, tok, embedder, b, shots_for, args=args, seed=s)  # noqa
+    # plumbing: the resume key (the arguments, the item and shot ids, the contents of every
+    # input), fixed seeded batches that resume after a kill, the config and the report
+    key = runs.resume_key(args, exclude=("out",), extra=[it["id"] for it in items] +
+                          [s.get("id", "") for s in pool], inputs=(
+                              ("items", args.items), ("shots", args.shots), ("model", args.model),
+                              ("adapter", args.adapter), ("embedder", args.embedder)))
     rows = runs.resumable_batches(items, fn, args.out, args.batch_size, f"probe {reader}",
                                   seed=args.seed, key=key, source=args.items)
     if rank == 0:

@@ -7,13 +7,13 @@ SFT: labelling them IdK creates a dynamic conflict, so CRaFT drops them (constru
 rehearsal adapter keeps its Adam moments: GRAIT reuses it as its warm-up (SPEC 9 #10).
 
     python rehearse.py --model runs/world/model --items pool.jsonl --state probe_init.jsonl \\
-        --out runs/world/mcqa/rehearsal --train-args "--batch-size 16 --lr 1e-3 --lora-r 16"
+        --out runs/world/mcqa/rehearsal -- --batch-size 16 --lr 1e-3 --lora-r 16
     python rehearse.py ... --launcher "torchrun --standalone --nproc_per_node 2"   # DDP training
                                                                     # and a sharded re-probe
 
 Steps 2 and 3 run the other stages as the commands a user would type (printed first): the
 training is `finetune.py --model M --train <out>/train.jsonl --out <out>/adapter --warmup-ratio 0
---seed S <--train-args>` and the re-probe is `probe.py <the initial probe's recorded arguments,
+--seed S <the flags after -->` and the re-probe is `probe.py <the initial probe's recorded arguments,
 adapter and output swapped>`. rehearse.py itself is one process; `--launcher` goes in front of
 both commands, so they scale out. A rerun resumes: finetune.py continues from its checkpoint (or
 says it is already trained) and probe.py from its finished batches.
@@ -25,7 +25,7 @@ knowledge state), flow.jsonl (id, mu0, mu1, flow, sigma0, sigma1) and flow_summa
 
 Where we differ from the released code (SPEC 3, 6, 9):
 - both tasks rehearse with LoRA (the SPEC 9 #12 recipe with no warm-up), so the adapter can serve
-  as GRAIT's warm-up; `--train-args "--full --lr 2e-6"` reproduces the released OEQA full
+  as GRAIT's warm-up; `-- --full --lr 2e-6` reproduces the released OEQA full
   fine-tuning;
 - OEQA flow is the mean over each question's own samples (the released index bug, SPEC 3, is not
   reproduced); the target is the gold answer (`--rehearsal-target modal`: the model's most frequent
@@ -41,6 +41,7 @@ import random
 import shlex
 import sys
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
@@ -153,7 +154,7 @@ def probe_argv(state_path, model, items, adapter, out):
     are left out."""
     cfg_path = f"{state_path}.config.json"
     if not os.path.isfile(cfg_path):
-        raise files.InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
+        raise InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
                                 "arguments, recorded there by probe.py")
     args = dict(recorded_args(cfg_path), model=model, items=items, adapter=adapter, out=out)
     argv = []
@@ -170,7 +171,7 @@ def recorded_args(cfg_path):
     """The `args` a stage recorded in its `<out>.config.json` (files.write_config)."""
     cfg = files.read_json(cfg_path, "stage config")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("args"), dict):
-        raise files.InputError(f"{cfg_path}: no 'args' object (not written by probe.py?)")
+        raise InputError(f"{cfg_path}: no 'args' object (not written by probe.py?)")
     return cfg["args"]
 
 
@@ -183,7 +184,7 @@ def check_same_query(state0, state1):
     a0, a1 = query(state0), query(state1)
     diff = sorted(k for k in set(a0) | set(a1) if a0.get(k) != a1.get(k))
     if diff:
-        raise files.InputError(
+        raise InputError(
             f"{state1}: the re-probe did not repeat the initial query ({state0}): " +
             ", ".join(f"{k} {a0.get(k)!r} -> {a1.get(k)!r}" for k in diff))
 
@@ -207,11 +208,6 @@ def parse_args(argv=None):
                    help="OEQA target: the gold answer (what ran) or the modal correct sample")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the rehearsal draw, passed on to finetune.py --seed")
-    p.add_argument("--train-args", default="",
-                   help="finetune.py flags for the rehearsal run, one string (e.g. \"--lr 1e-3 "
-                        "--epochs 3\"), after rehearse's own `--warmup-ratio 0 --seed S` (SPEC 6: "
-                        "the RAIT recipe with no warm-up), so they may override them; finetune.py "
-                        "checks them")
     p.add_argument("--trust-remote-code", action="store_true",
                    help=models.TRUST_HELP + " (passed to finetune.py; the re-probe repeats the "
                         "initial probe's choice)")
@@ -219,13 +215,19 @@ def parse_args(argv=None):
                    help="command in front of the training and the re-probe, e.g. \"torchrun "
                         "--standalone --nproc_per_node 2\" (default: this Python, one process); "
                         "rehearse.py itself always runs as one process")
-    a = p.parse_args(argv)
+    p.epilog = ("finetune.py flags for the rehearsal run go after `--`, each quoted once (as "
+                "torchrun takes its script's flags): rehearse.py ... -- --lr 1e-3 --epochs 3. They "
+                "follow rehearse's own `--warmup-ratio 0 --seed S` (SPEC 6: the RAIT recipe with no "
+                "warm-up), so they may override them; finetune.py checks them")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    a.train_flags = argv[cut + 1:]                    # finetune.py's flags, as given
     bad = ["--size must be >= 1"] if a.size < 1 else []
-    for flag in ("train_args", "launcher"):
-        try:
-            shlex.split(getattr(a, flag))
-        except ValueError as e:
-            bad.append(f"--{flag.replace('_', '-')}: {e}")
+    try:
+        shlex.split(a.launcher)
+    except ValueError as e:
+        bad.append(f"--launcher: {e}")
     if runs.dist_info()[1] > 1:
         bad.append("run rehearse.py as one process; --launcher scales out its training and "
                    "re-probe")
@@ -242,7 +244,7 @@ def main(argv=None):
     states = {s["id"]: s for s in files.read_jsonl(a.state, check=files.check_state)}
     missing = [i for i in by_id if i not in states]
     if missing or len(states) != len(by_id):
-        raise files.InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
+        raise InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
                                 f"e.g. {(missing or sorted(set(states) - set(by_id)))[0]!r})")
     argv_probe = probe_argv(a.state, a.model, a.items, os.path.join(a.out, "adapter"),
                             os.path.join(a.out, "probe.jsonl"))
@@ -267,7 +269,7 @@ def main(argv=None):
     adapter = os.path.join(a.out, "adapter")
     argv_train = ["--model", a.model, "--train", train, "--out", adapter, "--warmup-ratio", "0",
                   "--seed", str(a.seed)] + (["--trust-remote-code"] if a.trust_remote_code else [])
-    run(runs.stage_command("finetune.py", argv_train + shlex.split(a.train_args), a.launcher))
+    run(runs.stage_command("finetune.py", argv_train + a.train_flags, a.launcher))
     # step 3: the same knowledge query on M~ (probe.py with the adapter; resumes on rerun)
     run(runs.stage_command("probe.py", argv_probe, a.launcher))
     check_same_query(a.state, os.path.join(a.out, "probe.jsonl"))

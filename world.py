@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
@@ -176,7 +177,7 @@ RECIPE = {
     # where it does not, 0.36-0.46 per relation. Pre-training on 4-turn QA text did not help: the
     # model then answered from the shots' famous people ("jeweler", p = 0.98).
     "probe": {"mcqa": [], "oeqa": ["--n-shots", "0"]},
-    # rehearse.py --train-args: brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
+    # rehearse.py's finetune flags (after its `--`): brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
     "rehearse": {task: ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs",
                         "3", "--lora-r", "16"] for task in files.TASKS},
     # construct.py, every method: 160 answers and 40 refusals (the paper's 1:4), so that known
@@ -249,24 +250,24 @@ def parse_args(argv=None):
 def check_settings(a):
     """One-line errors for impossible settings, before any work."""
     if a.values < N_CHOICES:
-        raise files.InputError(f"--values {a.values}: need at least {N_CHOICES} values per "
+        raise InputError(f"--values {a.values}: need at least {N_CHOICES} values per "
                                 f"relation to build {N_CHOICES}-choice questions")
     if not 0 < a.test_frac < 1 or not 0 <= a.qa_share or not 0 <= a.everyday_share or \
             a.qa_share + a.everyday_share >= 1:
-        raise files.InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
+        raise InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
                                 "be >= 0 with a sum below 1")
     if a.threads < 1:
-        raise files.InputError(f"--threads {a.threads}: need at least 1")
+        raise InputError(f"--threads {a.threads}: need at least 1")
     if not 0 <= a.latent <= 1 or not 0 <= a.qa_mentions <= 1 or a.twins < 0:
-        raise files.InputError("--latent and --qa-mentions must lie in [0, 1], --twins be >= 0")
+        raise InputError("--latent and --qa-mentions must lie in [0, 1], --twins be >= 0")
     if a.people < 4 or a.famous < 3:
-        raise files.InputError("need at least 4 --people and 3 --famous (the 3 KQ shots)")
+        raise InputError("need at least 4 --people and 3 --famous (the 3 KQ shots)")
     if a.hidden % a.heads:
-        raise files.InputError(f"--hidden {a.hidden} is not divisible by --heads {a.heads}")
+        raise InputError(f"--hidden {a.hidden} is not divisible by --heads {a.heads}")
     if a.pop_lo > a.pop_hi:
-        raise files.InputError("--pop-lo must not exceed --pop-hi")
+        raise InputError("--pop-lo must not exceed --pop-hi")
     if runs.flag_errors(a):
-        raise files.InputError("; ".join(runs.flag_errors(a)))
+        raise InputError("; ".join(runs.flag_errors(a)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def check_premises(tok, docs, items, seq_len):
             counts[w] = counts.get(w, 0) + 1
     rare = [w for w in prompt_words() if counts.get(w, 0) < MIN_WORD_USES]
     if rare:
-        raise files.InputError(
+        raise InputError(
             f"world corpus: {len(rare)} word(s) of the prompts or refusals occur fewer than "
             f"{MIN_WORD_USES} times in pre-training ({', '.join(map(repr, rare[:8]))}); their "
             "embeddings would stay untrained: add them to EVERYDAY or raise --everyday-share")
@@ -495,7 +496,7 @@ def check_premises(tok, docs, items, seq_len):
     longest = max(len(models.encode(tok, models.render(tok, p))) for p in prompts)
     answer = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in targets) + 1
     if longest + answer > seq_len:
-        raise files.InputError(
+        raise InputError(
             f"--seq-len {seq_len}: the longest prompt is {longest} tokens and the longest answer "
             f"{answer} with EOS; pre-training windows must cover both (use --seq-len "
             f"{longest + answer} or more)")
@@ -540,13 +541,13 @@ def shipped_model(a, tok, key):
     path, (sha, _) = os.path.join(SHIPPED_DIR, f"{h}.safetensors"), SHIPPED[h]
     got = files.sha256_of(path) if os.path.isfile(path) else "missing"
     if got != sha:
-        raise files.InputError(f"{path}: sha256 {got[:16]}... is not the shipped {sha[:16]}...: "
+        raise InputError(f"{path}: sha256 {got[:16]}... is not the shipped {sha[:16]}...: "
                                "restore it (git checkout worlds/) or pre-train with --rebuild")
     from safetensors.torch import load_file
     model = new_model(a, tok)
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:         # lm_head is tied to the embedding
-        raise files.InputError(f"{path}: does not fit the world's model (missing {missing[:3]}, "
+        raise InputError(f"{path}: does not fit the world's model (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
     print(f"[world] M0 from the shipped weights {os.path.relpath(path)} (sha256 {sha[:16]}...): "
           "no pre-training (--rebuild to pre-train here)", file=sys.stderr)

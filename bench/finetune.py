@@ -5,7 +5,7 @@ dropout 0.1 on all linear layers (SPEC 9 #12). Each side runs in its own fresh p
 memory is its own), first a short warm-up run, then the timed run; sides alternate --repeats times
 and the best run of each is reported. Trainer runs twice: with its default random sampler and with
 group_by_length (finetune.py always groups by length, SPEC 9 #11). Target (DESIGN budgets):
-finetune.py >= 1.2x the tokens/s of peft + Trainer. Not run by the tests.
+finetune.py >= 1.2x the tokens/s of peft + Trainer. The tests run it with --tiny (one step).
 
     .venv/bin/python bench/finetune.py                        # a tiny Llama (hidden 128, 4 layers)
     .venv/bin/python bench/finetune.py --model runs/world/model \
@@ -37,14 +37,17 @@ WORDS = ("river mountain violin teacher winter orange city doctor green piano su
          "london paris blue dog cat red history chemistry law market bridge").split()
 
 
-def make_model(folder):
-    """A small Llama (hidden 128, 4 layers, 4 heads, intermediate 512: the world model's shape)
-    with the MiniLM tokenizer and a Llama-2 chat template, as in the tests."""
+def make_model(folder, tiny=False):
+    """A small Llama (hidden 128, 4 layers, 4 heads, intermediate 512: the world model's shape;
+    --tiny: hidden 32, 2 layers, the tests' size) with the MiniLM tokenizer and a Llama-2 chat
+    template, as in the tests."""
     from conftest import EMBEDDER, LLAMA2_TEMPLATE, make_tiny_llama
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(EMBEDDER)
     tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
     tok.chat_template = LLAMA2_TEMPLATE
+    if tiny:
+        return make_tiny_llama(folder, tok)
     return make_tiny_llama(folder, tok, hidden=128, layers=4, heads=4, inter=512)
 
 
@@ -73,6 +76,7 @@ def peak_memory_mb():
 
 def run_ours(a, examples, work):
     import finetune
+    from rait import checkpoint
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     finetune.add_train_args(ap)
@@ -82,7 +86,7 @@ def run_ours(a, examples, work):
                               str(a.grad_accum), "--epochs", "1", "--lr", str(a.lr),
                               "--save-steps", "0"])
         finetune.train(args, exs, out)
-        with open(os.path.join(out, finetune.LOG)) as f:
+        with open(os.path.join(out, checkpoint.LOG)) as f:   # the done line: tokens, loop time
             return [json.loads(line) for line in f][-1]
 
     once(examples[:a.warmup_steps * a.batch_size * a.grad_accum], os.path.join(work, "warm"))
@@ -166,13 +170,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="seed for the synthetic examples")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS); "
                     "1 on a shared machine, where OpenMP spin-waits make 2 threads ~20x slower")
+    ap.add_argument("--tiny", action="store_true", help="the tests' 2-layer model (hidden 32): "
+                    "the code path only, in seconds (tests/test_bench_tiny.py)")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
         return child(a)
     with tempfile.TemporaryDirectory() as tmp:
         if a.model is None:
-            a.model = make_model(os.path.join(tmp, "model"))
+            a.model = make_model(os.path.join(tmp, "model"), a.tiny)
         best = {}
         for rep in range(a.repeats):
             for side in SIDES:

@@ -1,5 +1,5 @@
 """bench/geo_curve.py: which GeoNames relations give a graded knowledge curve on a real chat model
-(issue 16). Not run by the tests.
+(issue 16). The tests run it on 2 facts per relation (tests/test_bench_tiny.py).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/geo_curve.py --out runs/geo_curve.jsonl  # ~15 min
     OMP_NUM_THREADS=1 .venv/bin/python bench/geo_curve.py --per-relation 50 --option-context

@@ -14,7 +14,7 @@ tokens are the target (MCQA letter / "I don't know." + EOS). In one process it m
   sampling   kernels/lm.sample: --n-samples samples of --max-new-tokens tokens per prompt,
              top-k 50 / top-p 0.9 / temperature 1 (probe.py's defaults); counts sampled tokens
   finetune   finetune.py's own code: build_model (LoRA r 64 / alpha 16 / dropout 0.1 on all
-             linear layers, SPEC 6; fp32 LoRA, bf16 autocast on CUDA) and train_step on
+             linear layers, SPEC 6; fp32 LoRA, bf16 autocast on CUDA) and its loop's step on
              length-grouped batches (epoch_order), tokens/s of --steps timed steps after
              --warmup-steps untimed ones
   per-sample kernels/persample on the trained adapter, as construct.py runs it (LoRA in the
@@ -210,7 +210,8 @@ def train_args(a):
 
 
 def bench_finetune(a, base, enc, order, device, state):
-    """finetune.py's build_model (the in-memory model in place of loading one) and train_step."""
+    """finetune.py's build_model (the in-memory model in place of loading one) and its loop's
+    step: accumulate (micro-batches, weighted loss, backward), clip, AdamW step."""
     targs = train_args(a)
     with mock.patch.object(models, "load_model", lambda *_, **__: (base, None)):
         model, _ = finetune.build_model(targs)
@@ -219,15 +220,20 @@ def bench_finetune(a, base, enc, order, device, state):
                             betas=(targs.adam_beta1, targs.adam_beta2), weight_decay=0.0,
                             fused=True)
     state.update(model=model, opt=opt)
-    weights, B = [1.0] * len(enc), a.batch_size
+    examples, B = [{"weight": 1.0}] * len(enc), a.batch_size   # every weight 1
 
     def steps(n):
         tokens, loss = 0, 0.0
         for s in range(n):
             lr = finetune.lr_at(s, a.steps, targs.lr, targs.warmup_ratio, targs.warmup_start)
-            loss, t, _ = finetune.train_step(model, opt, params, enc, weights,
-                                             order[s * B:(s + 1) * B], lr, targs, 1, 0, PAD,
-                                             device)
+            loss, t = finetune.accumulate(model, order[s * B:(s + 1) * B], enc=enc,
+                                          examples=examples, args=targs, world=1, rank=0,
+                                          pad_id=PAD, device=device)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), targs.max_grad_norm)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             tokens += t
         return tokens, finite("finetune.py loss", loss)
     steps(a.warmup_steps)

@@ -6,7 +6,7 @@ init_basic/pred_pool.jsonl, the judgement of every "M0 knows" share), leaving ev
 as it is. Fine-tune each set with the world's recipe and evaluate it on the ID test. If the
 dose does not move over-refusal (refusals among the test facts Init-Basic answers) or THS, the
 world cannot show what removing static conflicts (CRaFT's certainty ranking) buys, whichever way
-CRaFT then comes out. Not run by the tests.
+CRaFT then comes out. The tests run its dose-0 path on a hand-made run (no training).
 
     make all WORLDS="0 1 2"                                   # the runs it reads
     .venv/bin/python bench/sensitivity.py --worlds 0 1 2    # 4.5 min on 2 cores, 2 jobs
@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from kernels.base import InputError
 from rait import files, models, runs  # noqa: E402
 import pipeline  # noqa: E402
 from world import RECIPE  # noqa: E402
@@ -40,7 +41,7 @@ def dosed(examples, known_items, dose, rng, task):
     used = {e["id"] for e in examples}
     fresh = [it for it in known_items if it["id"] not in used]
     if k > len(fresh):
-        raise files.InputError(f"dose {dose}%: {k} known facts needed, {len(fresh)} outside the set")
+        raise InputError(f"dose {dose}%: {k} known facts needed, {len(fresh)} outside the set")
     out = [dict(e) for e in examples]
     for i, it in zip(sorted(rng.sample(idk, k)), rng.sample(fresh, k)):
         out[i].update(id=it["id"], prompt=models.user_prompt(it, "refuse"),
@@ -81,7 +82,7 @@ def main():
             known_path = os.path.join(R, pipeline.POOL_KNOWN)
             for f in (cor, known_path):
                 if not os.path.isfile(f):
-                    raise files.InputError(f"{f}: missing; run `make all WORLDS=\"...\"` first")
+                    raise InputError(f"{f}: missing; run `make all WORLDS=\"...\"` first")
             pool = files.read_jsonl(os.path.join(root, task, "train.jsonl"), files.check_item)
             known = {x["id"] for x in files.read_jsonl(known_path, files.check_prediction)
                      if x["label"] == "correct"}
@@ -107,7 +108,8 @@ def main():
                               (f"{tag} evaluate", runs.stage_command("evaluate.py", ev),
                                f"{d}/pred_id.jsonl", [model, test_id, f"{d}/adapter"])])
     times = []
-    pipeline.in_parallel(a.jobs, units, times, one_thread=True)
+    if units:                                   # --doses 0 alone: nothing to train
+        pipeline.in_parallel(a.jobs, units, times, one_thread=True)
     res = {}
     for w, task, dose, R, test_id, d in cells:
         res.setdefault((task, dose), []).append(measure(R, test_id, d))

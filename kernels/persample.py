@@ -27,7 +27,7 @@ on GPU). On a CPU with a large LoRA vector this dominates everything (world mode
 all-linear: D = 754k, about 12 GFLOP per example at 8192 dims); `projection="sketch"` is a
 CountSketch JL alternative at O(D) per example with the same inner-product variance.
 
-Typical use (construct.py::grait_features and construct.py::grait):
+Typical use (construct.py::run_grait and construct.py::grait):
 
     from kernels.persample import example_features, gram_row_sums, gram_column
     moments = kernels.lora.load_adam_moments(warmup)       # {name: (exp_avg, exp_avg_sq)}
@@ -357,19 +357,17 @@ def batch_features(model, input_ids, attention_mask, labels, moments=None, grad_
     index = {n: i for i, n in enumerate(names)}
     state = {"z": None, "parts": {}, "work": None}
 
-    def precondition(name, g):
+    def consume(name, g):   # per_sample_grads hands over each parameter's [B, *shape] gradient
         g = g if g.dtype == torch.float64 else g.float()        # features in fp32 (fp64 in tests)
-        if moments is None:
-            return g.flatten(1)
-        if state["work"] is None or state["work"].numel() < g.numel():   # v', reused
-            state["work"] = torch.empty(g.numel(), dtype=g.dtype, device=g.device)
-        m, v = moments[name]
-        work = state["work"][:g.numel()].view_as(g)
-        out = None if path == "exact" else g                    # u in g's own memory
-        return adam_precondition(g, m.to(g.device), v.to(g.device), out=out, work=work).flatten(1)
-
-    def consume(name, g):
-        u = precondition(name, g)
+        u = g.flatten(1)
+        if moments is not None:                                 # SPEC 5.3 step 4 (LESS)
+            if state["work"] is None or state["work"].numel() < g.numel():   # v', reused
+                state["work"] = torch.empty(g.numel(), dtype=g.dtype, device=g.device)
+            m, v = moments[name]
+            work = state["work"][:g.numel()].view_as(g)
+            out = None if path == "exact" else g                # u in g's own memory
+            u = adam_precondition(g, m.to(g.device), v.to(g.device), out=out,
+                                  work=work).flatten(1)
         if path == "exact":
             state["parts"][name] = u
         else:

@@ -8,6 +8,7 @@ processes (the run key holds it). At 7B a gathered checkpoint would put 7e9 x 12
 (fp32 weights + 2 moments) through rank 0's memory at every save; the shards are 1/N each,
 written at once. torch's own sharded format (DCP) was not used: its .metadata file is a pickle.
 The final --shard model is gathered once into an ordinary safetensors model folder."""
+import contextlib
 import json
 import math
 import os
@@ -16,11 +17,13 @@ import sys
 
 import torch
 
+from kernels.base import InputError
 from rait import files
 from rait.runs import barrier
 from kernels import lora
 
 LOG = "train_log.jsonl"
+CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # write_checkpoint's folders
 FULL_CKPT = "trainable.safetensors"   # --full checkpoints: {parameter name: tensor}
 SHARD_CKPT = "shard.rank{}.safetensors"   # --shard: this rank's {name, exp_avg/name, ...} slices
 
@@ -154,10 +157,16 @@ def digest_problem(folder, args):
     return None
 
 
+def fresh_start(seed, rank):
+    """Nothing to resume: seed this rank's dropout RNG; (0 steps done, no saved data order)."""
+    torch.manual_seed(files.stable_hash(seed, "dropout", rank))
+    return 0, {}
+
+
 def resume(out_dir, key, args, model, opt, params, rank, world):
     """Load the checkpoint's weights, Adam moments and this rank's RNG state when it was made with
-    the same arguments (or with --resume); --shard: this rank's slices. Returns (steps done,
-    {epoch: saved data order})."""
+    the same arguments (or with --resume); --shard: this rank's slices. Without one, a fresh
+    start (fresh_start seeds the dropout RNG). Returns (steps done, {epoch: saved data order})."""
     from safetensors.torch import load_file
     ck = None
     weights_file = weights_name(args)
@@ -174,12 +183,12 @@ def resume(out_dir, key, args, model, opt, params, rank, world):
         print(f"[resume] {d}: damaged ({problem}), not used", file=sys.stderr)
     if ck is None:
         if args.resume:
-            raise files.InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
-        return 0, {}
+            raise InputError(f"{out_dir}/checkpoint: nothing to resume from (--resume)")
+        return fresh_start(args.seed, rank)
     t, meta = lora.load_trainer_state(os.path.join(ck, lora.TRAINER_STATE))
     if meta.get("run_key") != key and not args.resume:
         print(f"[resume] {ck}: made with other arguments, starting over", file=sys.stderr)
-        return 0, {}
+        return fresh_start(args.seed, rank)
     wfile = os.path.join(ck, SHARD_CKPT.format(rank) if args.shard else weights_file)
     weights = load_file(wfile) if os.path.isfile(wfile) else {}
     moments = weights if args.shard else t        # --shard: the moments sit beside the weights
@@ -187,7 +196,7 @@ def resume(out_dir, key, args, model, opt, params, rank, world):
     for i, (k, p) in enumerate(params.items()):
         mine = local(p)
         if k not in weights or weights[k].shape != mine.shape or f"exp_avg/{k}" not in moments:
-            raise files.InputError(f"{wfile}: no tensor {k} of shape {tuple(mine.shape)} "
+            raise InputError(f"{wfile}: no tensor {k} of shape {tuple(mine.shape)} "
                                    "(checkpoint of another model, mode or process count)")
         with torch.no_grad():
             mine.copy_(weights[k])
@@ -202,6 +211,55 @@ def resume(out_dir, key, args, model, opt, params, rank, world):
         print(f"[resume] {ck}: continuing after step {int(t['step'])} of "
               f"{meta.get('total_steps')}", file=sys.stderr)
     return int(t["step"]), {int(t["epoch"]): t["data_order"].tolist()}
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Before the model exists: is the run already done, and may this process write the output?
+def final_problem(out_dir, full):
+    """Why a finished run's final files cannot be used (None if they can): the weights and
+    config a later stage loads are present, the config is JSON, and every safetensors file is
+    whole (header and size; a kill or a full disk can truncate one after the trainer state)."""
+    need = ["config.json"] if full else [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
+    return files.files_problem(out_dir, sorted(set(need) | {
+        n for n in os.listdir(out_dir) if n.endswith(".safetensors")}))
+
+
+def remove_checkpoints(out_dir):
+    """Drop the resumable checkpoints of a finished run (rank 0)."""
+    for d in CHECKPOINTS:
+        shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+
+def finished(out_dir, key, full, rank):
+    """True when out_dir holds a finished run with this run key whose final files are whole;
+    rank 0 then removes checkpoints a kill right after the final save left behind. A finished run
+    with damaged files is trained again, and rank 0 says so."""
+    final = os.path.join(out_dir, lora.TRAINER_STATE)
+    done = (os.path.isfile(final) and not files.safetensors_problem(final)
+            and lora.load_trainer_state(final)[1].get("run_key") == key)
+    problem = done and final_problem(out_dir, full)
+    if problem and rank == 0:
+        print(f"[finetune] {out_dir}: finished before, but {problem}; training again",
+              file=sys.stderr)
+    if done and not problem and rank == 0:
+        remove_checkpoints(out_dir)
+        print(f"[finetune] {out_dir} is already trained with these arguments", file=sys.stderr)
+    return bool(done and not problem)
+
+
+@contextlib.contextmanager
+def claimed(out_dir, inputs, rank):
+    """Claim out_dir before anything loads (files.check_output: not one of `inputs`, writable,
+    locked); a folder this run created is removed again if loading fails with InputError."""
+    created = not os.path.exists(out_dir)
+    files.check_output(out_dir, inputs, folder=True)
+    try:
+        yield
+    except InputError:
+        if created and rank == 0 and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
 
 
 def _log_step(line):

@@ -15,7 +15,8 @@ import sys
 import time
 import unicodedata
 
-from kernels.base import InputError, atomic_write_text, stable_hash  # noqa: F401 (stages use them as files.X)
+from kernels.base import InputError, atomic_write_text, stable_hash  # noqa: F401 (stages use
+# atomic_write_text and stable_hash as files.X; InputError is imported from kernels.base only)
 
 LETTERS = "ABCDEFGHIJ"         # MCQA option letters
 TASKS = ("mcqa", "oeqa")

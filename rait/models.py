@@ -5,7 +5,8 @@ security).
 """
 import os
 
-from rait.files import LETTERS, InputError, answer_form
+from kernels.base import InputError
+from rait.files import LETTERS, answer_form
 
 # ----------------------------------------------------------------------------------------------
 # Prompt and refusal strings, quoted from SPEC 2.3 (exact; do not edit)

@@ -14,7 +14,8 @@ import sys
 import time
 
 from kernels.base import InputError, atomic_write_text, dist_info, progress, stable_hash  # noqa: F401
-from rait.files import dumps, write_jsonl
+# (InputError for cli() only: everyone imports it from kernels.base)
+from rait.files import digest, dumps, write_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # Errors: one line, no traceback, non-zero exit (DESIGN "Readers validate")
@@ -238,6 +239,18 @@ def _read_partial(path, key):
                 continue
             done[o["_batch"]] = o["rows"]
     return done
+
+
+def resume_key(args, exclude=(), inputs=(), extra=()):
+    """The one resume key of the stages that resume (probe, evaluate, finetune): every argument
+    but the named exceptions `exclude` (the output, flags that cannot change the result), values
+    the stage derives from them (`extra`), and the contents of its inputs ((name, path) pairs,
+    files.digest; issue 17: an item fixed after a kill, or a retrained adapter, must not keep
+    its old answers). A partial or finished output made under another key is stale and is
+    computed again (resumable_batches, finetune's run key)."""
+    cfg = {k: v for k, v in vars(args).items() if k not in exclude}
+    return {"args": str(stable_hash(json.dumps(cfg, sort_keys=True), *extra)),
+            **{name: digest(path) for name, path in inputs}}
 
 
 def changed(old, new):

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, ROOT)
+from kernels.base import InputError
 from rait import files, models  # noqa: E402
 import construct as C  # noqa: E402
 
@@ -476,20 +477,43 @@ def hand_features(rows, view):
     return torch.tensor([HAND_Z[view][r["id"]] for r in rows], dtype=torch.float64)
 
 
+def hand_grait(states, n_van, n_idk, features=hand_features, weights="inferred", **kw):
+    """GRAIT as run_grait runs it, with hand features: step 1 (grait_split), step 2a
+    (by_correctness), the three feature matrices, then grait() (steps 2b-3).
+    Returns (van, idk, weights)."""
+    ik_all, idk_all = C.grait_split(states, "mcqa")
+    van = C.by_correctness(ik_all, n_van)
+    z = {"idk": features(idk_all, "idk"), "van": features(van, "van") if van else None,
+         "ik": features(ik_all, "idk") if ik_all else None}
+    return (van, *C.grait(idk_all, van, z, n_idk, params=C.weight_params(weights), **kw))
+
+
+def fake_features(monkeypatch, seen=None):
+    """run_grait with HAND_Z in place of the model's gradients: no model, each view's rows
+    encoded as (id, view), example_features looks them up (and records its keywords)."""
+    from kernels import persample
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    monkeypatch.setattr(C, "load_warmup", lambda *a, **k: (None, tok, None, "sketch"))
+    monkeypatch.setattr(C, "encode_view", lambda rows, view, tok, items, reader, fmt: (
+        (seen if seen is not None else {}).update(fmt=fmt), [(r["id"], view) for r in rows])[1])
+    monkeypatch.setattr(persample, "example_features", lambda model, enc, pad, **k: (
+        torch.tensor([HAND_Z[view][i] for i, view in enc], dtype=torch.float64), "exact"))
+
+
 # delta = mean over ik_all (k1, k2) - mean over idk_all (u1, u2, u3) of <z_i, z_k> (SPEC 5.5)
 HAND_D1, HAND_D3 = 1.0 - (1 + 0 + 0.6) / 3, 0.6 - (0.6 + 0.8 + 1.0) / 3      # u1, u3
 
 
 def test_grait_hand_case():
     """GRAIT end to end on 2-d unit features, by hand (SPEC 5.2-5.5)."""
-    van, idk, w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, T=1.0)
+    van, idk, w = hand_grait(HAND_STATES, 1, 2, T=1.0)
     assert ids(van) == ["k1"], f"D_ik_sel: the known item with the highest mu (k1), got {ids(van)}"
     # s = <z_j, z_van(k1)> = (1, 0, 0.6): u1 first; then s += K_ii[:, u1] = (., 0, 0.6): u3 (1.2)
     assert ids(idk) == ["u1", "u3"], f"greedy IdK picks: u1 then u3, got {ids(idk)}"
     e1, e3 = math.exp(-HAND_D1), math.exp(-HAND_D3)
     want = {"u1": 0.5 * 2 * e1 / (e1 + e3), "u3": 0.5 * 2 * e3 / (e1 + e3)}
     assert w == pytest.approx(want), f"weights {w}, want N/2 * softmax(-delta / T) = {want}"
-    assert C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, weights="uniform")[2] == {
+    assert hand_grait(HAND_STATES, 1, 2, weights="uniform")[2] == {
         "u1": 1.0, "u3": 1.0}
 
 
@@ -518,7 +542,7 @@ def test_grait_composes_its_steps():
         for name, f in (("greedy_select", greedy), ("released_select", released),
                         ("grait_delta", delta), ("grait_weights", weights)):
             m.setattr(C, name, f)
-        van, idk, w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, T=1.0)
+        van, idk, w = hand_grait(HAND_STATES, 1, 2, T=1.0)
         assert (ids(van), ids(idk), w) == (["k1"], ["u3", "u1"], {"u3": 0.7, "u1": 0.3}), (
             "expected van ['k1'] (top mu), idk ['u3', 'u1'] (greedy picks 2, 0), weights "
             f"{{'u3': 0.7, 'u1': 0.3}} (from grait_weights); got {ids(van)}, {ids(idk)}, {w}")
@@ -536,14 +560,13 @@ def test_grait_composes_its_steps():
             "grait_weights(delta, T, sign, scale) with `inferred` = (-1, 0.5): expected "
             f"([0.1, 0.2], 1.0, -1, 0.5), got {got}")
         assert not calls, f"`greedy` must not call released_select: {calls}"
-        van, idk, w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, select="released",
-                              weights="code")
+        van, idk, w = hand_grait(HAND_STATES, 1, 2, select="released", weights="code")
         assert (ids(idk), w) == (["u2"], {"u2": 0.7}), (
             f"select=released: released_select's pick u2 expected, got {ids(idk)}, {w}")
         assert calls["grait_weights"][2:] == (1, 0.5), (
             f"weights=code: sign +1, scale 0.5 expected, got {calls['grait_weights'][2:]}")
         calls.clear()
-        w = C.grait(HAND_STATES, "mcqa", 1, 2, hand_features, weights="uniform")[2]
+        w = hand_grait(HAND_STATES, 1, 2, weights="uniform")[2]
         assert w == {"u3": 1.0, "u1": 1.0} and "grait_delta" not in calls, (
             f"weights=uniform: every weight 1, no delta; got {w}, calls {sorted(calls)}")
 
@@ -557,7 +580,7 @@ def test_grait_released_hand_case():
 
     def features(rows, view):
         return torch.stack([z[view][r["id"]] for r in rows])
-    van, idk, w = C.grait(st, "mcqa", 1, 3, features, select="released")
+    van, idk, w = hand_grait(st, 1, 3, features, select="released")
     assert ids(van) == ["k1"] and ids(idk) == ["u3"], (
         f"released: 3 greedy picks (u1, u4, u2), then the remaining u3; got {ids(idk)}")
     assert w == pytest.approx({"u3": 0.5}), f"inferred, N = 1: 0.5 * 1 * softmax = 0.5, got {w}"
@@ -573,7 +596,7 @@ def test_grait_released_hand_case():
 def test_grait_weight_flags_reach_grait(flags, sign, scale, monkeypatch):
     """The command line's --grait-select/--grait-weights/--grait-weight-sign/-scale reach grait()
     (run_grait with the hand features in place of the model's gradients) and the summary."""
-    monkeypatch.setattr(C, "grait_features", lambda *a, **k: (hand_features, {}))
+    fake_features(monkeypatch)
     a = C.parse_args(GRAIT_ARGS + ["--grait-temperature", "1"] + flags)
     van, idk, w, extra = C.run_grait(a, {}, HAND_STATES, "mcqa", 1, 2)
     if "released" in flags:              # 2 greedy picks (u1, u3) leave u2 alone
@@ -591,7 +614,7 @@ def test_grait_views_follow_the_warmups_training_format(tmp_path, monkeypatch):
     """SPEC 5.3 step 2 (our decision): the feature views are rendered in the format the warm-up
     was trained in, read from finetune.py's <warmup>.config.json (chat without one; an adapter
     from before --format existed was chat); --warmup-format must agree with the record. The
-    resolved format reaches grait_features and the construct config."""
+    resolved format reaches the views' encoding (encode_view) and the construct config."""
     warm = tmp_path / "adapter"
     assert C.warmup_format(str(warm)) == "chat" and C.warmup_format(str(warm), "tulu") == "tulu"
     cfg = tmp_path / "adapter.config.json"
@@ -599,12 +622,11 @@ def test_grait_views_follow_the_warmups_training_format(tmp_path, monkeypatch):
     assert C.warmup_format(str(warm) + "/") == "chat"
     cfg.write_text(json.dumps({"args": {"format": "tulu"}}))
     assert C.warmup_format(str(warm)) == "tulu" == C.warmup_format(str(warm), "tulu")
-    with pytest.raises(files.InputError, match=r"^--warmup-format chat: the warm-up .* was "
+    with pytest.raises(InputError, match=r"^--warmup-format chat: the warm-up .* was "
                        r"trained with --format tulu"):
         C.warmup_format(str(warm), "chat")
     seen = {}
-    monkeypatch.setattr(C, "grait_features",
-                        lambda *a, **k: (seen.update(k), (hand_features, {}))[1])
+    fake_features(monkeypatch, seen)
     a = C.parse_args(GRAIT_ARGS[:-1] + [str(warm)])
     C.run_grait(a, {}, HAND_STATES, "mcqa", 1, 2)
     assert seen["fmt"] == "tulu" and a.warmup_format == "tulu"

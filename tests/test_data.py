@@ -15,6 +15,7 @@ import pytest
 
 from conftest import SHARED_DATA
 
+from kernels.base import InputError
 from rait import files
 from rait import runs
 import data
@@ -67,7 +68,7 @@ def test_mmlu_original_headerless_format(tmp_path):
                         "question": "What is 1+1?", "answer": "B",
                         "choices": ["1", "2", "3", "4, maybe"], "subject": "high school physics"}
     (tmp_path / "test" / "x_test.csv").write_text("q,a,b,c,d,Z\n")
-    with pytest.raises(files.InputError, match="x_test.csv:1"):
+    with pytest.raises(InputError, match="x_test.csv:1"):
         data.mmlu_split(str(tmp_path), "test")
 
 
@@ -107,7 +108,7 @@ def test_nq_jsonl_and_triviaqa(tmp_path):
         {"id": "nq_dev_0", "task": "oeqa", "question": "who sang x?", "answer": "A B",
          "aliases": ["A B", "AB"]}]
     (tmp_path / "bad.jsonl").write_text('{"question": "who", "answer": []}\n')
-    with pytest.raises(files.InputError, match="record 1: expected a question"):
+    with pytest.raises(InputError, match="record 1: expected a question"):
         data.nq_items(str(tmp_path / "bad.jsonl"))
     rows = [{"QuestionId": f"tc_{i}", "Question": f"Q{i}?",
              "Answer": {"Value": "Harry Truman", "NormalizedValue": "harry truman",
@@ -139,13 +140,13 @@ def test_json_array_form_of_nq_and_triviaqa(tmp_path):
     data.main(["triviaqa", "--src", str(tmp_path / "tq"), "--out", str(tmp_path / "out")])
     assert len(files.read_jsonl(str(tmp_path / "out" / "oeqa" / "test_id.jsonl"))) == 4
     (tmp_path / "bad.json").write_text('[{"qid": "a", "question": "q", "answer": 3}]')
-    with pytest.raises(files.InputError, match="record 1: expected a question"):
+    with pytest.raises(InputError, match="record 1: expected a question"):
         data.nq_items(str(tmp_path / "bad.json"))
     (tmp_path / "bad2.json").write_text('{"qid": "a"}')
-    with pytest.raises(files.InputError, match="expected a JSON array"):
+    with pytest.raises(InputError, match="expected a JSON array"):
         data.nq_items(str(tmp_path / "bad2.json"))
     (tmp_path / "bad3.json").write_text('[1, 2]')
-    with pytest.raises(files.InputError, match="record 1: expected an object"):
+    with pytest.raises(InputError, match="record 1: expected an object"):
         data.trivia_items(str(tmp_path / "bad3.json"))
 
 
@@ -287,7 +288,7 @@ def test_download_checksum_mismatch(server, tmp_path, capsys):
 
 def test_download_missing_file(server, tmp_path):
     _, _, url = server
-    with pytest.raises(files.InputError, match="HTTP 404"):
+    with pytest.raises(InputError, match="HTTP 404"):
         data.fetch("nq", str(tmp_path / "cache"), url)
 
 

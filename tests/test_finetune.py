@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
@@ -505,6 +506,6 @@ def test_unwritable_output_fails_before_loading(tiny_chat_llama, tmp_path, monke
 def test_target_longer_than_max_len(tiny_chat_llama, tmp_path):
     ex = examples(2)
     ex[1]["target"] = " ".join(WORDS)
-    with pytest.raises(files.InputError, match="'e1'.*--max-len 8"):
+    with pytest.raises(InputError, match="'e1'.*--max-len 8"):
         finetune.train(make_args(tiny_chat_llama, "--max-len", "8"), ex, str(tmp_path / "o"))
     assert not os.path.exists(tmp_path / "o")

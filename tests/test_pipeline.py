@@ -21,6 +21,7 @@ from conftest import ROOT, SHARED_DATA, sigint_default
 
 sys.path.insert(0, ROOT)
 import data as data_mod  # noqa: E402
+from kernels.base import InputError
 from rait import files, runs  # noqa: E402
 
 METHODS = ["craft", "grait"]   # the others differ only in construct.py (tested there)
@@ -216,7 +217,7 @@ def test_run_command_prints_runs_and_names_a_failure(capsys):
     assert err.startswith(f"[x] RAIT_X='a b' {shlex.join(argv)}\n")
     argv[-1] = "3"
     assert runs.run_command(argv, check=False) == 13
-    with pytest.raises(files.InputError) as e:
+    with pytest.raises(InputError) as e:
         runs.run_command(argv)
     assert str(e.value) == f"{shlex.join(argv)}: failed (exit 13)"
 

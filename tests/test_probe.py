@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from kernels.base import InputError
 from rait import files
 from rait import models
 from rait import runs
@@ -140,7 +141,7 @@ def test_letter_token_ids(real_tokenizer):
     shared, ids = probe.letter_token_ids(tok, 5)
     assert shared == tok.convert_tokens_to_ids([" "])
     assert ids == tok.convert_tokens_to_ids(list("ABCDE"))
-    with pytest.raises(files.InputError, match="single distinct letter"):
+    with pytest.raises(InputError, match="single distinct letter"):
         probe.letter_token_ids(char_tokenizer("Answer: "), 4)    # every letter is <unk>
 
 

@@ -8,6 +8,7 @@ from conftest import ROOT
 
 sys.path.insert(0, ROOT)
 import rehearse as R  # noqa: E402
+from kernels.base import InputError
 
 
 def mc(i, answer="B", exposure=None):
@@ -140,5 +141,5 @@ def test_check_same_query_names_every_difference(tmp_path):
         {"args": dict(base, out="b", adapter="reh/adapter", model="M0b")}))
     R.check_same_query(str(tmp_path / "a"), str(tmp_path / "b"))      # only the place differs
     (tmp_path / "b.config.json").write_text(json.dumps({"args": dict(base, n_shots=3)}))
-    with pytest.raises(files.InputError, match="n_shots 0 -> 3"):
+    with pytest.raises(InputError, match="n_shots 0 -> 3"):
         R.check_same_query(str(tmp_path / "a"), str(tmp_path / "b"))

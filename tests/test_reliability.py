@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from rait import checkpoint, files, models
 from rait.runs import cli
 from kernels import lora
+from kernels.base import InputError
 from conftest import ROOT, sigint_default
 
 PY = os.path.join(ROOT, ".venv", "bin", "python")
@@ -83,8 +84,9 @@ class Runs:
 
     def rehearse(self, state, out):
         return [PY, script("rehearse"), "--model", self.model, "--items", self.pool, "--state",
-                state, "--out", out, "--mcqa-reader", "option", "--size", "32", "--train-args",
-                "--batch-size 2 --grad-accum 1 --epochs 2 --lr 1e-3 --lora-r 8 --save-steps 1"]
+                state, "--out", out, "--mcqa-reader", "option", "--size", "32", "--",
+                "--batch-size", "2", "--grad-accum", "1", "--epochs", "2", "--lr", "1e-3",
+                "--lora-r", "8", "--save-steps", "1"]
 
     def construct(self, state, flow, out):
         return [PY, script("construct"), "--method", "craft", "--items", self.pool, "--state",
@@ -800,7 +802,7 @@ def run_flags(stage, argv, monkeypatch, capsys):
      "--epochs must be >= 1; --lora-r must be >= 1"),
     ("finetune", ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
     ("rehearse", ["--size", "0"], "--size must be >= 1"),
-    ("rehearse", ["--train-args", "--lr '1e-3"], "--train-args: No closing quotation"),
+    ("rehearse", ["--launcher", "torchrun '"], "--launcher: No closing quotation"),
     ("probe", ["--temperature", "1e-300"],           # was a RuntimeError in the sampler
      "need 0.01 <= --temperature < inf, 0 < --top-p <= 1, --max-new-tokens >= 1"),
     # issue 29: tracebacks in files.dumps after training, or an overflow after the output began
@@ -822,12 +824,12 @@ def test_training_flags_out_of_range(stage, flags, message, runs, tmp_path, monk
 
 
 def test_rehearse_training_flags_are_checked_by_finetune(runs, tmp_path):
-    """rehearse.py hands --train-args to finetune.py, which rejects a bad one before loading
+    """rehearse.py hands the flags after `--` to finetune.py, which rejects a bad one before loading
     anything: its usage error, then rehearse's one line naming the command and its exit status;
     no traceback, and nothing made but the rehearsal set (cheap; the rerun writes it again)."""
     out = tmp_path / "rehearsal"
     cmd = runs.rehearse(f"{runs.A}/probe.jsonl", str(out))
-    cmd[cmd.index("--train-args") + 1] = "--epochs 1 --lr=-1e-3"
+    cmd = cmd[:cmd.index("--") + 1] + ["--epochs", "1", "--lr=-1e-3"]
     r = runs.run(cmd, check=False)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -964,7 +966,7 @@ def test_a_line_over_the_limit_is_refused_without_reading_it(tmp_path):
         f.write('{"id": "b", "question": "' + "q" * 40_000_000 + '"}\n')
     tracemalloc.start()
     try:
-        with pytest.raises(files.InputError, match=f"{p}:2: line of more than"):
+        with pytest.raises(InputError, match=f"{p}:2: line of more than"):
             files.read_jsonl(str(p), files.check_item)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -1137,5 +1139,5 @@ def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path, monkeypa
                          for i in range(100)))
     monkeypatch.setattr(files, "MAX_FILE", 1024)
     monkeypatch.setattr(files, "iter_jsonl", lambda *a, **k: pytest.fail("read the file"))
-    with pytest.raises(files.InputError, match=r"big.jsonl: [\d,]+ bytes, over the 1,024-byte"):
+    with pytest.raises(InputError, match=r"big.jsonl: [\d,]+ bytes, over the 1,024-byte"):
         files.read_jsonl(str(p), files.check_state)

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from kernels.base import InputError
 from rait import files
 import data
 from kernels import lora
@@ -35,7 +36,7 @@ OEQA = {"id": "o", "task": "oeqa", "question": "q?", "answer": "x"}
 ])
 def test_bad_values_are_one_line_errors(tmp_path, line, reason):
     path = one_line(tmp_path / "f.jsonl", line)
-    with pytest.raises(files.InputError) as e:
+    with pytest.raises(InputError) as e:
         files.read_jsonl(path, check=files.check_item)
     assert str(e.value).startswith(f"{path}:1: ") and reason in str(e.value), str(e.value)
 
@@ -70,7 +71,7 @@ def test_bad_adapter_config_values(adapter, change, reason):
     cfg = json.load(open(path))
     cfg.update(change)
     open(path, "w").write(json.dumps(cfg).replace("Infinity", "1e999"))
-    with pytest.raises(lora.InputError) as e:
+    with pytest.raises(InputError) as e:
         lora.load_adapter(fresh(), folder)
     assert reason in str(e.value), str(e.value)
 
@@ -83,14 +84,14 @@ def test_nan_adapter_weights_are_refused(adapter):
     k = sorted(state)[0]
     state[k] = torch.full_like(state[k], float("nan"))
     save_file(state, w)
-    with pytest.raises(lora.InputError, match="holds NaN or infinite values"):
+    with pytest.raises(InputError, match="holds NaN or infinite values"):
         lora.load_adapter(fresh(), folder)
 
 
 def test_data_refuses_duplicate_ids(tmp_path):
     rows = [{"qid": "same", "question": f"q{i}", "answer": "a", "answers": ["a"]} for i in range(2)]
     (tmp_path / "nq.json").write_text(json.dumps(rows))
-    with pytest.raises(files.InputError, match="duplicate id 'same'"):
+    with pytest.raises(InputError, match="duplicate id 'same'"):
         data.main(["nq", "--src", str(tmp_path / "nq.json"), "--out", str(tmp_path / "out")])
     assert not os.path.exists(tmp_path / "out" / "oeqa" / "test_ood.jsonl")
 
@@ -102,6 +103,6 @@ def test_data_refuses_a_gold_that_is_not_one_letter(tmp_path):
         (src / split / f"anatomy_{split}.csv").write_text(
             "".join(f"q{i},a,b,c,d,{'AB' if i == 3 and split == 'test' else 'A'}\n"
                     for i in range(5)))
-    with pytest.raises(files.InputError, match="answer 'AB' is not one of the letters"):
+    with pytest.raises(InputError, match="answer 'AB' is not one of the letters"):
         data.main(["mmlu", "--src", str(src), "--out", str(tmp_path / "out")])
     shutil.rmtree(src)

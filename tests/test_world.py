@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT, build_small_world as build
 
 sys.path.insert(0, ROOT)
+from kernels.base import InputError
 from rait import files, models, runs  # noqa: E402
 import world  # noqa: E402
 
@@ -145,5 +146,5 @@ def test_shipped_weights_are_used_and_their_checksum_is_checked(small_world, tmp
     data = bytearray(read_bytes(ship / f"{h}.safetensors"))
     data[-1] ^= 1                       # one flipped bit
     (ship / f"{h}.safetensors").write_bytes(bytes(data))
-    with pytest.raises(files.InputError, match=rf"{h}\.safetensors: sha256 .* is not the shipped"):
+    with pytest.raises(InputError, match=rf"{h}\.safetensors: sha256 .* is not the shipped"):
         world.main(["--preset", "small", "--out", str(tmp_path / "w2")])
