@@ -134,7 +134,6 @@ def test_reprobe_repeats_the_initial_probe_arguments(tmp_path):
 
 def test_check_same_query_names_every_difference(tmp_path):
     import pytest
-    from rait import files
     base = {"model": "M0", "items": "pool", "out": "a", "adapter": None, "n_shots": 0, "seed": 0}
     (tmp_path / "a.config.json").write_text(json.dumps({"args": base}))
     (tmp_path / "b.config.json").write_text(json.dumps(
