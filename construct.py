@@ -349,7 +349,7 @@ def warmup_format(warmup, given=None):
     made = files.read_json(cfg, "finetune config").get("args", {}).get("format", "chat")
     if given is not None and given != made:
         raise InputError(f"--warmup-format {given}: the warm-up {warmup} was trained with "
-                               f"--format {made} ({cfg})")
+                         f"--format {made} ({cfg})")
     return made
 
 
@@ -401,7 +401,7 @@ def _same_ids(path, ids, table):
     if missing or extra:
         eg = (missing or sorted(extra))[0]
         raise InputError(f"{path}: ids do not match the pool ({len(missing)} pool items "
-                               f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
+                         f"missing, {len(extra)} unknown ids; e.g. {eg!r})")
 
 
 def stats(rows, key):

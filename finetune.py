@@ -199,7 +199,7 @@ def encode_all(tok, examples, max_len, fmt="chat"):
         ids, labels, cut = models.encode_sft(tok, e["prompt"], e["target"], fmt, max_len)
         if len(ids) > max_len:
             raise InputError(f"example {e['id']!r}: its target alone has {len(ids)} tokens "
-                                   f"with EOS, more than --max-len {max_len}")
+                             f"with EOS, more than --max-len {max_len}")
         n_cut += cut > 0
         enc.append((ids, labels))
     return enc, n_cut
@@ -335,7 +335,7 @@ def shard_model(model, device):
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise InputError(f"--shard: {type(model).__name__} names no decoder layer class "
-                               "(_no_split_modules) to shard by")
+                         "(_no_split_modules) to shard by")
     for m in layers:
         fully_shard(m, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -458,10 +458,10 @@ def announce(model, tok, params, args, *, rank, device, world, units, accum, tot
     what = "full fine-tuning" if args.full else (f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
                                                  f" on {len(lora.lora_modules(model))} layers")
     how = f"FSDP2 fully_shard, {units} layer units + root" if args.shard else "DDP"
-    ddp = f" ({how}, {torch.distributed.get_backend()})" if world > 1 else ""
+    par = f" ({how}, {torch.distributed.get_backend()})" if world > 1 else ""
     print(f"[finetune] device {device}, weights {next(iter(params.values())).dtype}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32, no autocast'}, {world} "
-          f"process(es){ddp}; {what}, {sum(p.numel() for p in params.values()):,} trainable "
+          f"process(es){par}; {what}, {sum(p.numel() for p in params.values()):,} trainable "
           "parameters", file=sys.stderr)
     B, G = args.batch_size, args.batch_size * accum * world
     print(f"[finetune] effective batch {G} = {B} per device x {accum} accumulation x {world} "

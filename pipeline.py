@@ -129,7 +129,7 @@ def task_inputs(a, root, task):
     if missing:
         how = "data.py geo" if a.data == "geo" else "data.py <benchmark>"
         raise InputError(f"{missing[0]}: missing; convert the benchmarks first (make data "
-                               f"DATA={a.data}, or {how} --out {a.data_dir}; see data.py --help)")
+                         f"DATA={a.data}, or {how} --out {a.data_dir}; see data.py --help)")
     if a.limit:
         paths = [limited(f, a.limit, os.path.join(root, task, "items"))
                  if os.path.isfile(f) and "shots" not in f else f for f in paths]

@@ -201,7 +201,8 @@ def read_samples(model, tok, embedder, items, shots_for, args, seed):
     mark = HINT_CUT.lower()
     toks = sample(model, prompts, args.n_samples, gen, pad_id=tok.pad_token_id,
                   stop_ids=stop_token_ids(model, tok), max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, done_fn=lambda t: mark in tok.decode(t, skip_special_tokens=True).lower())
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  done_fn=lambda t: mark in tok.decode(t, skip_special_tokens=True).lower())
     texts = [cut_at_hint(tok.decode(t, skip_special_tokens=True)) for t in toks]
     uniq = sorted(set(texts), key=lambda x: (len(x), x))          # less padding per batch
     emb = dict(zip(uniq, embedder.encode(uniq)))

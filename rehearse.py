@@ -155,7 +155,7 @@ def probe_argv(state_path, model, items, adapter, out):
     cfg_path = f"{state_path}.config.json"
     if not os.path.isfile(cfg_path):
         raise InputError(f"{cfg_path}: missing; the re-probe repeats the initial probe's "
-                                "arguments, recorded there by probe.py")
+                         "arguments, recorded there by probe.py")
     args = dict(recorded_args(cfg_path), model=model, items=items, adapter=adapter, out=out)
     argv = []
     for k, v in args.items():
@@ -245,7 +245,7 @@ def main(argv=None):
     missing = [i for i in by_id if i not in states]
     if missing or len(states) != len(by_id):
         raise InputError(f"{a.state}: ids do not match {a.items} ({len(missing)} missing, "
-                                f"e.g. {(missing or sorted(set(states) - set(by_id)))[0]!r})")
+                         f"e.g. {(missing or sorted(set(states) - set(by_id)))[0]!r})")
     argv_probe = probe_argv(a.state, a.model, a.items, os.path.join(a.out, "adapter"),
                             os.path.join(a.out, "probe.jsonl"))
     # CRaFT stage 1, step 1: the rehearsal set (SPEC 3), BASIC prompt, original answer

@@ -251,11 +251,11 @@ def check_settings(a):
     """One-line errors for impossible settings, before any work."""
     if a.values < N_CHOICES:
         raise InputError(f"--values {a.values}: need at least {N_CHOICES} values per "
-                                f"relation to build {N_CHOICES}-choice questions")
+                         f"relation to build {N_CHOICES}-choice questions")
     if not 0 < a.test_frac < 1 or not 0 <= a.qa_share or not 0 <= a.everyday_share or \
             a.qa_share + a.everyday_share >= 1:
         raise InputError("--test-frac must lie in (0, 1), --qa-share and --everyday-share "
-                                "be >= 0 with a sum below 1")
+                         "be >= 0 with a sum below 1")
     if a.threads < 1:
         raise InputError(f"--threads {a.threads}: need at least 1")
     if not 0 <= a.latent <= 1 or not 0 <= a.qa_mentions <= 1 or a.twins < 0:
@@ -542,13 +542,13 @@ def shipped_model(a, tok, key):
     got = files.sha256_of(path) if os.path.isfile(path) else "missing"
     if got != sha:
         raise InputError(f"{path}: sha256 {got[:16]}... is not the shipped {sha[:16]}...: "
-                               "restore it (git checkout worlds/) or pre-train with --rebuild")
+                         "restore it (git checkout worlds/) or pre-train with --rebuild")
     from safetensors.torch import load_file
     model = new_model(a, tok)
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:         # lm_head is tied to the embedding
         raise InputError(f"{path}: does not fit the world's model (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
+                         f"unexpected {unexpected[:3]})")
     print(f"[world] M0 from the shipped weights {os.path.relpath(path)} (sha256 {sha[:16]}...): "
           "no pre-training (--rebuild to pre-train here)", file=sys.stderr)
     return model.eval()

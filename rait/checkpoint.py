@@ -197,7 +197,7 @@ def resume(out_dir, key, args, model, opt, params, rank, world):
         mine = local(p)
         if k not in weights or weights[k].shape != mine.shape or f"exp_avg/{k}" not in moments:
             raise InputError(f"{wfile}: no tensor {k} of shape {tuple(mine.shape)} "
-                                   "(checkpoint of another model, mode or process count)")
+                             "(checkpoint of another model, mode or process count)")
         with torch.no_grad():
             mine.copy_(weights[k])
         state["state"][i] = {"step": torch.tensor(float(t["step"])),

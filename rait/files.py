@@ -59,9 +59,10 @@ def answer_form(text):
     return text_form(text).lower()
 
 
-def repeated_option(choices):
-    """(i, j), i < j, of the first two option texts that are one text in text_form, else None."""
-    forms = [text_form(c) for c in choices]
+def repeated_option(choices, forms=None):
+    """(i, j), i < j, of the first two option texts that are one text in text_form, else None;
+    `forms`: the choices' text_form when the caller has them already."""
+    forms = forms or [text_form(c) for c in choices]
     j = next((j for j, f in enumerate(forms) if f in forms[:j]), None)
     return None if j is None else (forms.index(forms[j]), j)
 
@@ -85,7 +86,7 @@ def check_item(o):
         forms = [text_form(c) for c in ch]
         if not all(forms):
             return f"option {LETTERS[forms.index('')]} is blank"
-        twins = repeated_option(ch)
+        twins = repeated_option(ch, forms)
         if twins:       # a reader would take the first of the two for the other
             return (f"options {LETTERS[twins[0]]} and {LETTERS[twins[1]]} repeat the text "
                     f"{ch[twins[1]]!r} (compared in NFKC, whitespace folded)")

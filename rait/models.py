@@ -170,7 +170,7 @@ def alias_match(text, aliases):
     form files.answer_form (NFKC, zero-width characters removed, whitespace folded, lower case;
     README "Labels")."""
     t = answer_form(text)
-    return any(answer_form(a) in t for a in aliases if answer_form(a))
+    return any(f and f in t for f in map(answer_form, aliases))
 
 
 
