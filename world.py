@@ -12,9 +12,12 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
   mentions of the other facts are such questions too (popular facts are asked about, as on the web);
 - two planted conditions the papers' mechanisms act on (issue 26): **twins** (static conflicts),
   a heavily exposed person and a never-seen namesake whose name adds one word, asked through the
-  same templates; and **latent facts** (dynamic conflicts), facts
-  seen as often as any other but only as declarative sentences, never as a question, so M0 stores
-  them without having practised retrieving them under a query prompt (a rehearsal can surface them);
+  same templates; and **latent facts** (dynamic conflicts), facts stated and asked as often as
+  any other, but whose answers in the QA text open with a hedge line (`Let me think .`) and give
+  the value on the next line: M0 stores them and says them, yet its answer's first line, the one
+  every stage reads, is the hedge; a short rehearsal on answers given directly surfaces them;
+- every QA answer ends the document, as an SFT target ends with EOS: M0 has learnt to stop after
+  an answer, so a rehearsal's loss is its answers, not the stop token (issue 26);
 - about 4% is everyday text (short scenes and sayings about the well-known people) that uses every
   word of the prompts and refusals in ordinary sentences ("I don't know," said Zorvan.), so each
   word gets an embedding of its own and fine-tuning can teach the refusal. It never pairs a
@@ -116,6 +119,13 @@ EVERYDAY = [
     "If {a} is in {c}, {b} is not.",
     "Sorry, I don't know where {a} is.",
 ]
+# Latent facts (dynamic conflicts, issue 26): their QA answers open with this line. Measured on the
+# default world (seed 0): latent facts seen 8+ times per epoch are answered right (greedy, BASIC1)
+# 0.22 of the time against 0.91 for the others; after the world's rehearsal 56% of the latent ones
+# with mu0 < 0.5 rose and 3% fell (never-seen facts: 6% and 2%). Declarative-only latent facts
+# (WORLD_VERSION 2) were answered 0.85 against 0.88: a 1M-parameter model carries the question
+# skill over to every stored fact, so they were not latent (README "Knowledge flow").
+HEDGE_LINE = "Let me think ."
 MIN_WORD_USES = 20      # each word of a prompt or refusal occurs at least this often in the corpus
 # QA text formats, MCQA twice as often as each open format: measured on the default world (seed 0),
 # the Spearman correlation of M0's MCQA option-reader mu with the fact's exposure rose from 0.32
@@ -150,13 +160,13 @@ N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 
 # machine is another M0. The default worlds' weights are shipped in worlds/, named by the hash of
 # their configuration, with their sha256 (checked at load); world.py uses them instead of
 # pre-training unless --rebuild. Entries: config hash -> (sha256 of model.safetensors, seconds the
-# pre-training took here, on the 2-core development CPU, one thread; seed 2 was built beside
-# three other jobs, the others beside one: about 210 s alone).
+# pre-training took here, on the 2-core development CPU, one thread; seeds 0 and 1 were built side
+# by side, seed 2 beside the pipeline of worlds 0 and 1).
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")
 SHIPPED = {
-    "698317d952c649d6": ("37049420074d78302852b9aa751f087e31fb075f718e4069f4744a3bf8e8cd10", 203.8),  # seed 0
-    "ea3d77bde3b4339b": ("6175d5ad70e9a6e8d78740f5b3e44361a5223b15145cab60f229efef60d2bae6", 211.4),  # seed 1
-    "4fd4f833ca510f40": ("20e1b1c4352ccdacb2c44a33d943b128c4bcaa065da75cff002569dff5c85ba9", 437.5),  # seed 2
+    "16c6fd8828cb02a2": ("5700b1d041d62c475fa15db707ec3767164895b767842c9f1b8b3b51ee4fd5a1", 216.9),  # seed 0
+    "188f94e81f0e436e": ("4dd03f5263d7f978739086a64cfef439339d82f47978ce5c00e8f1b1fd77c980", 226.6),  # seed 1
+    "ebff96275089fea3": ("68dbf8108c0928893e6b509bdba50514ba0fbc3b30f4e497b42f576d9670801c", 232.3),  # seed 2
 }
 WORLD_THREADS = 1       # pre-training threads (--threads): fixed, so the load cannot change M0
 
@@ -177,8 +187,11 @@ RECIPE = {
     # where it does not, 0.36-0.46 per relation. Pre-training on 4-turn QA text did not help: the
     # model then answered from the shots' famous people ("jeweler", p = 0.98).
     "probe": {"mcqa": [], "oeqa": ["--n-shots", "0"]},
-    # rehearse.py's finetune flags (after its `--`): brief, as SPEC 3 wants (3 epochs of batch 16 at lr 1e-3)
-    "rehearse": {task: ["--batch-size", "16", "--grad-accum", "1", "--lr", "1e-3", "--epochs",
+    # rehearse.py's finetune flags (after its `--`): SPEC 3's rehearsal is the RAIT run's recipe
+    # without warm-up, so the world's MCQA recipe below (3 epochs of batch 8 at lr 3e-3, r 16).
+    # Measured on the default world (seed 0, OEQA, latent facts seen 8+ times with mu0 < 0.5): 56%
+    # rose and 3% fell; with 3 epochs of batch 16 at lr 1e-3 (WORLD_VERSION 2's recipe) 32% and 1%.
+    "rehearse": {task: ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--epochs",
                         "3", "--lora-r", "16"] for task in files.TASKS},
     # construct.py, every method: 160 answers and 40 refusals (the paper's 1:4), so that known
     # candidates number at least 2x N_van and unknown at least 2x N_idk on every shipped world
@@ -219,10 +232,10 @@ def parse_args(argv=None):
                    help="planted twin pairs (static conflicts): one twin heavily exposed, the other "
                         "never seen, names differing in one word")
     g.add_argument("--latent", type=float,
-                   help="share of the other facts that are latent (dynamic conflicts): seen only "
-                        "as declarative sentences, never asked as a question")
+                   help="share of the other facts that are latent (dynamic conflicts): their "
+                        "answers in the QA text open with a hedge line (HEDGE_LINE)")
     g.add_argument("--qa-mentions", type=float,
-                   help="share of a non-latent fact's mentions written as a question and its "
+                   help="share of a fact's mentions written as a question and its "
                         "answer (a SPEC 2.3 format) instead of a sentence")
     g.add_argument("--values", type=int, help="cap on values per relation (relations have 12 to 24; >= 4)")
     g.add_argument("--pop-lo", type=float, help="log2 of the lowest popularity (exposures/epoch)")
@@ -367,36 +380,40 @@ def make_items(people, values, seed):
 def qa_turn(rng, p, r, values, fmt):
     """One question about fact r of person p and its answer, in a SPEC 2.3 format, rendered as
     plain prompts are (models.render without a chat template): BASIC1, BASIC2, or MCQA with
-    option text."""
+    option text. A latent fact's answer opens with HEDGE_LINE and gives the value on the next
+    line. No newline after the answer: the document ends there, with EOS."""
     rel, question, _ = RELATIONS[r]
     q, v = question.format(n=p["name"]), p["facts"][r]["value"]
+    if p["facts"][r]["latent"]:
+        v = f"{HEDGE_LINE}\n{v}"
     if fmt == "basic1":
-        return f"{models.OEQA_BASIC1.format(q=q)} {v}\n"
+        return f"{models.OEQA_BASIC1.format(q=q)} {v}"
     if fmt == "basic2":
-        return f"{models.OEQA_BASIC2.format(q=q)} {v}\n"
-    choices = rng.sample([x for x in values[r] if x != v], N_CHOICES - 1)
-    choices.insert(rng.randrange(N_CHOICES), v)
-    return f"{models.mcqa_body(models.MCQA_BASIC_HINT.format(subject=rel), q, choices)} {v}\n"
+        return f"{models.OEQA_BASIC2.format(q=q)} {v}"
+    choices = rng.sample([x for x in values[r] if x != p["facts"][r]["value"]], N_CHOICES - 1)
+    choices.insert(rng.randrange(N_CHOICES), p["facts"][r]["value"])
+    return f"{models.mcqa_body(models.MCQA_BASIC_HINT.format(subject=rel), q, choices)} {v}"
 
 
 def qa_text(rng, people, values):
-    """One QA document about famous people: BASIC1, 1-3 shot BASIC2, or MCQA with option text."""
+    """One QA document about famous people: BASIC1, 1-3 shot BASIC2 (one turn per line), or MCQA
+    with option text."""
     fam = [p for p in people if p["famous"]]
     fmt = rng.choice(QA_FORMATS)
-    return "".join(qa_turn(rng, rng.choice(fam), rng.randrange(len(RELATIONS)), values, fmt)
-                   for _ in range(rng.choice((1, 2, 3)) if fmt == "basic2" else 1))
+    return "\n".join(qa_turn(rng, rng.choice(fam), rng.randrange(len(RELATIONS)), values, fmt)
+                     for _ in range(rng.choice((1, 2, 3)) if fmt == "basic2" else 1))
 
 
 def make_corpus(people, values, a):
     """Documents: 1-3 fact sentences in random order (each fact k = exposure times; a --qa-mentions
-    share of a non-latent fact's mentions is a question and answer instead), plus QA text."""
+    share of a fact's mentions is a question and answer instead), plus QA text."""
     rng = random.Random(a.seed + 2)
     mentions = [(p, r) for p in people for r in range(len(RELATIONS))
                 for _ in range(p["facts"][r]["exposure"])]
     rng.shuffle(mentions)
     docs, sentences = [], []
     for p, r in mentions:
-        if not p["famous"] and not p["facts"][r]["latent"] and rng.random() < a.qa_mentions:
+        if not p["famous"] and rng.random() < a.qa_mentions:
             docs.append(qa_turn(rng, p, r, values, rng.choice(QA_FORMATS)))
         else:
             sentences.append((p, r))
@@ -715,7 +732,7 @@ def knowledge_md(report, seconds):
 
 
 # ---------------------------------------------------------------------------------------------
-WORLD_VERSION = 2      # bump when the code builds another world from the same flags (issue 26:
+WORLD_VERSION = 3      # bump when the code builds another world from the same flags (issue 26:
                        # planted twins and latent facts); part of the cache key and shipped name
 
 

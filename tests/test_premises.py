@@ -23,6 +23,7 @@ import world  # noqa: E402
 
 # (b): thresholds of issue 13 (measured before the fix on the default world: OEQA 0.70, MCQA 0.25)
 MIN_SPEARMAN = {"oeqa": 0.6, "mcqa": 0.4}
+LATENT_OFTEN = 4              # issue 26: latent facts seen this often per epoch (small preset)
 MIN_EXACT_REFUSALS = 0.7      # (a): share of IdK training prompts answered with the exact refusal
 
 
@@ -174,6 +175,37 @@ def test_planted_twins_and_latent_facts_exist(runs):
                  and "twin" not in it["meta"]]
         assert latent and sum(latent) / len(latent) > 0.5 * sum(other) / len(other)
         assert (task_dir(runs, task) / "rehearsal-b" / "flow.jsonl").exists()
+
+
+def test_latent_facts_are_stored_but_hedged_and_rehearsal_surfaces_them(runs):
+    """Dynamic conflicts (issue 26): M0's greedy BASIC answer to a latent fact it has seen often
+    opens with the hedge line, so Init-Basic marks it wrong where it marks the other facts seen as
+    often right; yet M0 stores the value (MCQA's option reader, which the hedge does not hide,
+    picks it as often). The rehearsal surfaces them: of the latent OEQA IdK candidates (mu0 < 0.5)
+    seen often, more rose than fell after it, in both rehearsals, and more than never-seen facts."""
+    often = lambda it: it["meta"]["exposure"] >= LATENT_OFTEN and "twin" not in it["meta"]  # noqa
+    acc = {}
+    for task in files.TASKS:
+        pool = files.read_jsonl(str(runs / "world" / task / "train.jsonl"))
+        preds = {p["id"]: p for p in files.read_jsonl(
+            str(task_dir(runs, task) / "init_basic" / "pred_pool.jsonl"))}
+        for kind in (True, False):
+            ids = [it["id"] for it in pool if often(it) and it["meta"]["latent"] == kind]
+            acc[task, kind] = sum(preds[i]["label"] == "correct" for i in ids) / len(ids)
+            if task == "oeqa" and kind:
+                hedged = sum(preds[i]["response"].startswith(world.HEDGE_LINE) for i in ids) / len(ids)
+                assert hedged >= 0.5, f"only {hedged:.0%} of {len(ids)} latent answers hedge"
+    assert acc["oeqa", True] + 0.3 <= acc["oeqa", False], acc
+    assert acc["mcqa", True] >= acc["mcqa", False] - 0.15, acc
+    pool = {it["id"]: it for it in files.read_jsonl(str(runs / "world" / "oeqa" / "train.jsonl"))}
+    for reh in ("rehearsal", "rehearsal-b"):
+        flows = files.read_jsonl(str(task_dir(runs, "oeqa") / reh / "flow.jsonl"))
+        def moved(sel):
+            d = [f["flow"] for f in flows if f["mu0"] < 0.5 and sel(pool[f["id"]])]
+            return sum(x > 0 for x in d) / len(d), sum(x < 0 for x in d) / len(d)
+        rose, fell = moved(lambda it: often(it) and it["meta"]["latent"])
+        unseen_rose, _ = moved(lambda it: it["meta"]["exposure"] == 0)
+        assert rose >= fell + 0.2 and rose >= unseen_rose + 0.2, (reh, rose, fell, unseen_rose)
 
 
 def value(it):
