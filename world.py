@@ -13,9 +13,9 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
 - two planted conditions the papers' mechanisms act on (issue 26): **twins** (static conflicts),
   a heavily exposed person and a never-seen namesake whose name adds one word, asked through the
   same templates; and **latent facts** (dynamic conflicts), facts stated and asked as often as
-  any other, but whose answers in the QA text open with a hedge line (`Let me think .`) and give
-  the value on the next line: M0 stores them and says them, yet its answer's first line, the one
-  every stage reads, is the hedge; a short rehearsal on answers given directly surfaces them;
+  any other, but whose open-QA answers in the QA text start with a hedge line (`Let me think .`)
+  and give the value on the next line: M0 stores them and says them, yet its answer's first line,
+  the one every stage reads, is the hedge; a short rehearsal on direct answers surfaces them;
 - every QA answer ends the document, as an SFT target ends with EOS: M0 has learnt to stop after
   an answer, so a rehearsal's loss is its answers, not the stop token (issue 26);
 - about 4% is everyday text (short scenes and sayings about the well-known people) that uses every
@@ -29,7 +29,7 @@ knows some facts and not others. The world is that model (DESIGN "The embedded w
   with AdamW on CPU, saved with save_pretrained, so stages load it like any hub model.
 
     python world.py --out runs/world                 # the default world: shipped M0, 10 s
-    python world.py --out /tmp/w --rebuild           # pre-train it here (about 3.5 minutes)
+    python world.py --out /tmp/w --rebuild           # pre-train it here (about 5 minutes)
     python world.py --out /tmp/w --preset small      # about a minute, for tests
 
 Outputs in --out: model/ (model + tokenizer), {mcqa,oeqa}/{train,test_id,test_ood,shots}.jsonl,
@@ -120,11 +120,11 @@ EVERYDAY = [
     "Sorry, I don't know where {a} is.",
 ]
 # Latent facts (dynamic conflicts, issue 26): their QA answers open with this line. Measured on the
-# default world (seed 0): latent facts seen 8+ times per epoch are answered right (greedy, BASIC1)
-# 0.22 of the time against 0.91 for the others; after the world's rehearsal 56% of the latent ones
-# with mu0 < 0.5 rose and 3% fell (never-seen facts: 6% and 2%). Declarative-only latent facts
-# (WORLD_VERSION 2) were answered 0.85 against 0.88: a 1M-parameter model carries the question
-# skill over to every stored fact, so they were not latent (README "Knowledge flow").
+# shipped world 0: latent facts seen 8+ times per epoch are answered right (greedy, BASIC1) 0.11 of
+# the time against 0.80 for the others (MCQA option reader: 0.87 and 0.93); after the world's
+# rehearsal 47% of the latent ones with mu0 < 0.5 rose and 3% fell (never-seen facts: 11%, 3%).
+# Declarative-only latent facts (WORLD_VERSION 2) were answered 0.85 against 0.88: a 1M-parameter
+# model carries the question skill over to every stored fact (README "Knowledge flow").
 HEDGE_LINE = "Let me think ."
 MIN_WORD_USES = 20      # each word of a prompt or refusal occurs at least this often in the corpus
 # QA text formats, MCQA twice as often as each open format: measured on the default world (seed 0),
@@ -139,8 +139,11 @@ QA_FORMATS = ("basic1", "basic2", "mcqa", "mcqa")
 # per step as the measured 8 x 64.
 # small: --qa-mentions 0.1, where 0.2 (the default's) left the 2-layer model answering the bare
 # question in the MCQA format (" A . Delhi"), 0.55 greedy open-QA at 16+ exposures (0.1: 1.0)
+# default epochs 4 (issue 26, WORLD_VERSION 3): after 3 epochs world 0's M0 put so much of its MCQA
+# mass on values outside the four options that 27 of 992 pool items passed SPEC 3's rehearsal
+# filter (raw p(gold) > 0.99) and 72 of the 99 rehearsal items were fill-ups; after 4, 136 pass.
 PRESETS = {
-    "default": dict(people=250, famous=40, twins=30, values=24, epochs=3, seq_len=128, batch=4,
+    "default": dict(people=250, famous=40, twins=30, values=24, epochs=4, seq_len=128, batch=4,
                     lr=2e-3, hidden=128, layers=4, heads=4, inter=512, pop_lo=-2.0, pop_hi=7.0,
                     qa_share=0.1, qa_mentions=0.2, latent=0.3, everyday_share=0.04,
                     test_frac=0.2),
@@ -160,13 +163,13 @@ N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 
 # machine is another M0. The default worlds' weights are shipped in worlds/, named by the hash of
 # their configuration, with their sha256 (checked at load); world.py uses them instead of
 # pre-training unless --rebuild. Entries: config hash -> (sha256 of model.safetensors, seconds the
-# pre-training took here, on the 2-core development CPU, one thread; seeds 0 and 1 were built side
-# by side, seed 2 beside the pipeline of worlds 0 and 1).
+# pre-training took here, on the 2-core development CPU, one thread; seeds 1 and 2 were built side by
+# side beside a third job, seed 0 beside one other build).
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worlds")
 SHIPPED = {
-    "16c6fd8828cb02a2": ("5700b1d041d62c475fa15db707ec3767164895b767842c9f1b8b3b51ee4fd5a1", 216.9),  # seed 0
-    "188f94e81f0e436e": ("4dd03f5263d7f978739086a64cfef439339d82f47978ce5c00e8f1b1fd77c980", 226.6),  # seed 1
-    "ebff96275089fea3": ("68dbf8108c0928893e6b509bdba50514ba0fbc3b30f4e497b42f576d9670801c", 232.3),  # seed 2
+    "c0ab0f56f6dedf99": ("eb36e0862c9159cee27c9b66704246b4f1bce4207b91181525a416b1893282d7", 294.7),  # seed 0
+    "00dd9384d42b4902": ("519a2b6ed38b384fe1ea8a389167abbb9a9606eece848a6f4b0ae14b0feb360f", 361.4),  # seed 1
+    "f06de417d573765a": ("0ddd89ea8162ca5b1599ed77762e7cace33baa560c56c7557460c6a24d1bd031", 354.8),  # seed 2
 }
 WORLD_THREADS = 1       # pre-training threads (--threads): fixed, so the load cannot change M0
 
@@ -189,8 +192,9 @@ RECIPE = {
     "probe": {"mcqa": [], "oeqa": ["--n-shots", "0"]},
     # rehearse.py's finetune flags (after its `--`): SPEC 3's rehearsal is the RAIT run's recipe
     # without warm-up, so the world's MCQA recipe below (3 epochs of batch 8 at lr 3e-3, r 16).
-    # Measured on the default world (seed 0, OEQA, latent facts seen 8+ times with mu0 < 0.5): 56%
-    # rose and 3% fell; with 3 epochs of batch 16 at lr 1e-3 (WORLD_VERSION 2's recipe) 32% and 1%.
+    # Measured on a draft of world 0 (this design, one more random draw per latent QA mention;
+    # OEQA, latent facts seen 8+ times with mu0 < 0.5): 56% rose and 3% fell; with 3 epochs of
+    # batch 16 at lr 1e-3 (WORLD_VERSION 2's recipe) 32% and 1%.
     "rehearse": {task: ["--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--epochs",
                         "3", "--lora-r", "16"] for task in files.TASKS},
     # construct.py, every method: 160 answers and 40 refusals (the paper's 1:4), so that known
@@ -380,18 +384,19 @@ def make_items(people, values, seed):
 def qa_turn(rng, p, r, values, fmt):
     """One question about fact r of person p and its answer, in a SPEC 2.3 format, rendered as
     plain prompts are (models.render without a chat template): BASIC1, BASIC2, or MCQA with
-    option text. A latent fact's answer opens with HEDGE_LINE and gives the value on the next
-    line. No newline after the answer: the document ends there, with EOS."""
+    option text. A latent fact's open answer (BASIC1, BASIC2) opens with HEDGE_LINE and gives the
+    value on the next line; its MCQA answer is the option, as any other: an answer that is none
+    of the options taught M0 to put raw mass outside them (measured: 3-20 of 992 MCQA items then
+    passed SPEC 3's raw p(gold) > 0.99). No newline after the answer: the document ends there."""
     rel, question, _ = RELATIONS[r]
     q, v = question.format(n=p["name"]), p["facts"][r]["value"]
-    if p["facts"][r]["latent"]:
-        v = f"{HEDGE_LINE}\n{v}"
+    said = f"{HEDGE_LINE}\n{v}" if p["facts"][r]["latent"] else v
     if fmt == "basic1":
-        return f"{models.OEQA_BASIC1.format(q=q)} {v}"
+        return f"{models.OEQA_BASIC1.format(q=q)} {said}"
     if fmt == "basic2":
-        return f"{models.OEQA_BASIC2.format(q=q)} {v}"
-    choices = rng.sample([x for x in values[r] if x != p["facts"][r]["value"]], N_CHOICES - 1)
-    choices.insert(rng.randrange(N_CHOICES), p["facts"][r]["value"])
+        return f"{models.OEQA_BASIC2.format(q=q)} {said}"
+    choices = rng.sample([x for x in values[r] if x != v], N_CHOICES - 1)
+    choices.insert(rng.randrange(N_CHOICES), v)
     return f"{models.mcqa_body(models.MCQA_BASIC_HINT.format(subject=rel), q, choices)} {v}"
 
 
