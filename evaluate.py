@@ -486,20 +486,21 @@ def joint_table(s_idx, n_subjects, y0, y, y_cor):
     return table
 
 
-def vs_cor_over_runs(splits, row, n=BOOTSTRAP, seed=0):
-    """THS(row) - THS(Cor-RAIT) averaged over runs (worlds or seeds), each run weighted equally,
-    with a paired bootstrap interval: each run's items are resampled on their own (stratified by
-    run and subject), the per-run differences of a resample averaged. splits: the results.json
-    entries of one split, one per run. Returns (mean, [lo, hi]) or None without both rows."""
+def vs_cor_over_runs(splits, row, n=BOOTSTRAP, seed=0, base="cor"):
+    """THS(row) - THS(base, Cor-RAIT unless named) averaged over runs (worlds or seeds), each run
+    weighted equally, with a paired bootstrap interval: each run's items are resampled on their
+    own (stratified by run and subject), the per-run differences of a resample averaged. splits:
+    the results.json entries of one split, one per run. Returns (mean, [lo, hi]) or None without
+    both rows."""
     points, draws = [], []
     for x in splits:
         labs = x.get("item_labels") or {}
-        if not all(k in labs for k in ("init_basic", "cor", row)):
+        if not all(k in labs for k in ("init_basic", base, row)):
             return None
         y = {k: np.array([LABEL_INITIALS.index(c) for c in labs[k]])
-             for k in ("init_basic", "cor", row)}
+             for k in ("init_basic", base, row)}
         s_idx = np.array(x["item_subjects"])
-        p, d = paired_diff(joint_table(s_idx, s_idx.max() + 1, y["init_basic"], y[row], y["cor"]),
+        p, d = paired_diff(joint_table(s_idx, s_idx.max() + 1, y["init_basic"], y[row], y[base]),
                            x["macro"], n=n, seed=seed + len(points))
         points.append(p)
         draws.append(d)

@@ -360,6 +360,12 @@ def seed_table(title, what_varies, folders):
                     d = vs_cor_over_runs([r[split] for r in res], row)
                     cells.append("-" if d is None else fmt(d[0], d[1]))
                 lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+            # the flow filter alone (issue 26, dynamic conflicts): CRaFT and CorCer differ in it only
+            d = [vs_cor_over_runs([r[split] for r in res], "craft", base="corcer")
+                 for split in ("id", "ood")]
+            if None not in d:
+                lines += ["", "CRaFT minus CorCer (w/o flow), the flow filter alone, paired as "
+                          f"above: ID {fmt(d[0][0], d[0][1])}, OOD {fmt(d[1][0], d[1][1])}"]
         # the RAIT sets (construct summaries): IdK examples M0 knows (Init-Basic's judgement), the
         # planted conflicts among them, CRSS; then the ID quadrants against Init-Basic's answers
         lines += ["", "| method | IdK set: M0 knows | IdK: unseen twins | IdK: latent | CRSS | "

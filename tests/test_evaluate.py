@@ -755,3 +755,19 @@ def test_flow_agreement_hand_case():
     want = {"n": 4, "agree": 0.5, "n_moved": 3, "moved_agree": 1 / 3, "rose_both": 0.25,
             "fell_both": 0.0, "zero_both": 0.25}
     assert got == pytest.approx(want), f"expected {want}, got {got}"
+
+
+def test_vs_cor_over_runs_hand_case_and_base():
+    """Over two runs, THS(row) - THS(base) is the mean of the per-run paired differences (the hand
+    case of paired_diff_cases twice, the second with rows swapped: 100 and -100 -> 0), and `base`
+    picks the row subtracted (issue 26: CRaFT minus CorCer isolates the flow filter)."""
+    # Init-Basic c, c, c, w; a: c, c, r, w; b: c, w, w, r (letters: LABEL_INITIALS)
+    I = ev.LABEL_INITIALS
+    run = lambda a, b, base: {"macro": False, "item_subjects": [0, 0, 0, 0], "item_labels": {  # noqa
+        "init_basic": I[0] * 3 + I[1], "x": a, base: b}}
+    a, b = I[0] + I[0] + I[2] + I[1], I[0] + I[1] + I[1] + I[2]
+    one = ev.vs_cor_over_runs([run(a, b, "cor")], "x", n=50)
+    assert one[0] == pytest.approx(100.0), one
+    two = ev.vs_cor_over_runs([run(a, b, "corcer"), run(b, a, "corcer")], "x", n=50, base="corcer")
+    assert two[0] == pytest.approx(0.0), two
+    assert ev.vs_cor_over_runs([run(a, b, "corcer")], "x", n=50) is None     # no Cor-RAIT row
