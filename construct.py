@@ -415,7 +415,8 @@ def summarize(method, van, idk, items_by_id, requested, pools, extra=None):
     """Counts per kind, the selection pressure (candidates per requested example: at most 1 means
     the method took every candidate, nothing was selected), mu / sigma / flow of the selected
     sets, the share of IdK examples M0 answers correctly (with --known: CRaFT's static conflicts
-    as the evaluator judges them), and on the world the planted twins and latent facts among them.
+    as the evaluator judges them), and on the world the planted twins and latent facts (seen
+    runs.STORED_EXPOSURE+ times per epoch) among them.
     requested: (N_van, N_idk); pools: (van candidates, idk candidates)."""
     n_van, n_idk = requested
     s = {"method": method, "requested": {"van": n_van, "idk": n_idk},
@@ -431,7 +432,10 @@ def summarize(method, van, idk, items_by_id, requested, pools, extra=None):
         if rows and all("latent" in m for m in meta):               # the world's planted facts
             s[kind]["unseen_twin_share"] = round(sum(m.get("twin") == "unseen" for m in meta)
                                                  / len(meta), 4)
-            s[kind]["latent_share"] = round(sum(bool(m["latent"]) for m in meta) / len(meta), 4)
+            # the planted dynamic conflicts: latent facts M0 has seen often enough to store them
+            # (a never-seen fact drawn latent is just unknown)
+            s[kind]["latent_share"] = round(sum(bool(m["latent"]) and m.get("exposure", 0) >=
+                                                runs.STORED_EXPOSURE for m in meta) / len(meta), 4)
     s.update(extra or {})
     return s
 

@@ -155,8 +155,8 @@ PRESETS = {
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
 FAMOUS_LOG2_POP = 5     # well-known people: 32 exposures per fact and epoch (learned for sure)
 GREEDY_TOKENS = 8      # knowledge.md's greedy answers: one-word values, with room for a prefix
-LATENT_MIN_EXPOSURE = 8  # knowledge.md compares latent and other facts seen this often (DESIGN:
-                         # greedy accuracy ~0.5 from 8 exposures per epoch)
+LATENT_MIN_EXPOSURE = runs.STORED_EXPOSURE  # knowledge.md compares latent and other facts seen
+                                            # this often (8 per epoch)
 N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 the OOD test
 
 # One world everywhere (issue 26): float sums differ across CPUs, so a world pre-trained on another

@@ -70,7 +70,7 @@ def main():
     p.add_argument("--out", default="runs", help="run root of `make all` (pipeline.py --out)")
     p.add_argument("--worlds", nargs="+", type=int, default=[0, 1, 2], help="world seeds")
     p.add_argument("--tasks", nargs="+", default=list(files.TASKS))
-    p.add_argument("--doses", nargs="+", type=int, default=list(DOSES), help="% replaced")
+    p.add_argument("--doses", nargs="+", type=int, default=list(DOSES), help="percent of the IdK examples replaced by known facts")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="stages at once")
     a = p.parse_args()
     cells, units = [], []

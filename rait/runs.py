@@ -316,6 +316,11 @@ def resumable_batches(items, fn, out, batch_size, desc, seed=0, key="", source="
     return rows
 
 
+STORED_EXPOSURE = 8     # the world: a fact seen this often per epoch is stored (DESIGN: greedy
+                        # open-QA accuracy ~0.5 at 8-15 exposures): the oracle's "known", and
+                        # the exposure from which a latent fact is a planted dynamic conflict
+
+
 def exposure_bin(k):
     """The world's exposure bins (exposures per epoch): 0, 1, 2-3, 4-7, ..., 64-127, 128+."""
     if k < 2:
