@@ -537,14 +537,44 @@ def set_summaries(d):
 
 
 def flow_reliability(d):
-    """flow_agreement of rehearsal/ and rehearsal-b/ in the folder (the world runs both)."""
+    """flow_agreement of rehearsal/ and rehearsal-b/ in the folder (the world runs both), and on
+    the world the flow of each planted group (flow_groups)."""
     paths = [os.path.join(d, f, "flow.jsonl") for f in ("rehearsal", "rehearsal-b")]
     if not all(os.path.isfile(p) for p in paths):
         return None
     a, b = ({f["id"]: f for f in files.read_jsonl(p, files.check_flow)} for p in paths)
     if set(a) != set(b):
         raise InputError(f"{paths[1]}: not the ids of {paths[0]}")
-    return flow_agreement(a, b)
+    out = flow_agreement(a, b)
+    pool = stage_args(os.path.join(d, "rehearsal", "flow.jsonl.config.json")).get("items")
+    if pool and os.path.isfile(pool):
+        items = {it["id"]: it for it in files.read_jsonl(pool, files.check_item)}
+        if all("latent" in (it.get("meta") or {}) for it in items.values()):
+            out["groups"] = flow_groups(a, b, items)
+    return out
+
+
+def flow_groups(flow_a, flow_b, items, tau=0.5):
+    """The world's flow by planted group (issue 26): of the IdK candidates (mu0 < tau) that are
+    latent facts seen runs.STORED_EXPOSURE+ times per epoch (the planted dynamic conflicts), the
+    other facts seen as often, and the never-seen facts, the share that rose and that fell in each
+    of the two rehearsals."""
+    often = f"seen {runs.STORED_EXPOSURE}+"
+
+    def group(m):
+        if m["exposure"] == 0:
+            return "never seen"
+        if m["exposure"] >= runs.STORED_EXPOSURE and "twin" not in m:
+            return f"latent, {often}" if m["latent"] else f"other, {often}"
+        return None
+    out = {}
+    for g in (f"latent, {often}", f"other, {often}", "never seen"):
+        ids = [i for i, f in flow_a.items() if f["mu0"] < tau and group(items[i]["meta"]) == g]
+        out[g] = {"n": len(ids), **{f"{k}_{x}": (sum(np.sign(fl[i]["flow"]) == s for i in ids)
+                                                 / len(ids) if ids else None)
+                                    for x, fl in (("a", flow_a), ("b", flow_b))
+                                    for k, s in (("rose", 1), ("fell", -1))}}
+    return out
 
 
 def finite(v):
@@ -611,6 +641,11 @@ def sets_md(sets, reliability):
                   f"the {f['n_moved']} that moved in at least one, {pct(f['moved_agree'])}%. "
                   f"Rose in both {pct(f['rose_both'])}%, fell in both {pct(f['fell_both'])}%, "
                   f"0 in both {pct(f['zero_both'])}%."]
+        if f.get("groups"):
+            lines += ["", "Flow by planted group (IdK candidates; rose / fell, %, in the first and "
+                      "the second rehearsal): " + "; ".join(
+                          f"{g} (n {v['n']}): {pct(v['rose_a'])} / {pct(v['fell_a'])} and "
+                          f"{pct(v['rose_b'])} / {pct(v['fell_b'])}" for g, v in f["groups"].items())]
     return lines
 
 

@@ -390,6 +390,13 @@ def seed_table(title, what_varies, folders):
                       "sign after two rehearsal seeds, %): all " +
                       mean_sd([100 * x["agree"] for x in rel]) + "; those that moved " +
                       mean_sd([100 * x["moved_agree"] for x in rel if x["moved_agree"] is not None])]
+            groups = [x["groups"] for x in rel if x.get("groups")]
+            if groups:
+                lines += ["", "Flow by planted group over the runs (IdK candidates, first "
+                          "rehearsal, %): " + "; ".join(
+                              f"{g}: rose {mean_sd([100 * x[g]['rose_a'] for x in groups if x[g]['n']])}"
+                              f", fell {mean_sd([100 * x[g]['fell_a'] for x in groups if x[g]['n']])}"
+                              for g in groups[0])]
         lines.append("")
     return "\n".join(lines)
 

@@ -771,3 +771,21 @@ def test_vs_cor_over_runs_hand_case_and_base():
     two = ev.vs_cor_over_runs([run(a, b, "corcer"), run(b, a, "corcer")], "x", n=50, base="corcer")
     assert two[0] == pytest.approx(0.0), two
     assert ev.vs_cor_over_runs([run(a, b, "corcer")], "x", n=50) is None     # no Cor-RAIT row
+
+
+def test_flow_groups_hand_case():
+    """The world's flow by planted group (issue 26): latent facts seen 8+ times, other facts seen
+    as often (twins left out), never-seen facts; IdK candidates only (mu0 < 0.5)."""
+    f = lambda mu0, d: {"mu0": mu0, "flow": d}  # noqa: E731
+    meta = lambda e, latent, **k: {"meta": {"exposure": e, "latent": latent, **k}}  # noqa: E731
+    items = {"a": meta(9, True), "b": meta(12, True), "c": meta(8, False), "d": meta(0, True),
+             "e": meta(3, True), "t": meta(20, False, twin="known"), "k": meta(30, True)}
+    a = {"a": f(0.1, 0.5), "b": f(0.2, -0.1), "c": f(0.0, 0.0), "d": f(0.0, 0.1), "e": f(0.1, 0.3),
+         "t": f(0.2, 0.2), "k": f(0.9, 0.1)}
+    b = {"a": f(0.1, 0.2), "b": f(0.2, 0.1), "c": f(0.0, -0.1), "d": f(0.0, 0.0), "e": f(0.1, 0.0),
+         "t": f(0.2, 0.0), "k": f(0.9, -0.1)}
+    got = ev.flow_groups(a, b, items)
+    # latent seen 8+: a, b (k is known, e seen 3 times); other: c (t is a twin); never seen: d
+    assert got["latent, seen 8+"] == {"n": 2, "rose_a": 0.5, "fell_a": 0.5, "rose_b": 1.0, "fell_b": 0.0}
+    assert got["other, seen 8+"] == {"n": 1, "rose_a": 0.0, "fell_a": 0.0, "rose_b": 0.0, "fell_b": 1.0}
+    assert got["never seen"] == {"n": 1, "rose_a": 1.0, "fell_a": 0.0, "rose_b": 0.0, "fell_b": 0.0}
