@@ -334,7 +334,7 @@ def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
     """Issue 15: each GRAIT ablation row is `construct.py --method grait` with its flags into its
     own folder, then finetune and evaluate there, and a report input; grait-less first trains
     the LESS warm-up (SPEC 5.3 step 1) on the rehearsal set and builds on it. The default grait
-    row's commands are the world's (issue 26: --known, --model, --crss and the 160/40 counts for
+    row's commands are the world's (issue 26: --known, --model, --crss and the 152/38 counts for
     every method) plus GRAIT's warm-up and projection."""
     import evaluate
     import pipeline
@@ -348,7 +348,7 @@ def test_grait_rows_run_construct_finetune_evaluate_and_leave_grait_as_it_was():
                             f"{R}/probe_init.jsonl", "--flow", f"{R}/rehearsal/flow.jsonl",
                             "--out", f"{R}/grait/train.jsonl", "--mcqa-reader", "option",
                             "--seed", "0", "--known", f"{R}/init_basic/pred_pool.jsonl",
-                            "--model", paths[0], "--crss", "--n-van", "160", "--n-idk", "40",
+                            "--model", paths[0], "--crss", "--n-van", "152", "--n-idk", "38",
                             "--warmup", f"{R}/rehearsal/adapter", "--projection", "sketch"],
         "finetune grait": ["--model", paths[0], "--train", f"{R}/grait/train.jsonl", "--out",
                            f"{R}/grait/adapter", "--seed", "0", "--batch-size", "8",
