@@ -314,10 +314,12 @@ def in_parallel(jobs, units, times, one_thread=False):
 
 
 def mean_sd(v):
-    """`mean ± sample std` of the values (std 0 for one), or `-` for none."""
+    """`mean ± sample std` of the values (std 0 for one), or `-` for none; no `-0.0` (a mean of
+    -1e-15 is 0)."""
     if not v:
         return "-"
-    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"
+    m = statistics.mean(v)
+    return f"{0.0 if abs(m) < 0.05 else m:.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"
 
 
 def seed_table(title, what_varies, folders):
