@@ -119,10 +119,10 @@ EVERYDAY = [
     "If {a} is in {c}, {b} is not.",
     "Sorry, I don't know where {a} is.",
 ]
-# Latent facts (dynamic conflicts, issue 26): their QA answers open with this line. Measured on the
-# shipped world 0: latent facts seen 8+ times per epoch are answered right (greedy, BASIC1) 0.11 of
-# the time against 0.80 for the others (MCQA option reader: 0.87 and 0.93); after the world's
-# rehearsal 47% of the latent ones with mu0 < 0.5 rose and 3% fell (never-seen facts: 11%, 3%).
+# Latent facts (dynamic conflicts, issue 26): their open-QA answers open with this line. Measured
+# on the shipped world 0: latent facts seen 8+ times per epoch are answered right (greedy, BASIC1)
+# 0.18 of the time against 0.83 for the others (MCQA option reader: 1.00 both); after the world's
+# rehearsal 85% of the latent ones with mu0 < 0.5 rose and 2% fell (never-seen facts: 8%, 3%).
 # Declarative-only latent facts (WORLD_VERSION 2) were answered 0.85 against 0.88: a 1M-parameter
 # model carries the question skill over to every stored fact (README "Knowledge flow").
 HEDGE_LINE = "Let me think ."
@@ -238,7 +238,7 @@ def parse_args(argv=None):
                         "never seen, names differing in one word")
     g.add_argument("--latent", type=float,
                    help="share of the other facts that are latent (dynamic conflicts): their "
-                        "answers in the QA text open with a hedge line (HEDGE_LINE)")
+                        "open-QA answers in the QA text open with a hedge line (HEDGE_LINE)")
     g.add_argument("--qa-mentions", type=float,
                    help="share of a fact's mentions written as a question and its "
                         "answer (a SPEC 2.3 format) instead of a sentence")
