@@ -434,8 +434,8 @@ def summarize(method, van, idk, items_by_id, requested, pools, extra=None):
                                                  / len(meta), 4)
             # the planted dynamic conflicts: latent facts M0 has seen often enough to store them
             # (a never-seen fact drawn latent is just unknown)
-            s[kind]["latent_share"] = round(sum(bool(m["latent"]) and m.get("exposure", 0) >=
-                                                runs.STORED_EXPOSURE for m in meta) / len(meta), 4)
+            s[kind]["latent_share"] = round(sum(runs.planted_group(m) == runs.LATENT_GROUP
+                                                for m in meta) / len(meta), 4)
     s.update(extra or {})
     return s
 

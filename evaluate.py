@@ -558,18 +558,11 @@ def flow_groups(flow_a, flow_b, items, tau=0.5):
     """The world's flow by planted group (issue 26): of the IdK candidates (mu0 < tau) that are
     latent facts seen runs.STORED_EXPOSURE+ times per epoch (the planted dynamic conflicts), the
     other facts seen as often, and the never-seen facts, the share that rose and that fell in each
-    of the two rehearsals."""
-    often = f"seen {runs.STORED_EXPOSURE}+"
-
-    def group(m):
-        if m["exposure"] == 0:
-            return "never seen"
-        if m["exposure"] >= runs.STORED_EXPOSURE and "twin" not in m:
-            return f"latent, {often}" if m["latent"] else f"other, {often}"
-        return None
+    of the two rehearsals (runs.planted_group)."""
     out = {}
-    for g in (f"latent, {often}", f"other, {often}", "never seen"):
-        ids = [i for i, f in flow_a.items() if f["mu0"] < tau and group(items[i]["meta"]) == g]
+    for g in (runs.LATENT_GROUP, runs.OTHER_GROUP, runs.UNSEEN_GROUP):
+        ids = [i for i, f in flow_a.items()
+               if f["mu0"] < tau and runs.planted_group(items[i]["meta"]) == g]
         out[g] = {"n": len(ids), **{f"{k}_{x}": (sum(np.sign(fl[i]["flow"]) == s for i in ids)
                                                  / len(ids) if ids else None)
                                     for x, fl in (("a", flow_a), ("b", flow_b))

@@ -314,12 +314,12 @@ def in_parallel(jobs, units, times, one_thread=False):
 
 
 def mean_sd(v):
-    """`mean ± sample std` of the values (std 0 for one), or `-` for none; no `-0.0` (a mean of
-    -1e-15 is 0)."""
+    """`mean ± sample std` of the values (std 0 for one), or `-` for none; the mean as
+    evaluate.fmt writes it (no `-0.0`)."""
+    from evaluate import fmt
     if not v:
         return "-"
-    m = statistics.mean(v)
-    return f"{0.0 if abs(m) < 0.05 else m:.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"
+    return f"{fmt(statistics.mean(v))} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"
 
 
 def seed_table(title, what_varies, folders):

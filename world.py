@@ -155,8 +155,6 @@ PRESETS = {
 N_CHOICES = 4           # MCQA options per item (SPEC 2.1: A-D)
 FAMOUS_LOG2_POP = 5     # well-known people: 32 exposures per fact and epoch (learned for sure)
 GREEDY_TOKENS = 8      # knowledge.md's greedy answers: one-word values, with room for a prefix
-LATENT_MIN_EXPOSURE = runs.STORED_EXPOSURE  # knowledge.md compares latent and other facts seen
-                                            # this often (8 per epoch)
 N_ID_RELATIONS = 4      # the first 4 relations are in-distribution, the last 2 the OOD test
 
 # One world everywhere (issue 26): float sums differ across CPUs, so a world pre-trained on another
@@ -693,15 +691,14 @@ def knowledge(model, tok, items):
 
 def planted_rows(rs):
     """The planted conditions, measured (issue 26): greedy open-QA accuracy of latent facts
-    against the other facts seen as often (LATENT_MIN_EXPOSURE+ per epoch), of known and of
-    never-seen twins, and how often M0 gives a never-seen twin its twin's value."""
+    against the other facts seen as often (runs.planted_group), of known and of never-seen
+    twins, and how often M0 gives a never-seen twin its twin's value."""
     def acc(sel):
         v = [r for r in rs if sel(r)]
         return {"n": len(v), "oeqa_acc": sum(r["oeqa"] for r in v) / len(v) if v else None,
                 "mcqa_acc": sum(r["mcqa"] for r in v) / len(v) if v else None}
-    often = lambda r: r["exposure"] >= LATENT_MIN_EXPOSURE and not r["twin"]  # noqa: E731
-    out = {"latent": acc(lambda r: often(r) and r["latent"]),
-           "not latent": acc(lambda r: often(r) and not r["latent"]),
+    out = {"latent": acc(lambda r: runs.planted_group(r) == runs.LATENT_GROUP),
+           "not latent": acc(lambda r: runs.planted_group(r) == runs.OTHER_GROUP),
            "known twins": acc(lambda r: r["twin"] == "known"),
            "unseen twins": acc(lambda r: r["twin"] == "unseen")}
     if out["unseen twins"]["n"]:
@@ -723,8 +720,9 @@ def knowledge_md(report, seconds):
                   "|---|---|---|---|---|"]
         lines += [f"| {b} | {v['n']} | {v['oeqa_acc']:.2f} | {v['mcqa_acc']:.2f} | "
                   f"{v['p_gold_mean']:.2f} |" for b, v in r.items() if b in runs.BIN_ORDER]
-        lines += ["", f"Planted conditions (facts seen {LATENT_MIN_EXPOSURE}+ times per epoch for the "
-                  "latent rows):", "", "| facts | n | open-QA acc | MCQA acc |", "|---|---|---|---|"]
+        lines += ["", f"Planted conditions (facts seen {runs.STORED_EXPOSURE}+ times per epoch "
+                  "for the latent rows):", "", "| facts | n | open-QA acc | MCQA acc |",
+                  "|---|---|---|---|"]
         lines += [f"| {k} | {v['n']} | {v['oeqa_acc'] if v['n'] else 0:.2f} | "
                   f"{v['mcqa_acc'] if v['n'] else 0:.2f} |" for k, v in r["planted"].items()]
         if "says_twin_value" in r["planted"]["unseen twins"]:

@@ -319,6 +319,21 @@ def resumable_batches(items, fn, out, batch_size, desc, seed=0, key="", source="
 STORED_EXPOSURE = 8     # the world: a fact seen this often per epoch is stored (DESIGN: greedy
                         # open-QA accuracy ~0.5 at 8-15 exposures): the oracle's "known", and
                         # the exposure from which a latent fact is a planted dynamic conflict
+LATENT_GROUP = f"latent, seen {STORED_EXPOSURE}+"      # planted_group's names
+OTHER_GROUP = f"other, seen {STORED_EXPOSURE}+"
+UNSEEN_GROUP = "never seen"
+
+
+def planted_group(meta):
+    """A world fact's planted group (issue 26) from its exposure, latent and twin fields (an
+    item's `meta`, or world.py's knowledge rows): LATENT_GROUP, a latent fact seen
+    STORED_EXPOSURE+ times per epoch (a planted dynamic conflict: stored, hidden by the hedge);
+    OTHER_GROUP, any other fact seen as often, twins left out; UNSEEN_GROUP; else None."""
+    if meta["exposure"] == 0:
+        return UNSEEN_GROUP
+    if meta["exposure"] >= STORED_EXPOSURE and not meta.get("twin"):
+        return LATENT_GROUP if meta["latent"] else OTHER_GROUP
+    return None
 
 
 def exposure_bin(k):
